@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Start or stop a local MLflow tracking server: SQLite backend, local artifact folder, 127.0.0.1, one worker.
+#   platform/mlflow-server.sh start|stop|status
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+: "${MLFLOW_DIR:=$CT3DFLOW_STATE/mlflow}"
+PIDFILE="$CT3DFLOW_STATE/mlflow.pid"
+mkdir -p "$MLFLOW_DIR/artifacts"
+healthy() { "$VENV_BIN/python" - "$MLFLOW_PORT" <<'PY'
+import sys, urllib.request
+try:
+    urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2); sys.exit(0)
+except Exception:
+    sys.exit(1)
+PY
+}
+case "${1:-}" in
+  start)
+    if healthy; then echo "MLflow already serving at $MLFLOW_TRACKING_URI"; exit 0; fi
+    # create the schema once, in this process, before the server's workers race on it
+    "$VENV_BIN/python" -c "import mlflow; mlflow.tracking.MlflowClient('sqlite:///$MLFLOW_DIR/mlflow.db').search_experiments()" >/dev/null 2>&1
+    setsid nohup "$VENV_BIN/mlflow" server --backend-store-uri "sqlite:///$MLFLOW_DIR/mlflow.db" \
+      --artifacts-destination "$MLFLOW_DIR/artifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" -w 1 \
+      >"$CT3DFLOW_STATE/mlflow.log" 2>&1 &
+    echo $! > "$PIDFILE"
+    for _ in $(seq 180); do
+      healthy && { echo "MLflow up: $MLFLOW_TRACKING_URI (UI in a browser at that address)"; exit 0; }
+      kill -0 "$(cat "$PIDFILE")" 2>/dev/null || { tail -20 "$CT3DFLOW_STATE/mlflow.log"; exit 1; }
+      sleep 1
+    done
+    echo "MLflow did not become healthy; see $CT3DFLOW_STATE/mlflow.log" >&2; exit 1 ;;
+  stop)
+    if [ -f "$PIDFILE" ]; then
+      pid=$(cat "$PIDFILE")
+      # started under setsid: the server, its uvicorn worker and job consumers share its process group
+      kill -TERM -- "-$pid" 2>/dev/null || true
+      for _ in $(seq 20); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
+      kill -KILL -- "-$pid" 2>/dev/null || true; rm -f "$PIDFILE"
+    fi
+    echo "MLflow stopped" ;;
+  status) healthy && echo "MLflow serving at $MLFLOW_TRACKING_URI" || { echo "MLflow not running"; exit 1; } ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Start or stop a local Ray head, dashboard (job server) on 127.0.0.1 only.
+#   platform/ray-head.sh start|stop|status
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+case "${1:-}" in
+  start)
+    if "$VENV_BIN/ray" status --address "127.0.0.1:$RAY_HEAD_PORT" >/dev/null 2>&1; then
+      echo "Ray head already running at 127.0.0.1:$RAY_HEAD_PORT"; exit 0
+    fi
+    "$VENV_BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_HEAD_PORT" \
+      --num-cpus "$RAY_NUM_CPUS" --num-gpus 0 --include-dashboard true \
+      --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" \
+      --temp-dir "${RAY_TMPDIR:-/tmp/ray}" --disable-usage-stats >"$CT3DFLOW_STATE/ray-start.log" 2>&1 \
+      || { cat "$CT3DFLOW_STATE/ray-start.log"; exit 1; }
+    # the job server answers once the dashboard is up
+    for _ in $(seq 60); do
+      "$VENV_BIN/ray" job list >/dev/null 2>&1 && { echo "Ray head up: dashboard $RAY_ADDRESS"; exit 0; }
+      sleep 1
+    done
+    echo "Ray head started but its job server did not answer at $RAY_ADDRESS" >&2; exit 1 ;;
+  stop)
+    "$VENV_BIN/ray" stop --force >/dev/null 2>&1 || true
+    echo "Ray head stopped" ;;
+  status)
+    "$VENV_BIN/ray" status --address "127.0.0.1:$RAY_HEAD_PORT" ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
