@@ -1,0 +1,122 @@
+"""One configuration object per job, loaded from a YAML file and printed into the MLflow run.
+
+Sections map onto the core's own settings objects (``preprocess`` → ``PreprocessConfig``, ``train`` →
+``TrainConfig``, ``scoring``/``operating_point`` → ``scoring``), so a job never invents its own knobs.
+Relative paths are resolved against ``$CT3DFLOW_WORK`` when set (a ``ray job submit`` runs in a temporary
+copy of the working directory, so outputs must not land there), else against the current directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+_DEFAULTS: dict = {
+    "name": "ct3dflow",
+    "work_dir": "work/run",
+    "data": {"manifest": None, "cache_dir": None},
+    "preprocess": {},
+    "train": {},
+    "ray": {"num_workers": 1, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 1,
+            "max_failures": 1, "preprocess_concurrency": None},
+    "scoring": {"stride": 38, "batch_size": 16},
+    "operating_point": {"sigma_vox": 4.0, "tau_z": -2.0, "v_min_cm3": 0.5, "threshold_cm3": 5.0},
+    "tune": {"num_samples": 48, "sigma_vox": [2.0, 8.0], "tau_z": [-4.0, 0.0], "v_min_cm3": [0.0, 5.0],
+             "threshold_cm3": [0.5, 50.0], "seed": 0},
+    "mlflow": {"tracking_uri": None, "experiment": None, "registered_model": "ct3dflow-glow3d"},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_path(p: str | os.PathLike | None) -> Path | None:
+    if p is None:
+        return None
+    p = Path(os.path.expanduser(os.path.expandvars(str(p))))
+    if p.is_absolute():
+        return p
+    return (Path(os.environ.get("CT3DFLOW_WORK", os.getcwd())) / p).resolve()
+
+
+@dataclass
+class JobConfig:
+    name: str
+    work_dir: str
+    data: dict = field(default_factory=dict)
+    preprocess: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    ray: dict = field(default_factory=dict)
+    scoring: dict = field(default_factory=dict)
+    operating_point: dict = field(default_factory=dict)
+    tune: dict = field(default_factory=dict)
+    mlflow: dict = field(default_factory=dict)
+
+    # -- paths ---------------------------------------------------------------------------------
+    @property
+    def work_path(self) -> Path:
+        return resolve_path(self.work_dir)
+
+    @property
+    def manifest_path(self) -> Path:
+        return resolve_path(self.data.get("manifest")) or self.work_path / "archive" / "manifest.parquet"
+
+    @property
+    def cache_path(self) -> Path:
+        return resolve_path(self.data.get("cache_dir")) or self.work_path / "cache"
+
+    # -- core settings objects -----------------------------------------------------------------
+    def preprocess_config(self):
+        from .preprocess import PreprocessConfig
+
+        return PreprocessConfig.from_dict(self.preprocess)
+
+    def train_config(self):
+        from .train import TrainConfig
+
+        return TrainConfig.from_dict(self.train)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> JobConfig:
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"configuration file {p} not found: pass --config configs/demo.yaml "
+                                    f"or a copy of it")
+        raw = yaml.safe_load(p.read_text()) or {}
+        unknown = set(raw) - set(_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown configuration section(s) {sorted(unknown)} in {p}; "
+                             f"known: {sorted(_DEFAULTS)}")
+    merged = _merge(_merge(_DEFAULTS, raw), overrides or {})
+    return JobConfig(**merged)
+
+
+def parse_overrides(pairs: list[str] | None) -> dict:
+    """``["train.iterations=20", "ray.num_workers=2"]`` → nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} must look like section.key=value")
+        key, value = pair.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out

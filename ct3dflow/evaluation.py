@@ -1,0 +1,187 @@
+"""Studies → results rows; the operating-point search on validation; the test evaluation (Table 1).
+
+No Ray here: the Ray Tune job and the screening job call these same functions. Patch log-likelihoods
+are stored per study (``patch_scores.npz``) so that choosing σ, τ, v_min and T never reruns the model.
+
+How the operating point is chosen (DESIGN §4.9, the paper's "T from the ROC curve on the validation
+set"): for given σ, τ and v_min every validation study gets its abnormal volume; the search maximises
+the validation AUROC of that volume (F1 breaks ties); T is then read off the validation ROC of those
+volumes as the threshold with the best F1 (ties: the larger T). T changes no AUROC, so searching it
+apart from σ, τ, v_min would only spend trials.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .cache import StudyCache
+from .metrics import bootstrap_ci, choose_threshold, patient_metrics, roc_curve_data
+from .pipeline import error_reason
+from .scoring import (
+    OperatingPoint,
+    PatchScores,
+    abnormal_volume,
+    healthy_reference,
+    log_p_map,
+    patch_log_likelihoods,
+    write_log_p_map_nifti,
+    write_preview_png,
+)
+
+RESULT_COLUMNS = [
+    "study_id", "path", "status", "error", "model", "n_patches", "abnormal_volume_cm3",
+    "predicted_abnormal", "threshold_cm3", "log_p_min", "log_p_mean", "map_path", "preview_path",
+    "patch_scores_path", "scored_at",
+]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def score_row(model, row: dict, cache_dir, out_dir, scoring: dict, op: OperatingPoint | None,
+              model_uri: str = "", device="cpu", write_outputs: bool = True) -> dict:
+    """Score one cached study: patch scores (always stored), and with an operating point the map,
+    the abnormal volume, the decision, the NIfTI map and the PNG preview. Never raises."""
+    sid = str(row["study_id"])
+    out = dict.fromkeys(RESULT_COLUMNS)
+    out.update(study_id=sid, path=str(row.get("path")), model=model_uri, scored_at=_now())
+    try:
+        study = StudyCache(cache_dir).load(sid)
+        size = int(scoring.get("patch_size") or 48)
+        ps = patch_log_likelihoods(model, study.volume, study.permissive, size=size,
+                                   stride=int(scoring.get("stride", 38)),
+                                   batch_size=int(scoring.get("batch_size", 16)), device=device)
+        d = Path(out_dir) / sid
+        d.mkdir(parents=True, exist_ok=True)
+        fin = ps.log_p[np.isfinite(ps.log_p)]
+        out.update(status="ok", error="", n_patches=len(ps),
+                   log_p_min=float(fin.min()) if fin.size else float("nan"),
+                   log_p_mean=float(fin.mean()) if fin.size else float("nan"),
+                   patch_scores_path=str(ps.save(d / "patch_scores.npz")))
+        if op is not None:
+            lpm = log_p_map(study.volume.shape, ps.centres, ps.log_p, op.sigma_vox, mask=study.permissive)
+            vol, ab = abnormal_volume(lpm, study.permissive, op.tau_abs, op.v_min_cm3, study.spacing)
+            out.update(abnormal_volume_cm3=vol, predicted_abnormal=bool(vol > op.threshold_cm3),
+                       threshold_cm3=op.threshold_cm3)
+            if write_outputs:
+                ref = (study.spacing, study.origin, study.direction)
+                out["map_path"] = str(write_log_p_map_nifti(lpm, ref, d / "log_p_map.nii.gz",
+                                                            fill_value=float(np.nanmin(lpm)) if np.isfinite(lpm).any() else 0.0))
+                out["preview_path"] = str(write_preview_png(
+                    study.volume, lpm, ab, d / "preview.png",
+                    title=f"{sid}: {vol:.1f} cm3 {'ABNORMAL' if vol > op.threshold_cm3 else 'normal'}",
+                    tau_abs=op.tau_abs))
+    except Exception as exc:  # noqa: BLE001 - one broken study becomes one error row
+        out.update(status="error", error=error_reason(exc))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class TuningStudy:
+    """What a trial needs of one validation study (no volume: the map needs only the mask)."""
+
+    study_id: str
+    label: int
+    pathology: str | None
+    permissive: np.ndarray
+    spacing: tuple
+    scores: PatchScores
+
+
+def load_tuning_studies(rows: list[dict], results: pd.DataFrame, cache_dir) -> list[TuningStudy]:
+    ok = results[results["status"] == "ok"].set_index("study_id")
+    cache = StudyCache(cache_dir)
+    out = []
+    for r in rows:
+        sid = r["study_id"]
+        if sid not in ok.index or r.get("label") is None:
+            continue
+        s = cache.load(sid, mmap=True)
+        pathology = r.get("pathology")
+        out.append(TuningStudy(sid, int(r["label"]), pathology if isinstance(pathology, str) else None,
+                               np.asarray(s.permissive), tuple(s.spacing),
+                               PatchScores.load(ok.loc[sid, "patch_scores_path"])))
+    return out
+
+
+def healthy_stats(studies: list[TuningStudy]) -> tuple[float, float]:
+    healthy = [s.scores for s in studies if s.label == 0]
+    if not healthy:
+        raise ValueError("the validation split has no healthy study: τ is defined relative to healthy ones")
+    return healthy_reference(healthy)
+
+
+def abnormal_volumes(studies: list[TuningStudy], sigma_vox: float, tau_abs: float, v_min_cm3: float
+                     ) -> np.ndarray:
+    vols = []
+    for s in studies:
+        lpm = log_p_map(s.permissive.shape, s.scores.centres, s.scores.log_p, sigma_vox, mask=s.permissive)
+        vols.append(abnormal_volume(lpm, s.permissive, tau_abs, v_min_cm3, s.spacing)[0])
+    return np.asarray(vols)
+
+
+def evaluate_params(studies: list[TuningStudy], sigma_vox: float, tau_z: float, v_min_cm3: float,
+                    healthy: tuple[float, float], t_range=(0.0, np.inf)) -> dict:
+    """One trial: validation AUROC/F1 of the abnormal volume, and T from the validation ROC."""
+    y = np.array([s.label for s in studies])
+    tau_abs = healthy[0] + tau_z * healthy[1]
+    vols = abnormal_volumes(studies, sigma_vox, tau_abs, v_min_cm3)
+    t = float(np.clip(choose_threshold(y, vols, criterion="f1"), *t_range))
+    m = patient_metrics(y, vols, t)
+    auroc = 0.5 if not np.isfinite(m["auroc"]) else float(m["auroc"])
+    return {"auroc": auroc, "f1": float(m["f1"]), "accuracy": float(m["accuracy"]), "threshold_cm3": t,
+            "objective": auroc + 1e-3 * float(m["f1"]),  # AUROC first, F1 breaks ties
+            "operating_point": OperatingPoint(sigma_vox, tau_z, v_min_cm3, t, *healthy).to_dict()}
+
+
+def grid_search(studies: list[TuningStudy], space: dict, max_trials: int | None = None, seed: int = 0
+                ) -> tuple[OperatingPoint, pd.DataFrame]:
+    """Local search over a grid (``space``: name → list of values) — the Ray Tune job samples the same
+    function; this is the single-machine path (``ct3dflow tune-local``)."""
+    healthy = healthy_stats(studies)
+    grid = list(itertools.product(space["sigma_vox"], space["tau_z"], space["v_min_cm3"]))
+    if max_trials and len(grid) > max_trials:
+        rng = np.random.default_rng(seed)
+        grid = [grid[i] for i in sorted(rng.choice(len(grid), max_trials, replace=False))]
+    trials = []
+    for sigma, tau, vmin in grid:
+        r = evaluate_params(studies, sigma, tau, vmin, healthy)
+        trials.append({"sigma_vox": sigma, "tau_z": tau, "v_min_cm3": vmin, **r})
+    df = pd.DataFrame(trials).sort_values("objective", ascending=False, kind="stable")
+    return OperatingPoint.from_dict(df.iloc[0]["operating_point"]), df
+
+
+def evaluate_test(studies: list[TuningStudy], op: OperatingPoint, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Patient-level metrics with bootstrap CIs, ROC data and a per-pathology-kind breakdown."""
+    y = np.array([s.label for s in studies])
+    vols = abnormal_volumes(studies, op.sigma_vox, op.tau_abs, op.v_min_cm3)
+    metrics = patient_metrics(y, vols, op.threshold_cm3)
+    ci = bootstrap_ci(y, vols, op.threshold_cm3, n_boot=n_boot, seed=seed) if len(set(y)) == 2 else {}
+    per_kind = {}
+    kinds = sorted({s.pathology for s in studies if s.label == 1 and s.pathology})
+    for kind in kinds:
+        sel = np.array([s.label == 0 or s.pathology == kind for s in studies])
+        km = patient_metrics(y[sel], vols[sel], op.threshold_cm3)
+        per_kind[kind] = {"n": int((y[sel] == 1).sum()), "auroc": km["auroc"],
+                          "sensitivity": km["sensitivity"],
+                          "median_abnormal_volume_cm3": float(np.median(vols[sel][y[sel] == 1]))}
+    return {"metrics": metrics, "ci": {k: list(v) for k, v in ci.items()}, "roc": roc_curve_data(y, vols),
+            "per_kind": per_kind,
+            "studies": [{"study_id": s.study_id, "label": s.label, "pathology": s.pathology,
+                         "abnormal_volume_cm3": float(v)} for s, v in zip(studies, vols, strict=True)]}
+
+
+def write_json(obj, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, default=float))
+    return path
