@@ -1,0 +1,61 @@
+"""Ray Data adapters: parallel preprocessing into the cache, and the stream of training patches.
+
+Both call the core's per-study functions (``pipeline.preprocess_row``, ``patches.sample_patch_corners``);
+nothing here re-implements the science. Per-study errors are caught inside the map functions and become
+error rows: ``DataContext.max_errored_blocks`` would drop whole blocks, not rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import ray
+
+from .cache import StudyCache
+from .patches import extract_patches, sample_patch_corners, valid_patch_corners
+from .pipeline import SUMMARY_COLUMNS, manifest_rows, preprocess_row
+
+
+def preprocess_manifest(manifest_path, cache_dir, preprocess_cfg: dict, concurrency: int | None = None
+                        ) -> pd.DataFrame:
+    """Preprocess every manifest row on Ray CPU workers; one summary row per manifest row."""
+    rows = manifest_rows(manifest_path)
+    if not rows:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    # one row per block so studies spread over the workers instead of queueing behind each other
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map(preprocess_row, fn_kwargs={"cache_dir": str(cache_dir), "cfg": preprocess_cfg},
+                num_cpus=1, concurrency=concurrency)
+    out = pd.DataFrame(ds.take_all(), columns=SUMMARY_COLUMNS)
+    # keep the manifest's order for people reading the summary
+    order = {r["study_id"]: i for i, r in reversed(list(enumerate(rows)))}
+    return out.sort_values("study_id", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+
+
+def _sample_study_patches(item: dict) -> list[dict]:
+    cache = StudyCache(item["cache_dir"])
+    study = cache.load(item["study_id"], mmap=True)
+    size, frac = int(item["patch_size"]), float(item["min_lung_fraction"])
+    rng = np.random.default_rng(int(item["seed"]))
+    valid = valid_patch_corners(study.strict, size, frac)
+    corners = sample_patch_corners(study.strict, size, int(item["n"]), frac, rng, valid_corners=valid)
+    patches = extract_patches(study.volume, corners, size)
+    return [{"patch": p} for p in patches]
+
+
+def training_patch_dataset(cache_dir, study_ids: list[str], n_patches: int, patch_size: int,
+                           min_lung_fraction: float, seed: int = 0, patches_per_task: int = 32):
+    """A lazily sampled dataset of ``n_patches`` healthy training patches ``{"patch": (S,S,S) float32}``.
+
+    Patches are drawn on the fly from the cached volumes (500,000 stored 48³ patches would be 221 GB);
+    each task samples ``patches_per_task`` from one study, studies visited in a seeded random order.
+    """
+    if not study_ids:
+        raise ValueError("no training studies: the manifest needs rows with split 'train' that preprocessed ok")
+    rng = np.random.default_rng(seed)
+    n_tasks = -(-n_patches // patches_per_task)
+    picks = rng.choice(len(study_ids), size=n_tasks, replace=True)
+    items = [{"cache_dir": str(cache_dir), "study_id": study_ids[i], "seed": int(seed * 1_000_003 + t),
+              "n": patches_per_task, "patch_size": patch_size, "min_lung_fraction": min_lung_fraction}
+             for t, i in enumerate(picks)]
+    return ray.data.from_items(items, override_num_blocks=min(len(items), 64)).flat_map(_sample_study_patches)
