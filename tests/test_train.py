@@ -1,0 +1,190 @@
+"""FlowTrainer / train_local: non-finite guard, learning on structured patches, state and resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ct3dflow.flow import Glow3D
+from ct3dflow.train import FlowTrainer, TrainConfig, patch_batches_from_arrays, train_local
+
+torch.set_num_threads(2)
+
+
+def smooth_lung_patches(n: int, size: int, seed: int) -> torch.Tensor:
+    """Structured synthetic patches: Gaussian-smoothed noise (σ 1.5 voxels, ±60 HU) around −860 HU plus
+    10 HU white noise, normalised like the pipeline ((clip(hu, −1020, 200) + 1020) / 1220 − 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.arange(-4, 5, dtype=torch.float32)
+    k = torch.exp(-(r**2) / (2 * 1.5**2))
+    k = k / k.sum()
+    x = torch.randn(n, 1, size + 8, size + 8, size + 8, generator=g)
+    x = F.conv3d(x, k.view(1, 1, 9, 1, 1))
+    x = F.conv3d(x, k.view(1, 1, 1, 9, 1))
+    x = F.conv3d(x, k.view(1, 1, 1, 1, 9))
+    x = x / x.std()
+    hu = -860.0 + 60.0 * x + 10.0 * torch.randn(x.shape, generator=g)
+    return ((hu.clamp(-1020, 200) + 1020) / 1220 - 0.5).float()
+
+
+def _tiny_cfg(**kw) -> TrainConfig:
+    base = dict(levels=2, steps=2, width=16, patch_size=16, batch_size=8, lr=1e-3, warmup_steps=10,
+                iterations=300, val_every=0, checkpoint_every=0, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _endless(data: torch.Tensor, batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield data[torch.randint(0, len(data), (batch,), generator=g)]
+
+
+def test_config_round_trip():
+    cfg = _tiny_cfg(bf16=True)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig().lr == 1e-4 and TrainConfig().weight_decay == 1e-5
+    with pytest.raises(ValueError):
+        TrainConfig.from_dict({"nonsense": 1})
+
+
+def test_non_finite_batch_never_reaches_weights():
+    torch.manual_seed(0)
+    cfg = _tiny_cfg(patch_size=8, width=8)
+    model = cfg.build_model()
+    trainer = FlowTrainer(model, cfg, "cpu")
+    data = smooth_lung_patches(8, 8, seed=1)
+    assert trainer.initialise(data)
+    assert not trainer.initialise(data + 1.0)  # once only
+    good = trainer.train_step(data)
+    assert not good["skipped"] and trainer.step == 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = data.clone()
+    bad[0, 0, 0, 0, 0] = float("nan")
+    out = trainer.train_step(bad)
+    assert out["skipped"] and trainer.skipped_steps == 1 and trainer.step == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    # an inf patch too; afterwards training goes on
+    bad[0, 0, 0, 0, 0] = float("inf")
+    assert trainer.train_step(bad)["skipped"] and trainer.skipped_steps == 2
+    assert not trainer.train_step(data)["skipped"] and trainer.step == 2
+
+
+def test_warmup_is_linear():
+    trainer = FlowTrainer(_tiny_cfg(patch_size=8, width=4).build_model(), _tiny_cfg(lr=1e-3, warmup_steps=10))
+    assert trainer.lr_at(1) == pytest.approx(1e-4)
+    assert trainer.lr_at(5) == pytest.approx(5e-4)
+    assert trainer.lr_at(10) == trainer.lr_at(1000) == pytest.approx(1e-3)
+
+
+def test_tiny_model_learns_structured_patches():
+    torch.manual_seed(0)
+    cfg = _tiny_cfg(iterations=300)
+    train = smooth_lung_patches(256, 16, seed=0)
+    val = smooth_lung_patches(32, 16, seed=1)
+    model = cfg.build_model()
+    trainer = FlowTrainer(model, cfg, "cpu")
+    trainer.initialise(train[:64])
+    before = trainer.validate(val)
+    batches = _endless(train, cfg.batch_size, seed=0)
+    for _ in range(cfg.iterations):
+        trainer.train_step(next(batches))
+    after = trainer.validate(val)
+    assert trainer.skipped_steps == 0
+    assert after < before - 0.5, (before, after)
+
+
+def test_bf16_step_runs_and_is_finite():
+    torch.manual_seed(0)
+    cfg = _tiny_cfg(patch_size=8, width=8, bf16=True)
+    trainer = FlowTrainer(cfg.build_model(), cfg, "cpu")
+    data = smooth_lung_patches(4, 8, seed=2)
+    trainer.initialise(data)
+    out = trainer.train_step(data)
+    assert not out["skipped"] and np.isfinite(out["loss"])
+
+
+def test_train_local_resumes(tmp_path):
+    cfg = _tiny_cfg(patch_size=8, width=8, iterations=4, checkpoint_every=2, val_every=2, batch_size=4)
+    data = smooth_lung_patches(32, 8, seed=3)
+    val = smooth_lung_patches(4, 8, seed=4)
+    logged: list[tuple[int, dict]] = []
+    m1 = train_local(cfg, _endless(data, 4, 0), val, tmp_path, "cpu", lambda s, m: logged.append((s, m)))
+    assert [s for s, _ in logged] == [1, 2, 3, 4]
+    assert "val_bits_per_dim" in logged[1][1]
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "model.pt").exists()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4
+    logged.clear()
+    cfg2 = TrainConfig.from_dict({**cfg.to_dict(), "iterations": 8})
+    m2 = train_local(cfg2, _endless(data, 4, 1), val, tmp_path, "cpu", lambda s, m: logged.append((s, m)))
+    assert [s for s, _ in logged] == [5, 6, 7, 8]  # resumed at 4, not from scratch
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 8
+    loaded = Glow3D.load(tmp_path / "model.pt")
+    assert loaded.is_initialized()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.log_prob(val), m2.log_prob(val))
+        assert not torch.equal(m1.log_prob(val), m2.log_prob(val))
+
+
+def test_trainer_state_round_trip():
+    torch.manual_seed(0)
+    cfg = _tiny_cfg(patch_size=8, width=8)
+    data = smooth_lung_patches(4, 8, seed=5)
+    t1 = FlowTrainer(cfg.build_model(), cfg)
+    t1.initialise(data)
+    t1.train_step(data)
+    state = t1.state_dict()
+    t2 = FlowTrainer(cfg.build_model(), cfg)
+    t2.load_state_dict(state)
+    assert t2.step == 1 and t2.glow.is_initialized()
+    r1, r2 = t1.train_step(data), t2.train_step(data)
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-6)  # same weights, same dequantisation noise
+
+
+def test_ddp_style_wrapper_is_unwrapped():
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel: .module and forward
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.module(x)
+
+    cfg = _tiny_cfg(patch_size=8, width=8)
+    glow = cfg.build_model()
+    data = smooth_lung_patches(4, 8, seed=6)
+    FlowTrainer(glow, cfg).initialise(data)
+    wrapped = Wrapper(glow)
+    trainer = FlowTrainer(wrapped, cfg)
+    assert trainer.glow is glow
+    assert not trainer.train_step(data)["skipped"] and wrapped.calls == 1
+
+
+def test_patch_batches_from_arrays():
+    rng = np.random.default_rng(0)
+    vol = rng.uniform(-0.5, 0.5, size=(24, 24, 24)).astype(np.float32)
+    strict = np.zeros((24, 24, 24), np.uint8)
+    strict[4:20, 4:20, 4:20] = 1
+    empty = np.zeros_like(strict)
+    cfg = _tiny_cfg(patch_size=8, batch_size=6, min_lung_fraction=0.9)
+    it = patch_batches_from_arrays([vol, vol], [strict, empty], cfg, seed=0)
+    b = next(it)
+    assert b.shape == (6, 1, 8, 8, 8) and b.dtype == torch.float32
+    with pytest.raises(ValueError):
+        next(patch_batches_from_arrays([vol], [empty], cfg, seed=0))
+
+
+def test_train_local_stops_when_diverged(tmp_path):
+    cfg = _tiny_cfg(patch_size=8, width=8, iterations=10, max_consecutive_skips=3, init_batches=1)
+    data = smooth_lung_patches(4, 8, seed=7)
+    data[:, :, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        train_local(cfg, _endless(data, 4, 0), None, tmp_path, "cpu")
+    assert (tmp_path / "diverged.pt").exists() and not (tmp_path / "model.pt").exists()
