@@ -1,0 +1,226 @@
+import numpy as np
+import pytest
+import torch
+
+from ct3dflow.errors import CTInputError
+from ct3dflow.patches import inference_grid
+from ct3dflow.scoring import (
+    OperatingPoint,
+    PatchScores,
+    abnormal_volume,
+    decide_from_patch_scores,
+    healthy_reference,
+    log_p_map,
+    patch_log_likelihoods,
+    preview_size,
+    score_study,
+    write_log_p_map_nifti,
+    write_preview_png,
+)
+
+
+class ToyModel(torch.nn.Module):
+    """log_prob = −Σ (x − c)²: the 'healthy' patch is constant c."""
+
+    def __init__(self, c=-0.3):
+        super().__init__()
+        self.c = c
+        self.calls = 0
+        self.modes = set()
+
+    def log_prob(self, x):
+        assert x.dtype == torch.float32 and x.ndim == 5 and x.shape[1] == 1
+        self.calls += x.shape[0]
+        self.modes.add(self.training)
+        return -((x - self.c) ** 2).flatten(1).sum(1)
+
+
+def _grid_centres(shape, size, stride):
+    g = inference_grid(shape, size, stride)
+    return g + (size - 1) / 2.0
+
+
+# ------------------------------------------------------------------------------------------ log_p_map
+def test_log_p_map_constant_in_constant_out():
+    shape = (30, 34, 38)
+    c = _grid_centres(shape, 12, 10)
+    for sigma in (0.0, 1.5, 6.0):
+        m = log_p_map(shape, c, np.full(len(c), -7.25), sigma)
+        assert m.dtype == np.float32 and m.shape == shape
+        np.testing.assert_allclose(m, -7.25, rtol=1e-6)
+
+
+def test_log_p_map_small_sigma_gives_patch_value_at_centre_and_is_convex():
+    shape = (30, 34, 38)
+    rng = np.random.default_rng(0)
+    c = np.round(_grid_centres(shape, 12, 10))  # integer centres
+    lp = rng.normal(-100, 20, len(c))
+    m = log_p_map(shape, c, lp, 0.3)
+    ci = c.astype(int)
+    np.testing.assert_allclose(m[ci[:, 0], ci[:, 1], ci[:, 2]], lp, rtol=1e-5)
+    # half-integer centres (corner + 5.5) are splatted; small σ still returns the patch value there
+    c2 = _grid_centres(shape, 12, 10)
+    m2 = log_p_map(shape, c2, lp, 0.2)  # windows 2 voxels apart: σ must be small
+    f = np.floor(c2).astype(int)
+    np.testing.assert_allclose(m2[f[:, 0], f[:, 1], f[:, 2]], lp, rtol=1e-4)
+    for sigma in (0.3, 2.0, 8.0):
+        mm = log_p_map(shape, c2, lp, sigma)
+        assert np.isfinite(mm).all()
+        assert mm.min() >= lp.min() - 1e-3 and mm.max() <= lp.max() + 1e-3
+
+
+def test_low_patch_region_grows_with_sigma():
+    shape = (60, 60, 60)
+    c = _grid_centres(shape, 20, 10)
+    lp = np.zeros(len(c))
+    mid = np.argmin(np.abs(c - 29.5).sum(1))
+    lp[mid] = -100.0
+    sizes = []
+    for sigma in (2.0, 4.0, 6.0):
+        m = log_p_map(shape, c, lp, sigma)
+        assert m.min() < -25
+        sizes.append(int((m < -10).sum()))
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+def test_log_p_map_mask_and_far_voxels():
+    shape = (40, 40, 40)
+    c = np.array([[5.0, 5.0, 5.0], [34.0, 34.0, 34.0]])
+    mask = np.zeros(shape, np.uint8)
+    mask[:, :, :20] = 1
+    m = log_p_map(shape, c, np.array([-1.0, -9.0]), 1.0, mask=mask)
+    assert np.isnan(m[:, :, 20:]).all()
+    assert np.isfinite(m[:, :, :20]).all()
+    # far from both centres (beyond 4σ) the nearest patch's value is used
+    assert m[0, 0, 0] == pytest.approx(-1.0)
+    assert m[39, 39, 0] == pytest.approx(-9.0)  # nearer to (34, 34, 34)
+    m2 = log_p_map(shape, c, np.array([-1.0, -np.inf]), 1.0)
+    assert np.isfinite(m2).all() and m2.min() == pytest.approx(-1.0)
+
+
+# ------------------------------------------------------------------------------------ abnormal volume
+def test_abnormal_volume_known_cube_and_vmin():
+    shape = (40, 40, 40)
+    lpm = np.zeros(shape, np.float32)
+    lpm[5:15, 5:15, 5:15] = -10  # 1000 voxels × 8 mm³ = 8 cm³
+    lpm[30:32, 30:32, 30:32] = -10  # 8 voxels = 0.064 cm³
+    mask = np.ones(shape, np.uint8)
+    vol, ab = abnormal_volume(lpm, mask, -5.0, 0.0, (2.0, 2.0, 2.0))
+    assert vol == pytest.approx(8.064)
+    vol, ab = abnormal_volume(lpm, mask, -5.0, 1.0, (2.0, 2.0, 2.0))
+    assert vol == pytest.approx(8.0) and ab.sum() == 1000 and ab.dtype == bool
+    # outside the mask nothing counts; NaN never counts
+    mask[:, :, :10] = 0
+    lpm2 = lpm.copy()
+    lpm2[mask == 0] = np.nan
+    vol, _ = abnormal_volume(lpm2, mask, -5.0, 0.0, (2.0, 2.0, 2.0))
+    assert vol == pytest.approx((500 + 8) * 0.008)
+    # diagonal neighbours join under 26-connectivity
+    d = np.zeros((5, 5, 5), np.float32)
+    d[1, 1, 1] = d[2, 2, 2] = -1
+    vol, ab = abnormal_volume(d, np.ones_like(d), -0.5, 2.0, (1, 1, 1000.0))
+    assert vol == pytest.approx(2.0)
+
+
+def test_operating_point_roundtrip():
+    op = OperatingPoint(sigma_vox=4, tau_z=-2, v_min_cm3=0.5, threshold_cm3=3, healthy_mean=-10,
+                        healthy_std=2)
+    assert op.tau_abs == -14
+    assert OperatingPoint.from_dict(op.to_dict()) == op
+    mean, std = healthy_reference([np.array([1.0, 3.0]), PatchScores(np.zeros((1, 3)), np.zeros((1, 3)),
+                                                                     np.array([2.0]))])
+    assert mean == pytest.approx(2.0) and std == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------- patch scoring
+def _study():
+    shape = (40, 44, 36)
+    vol = np.full(shape, -0.3, dtype=np.float32)
+    perm = np.zeros(shape, np.uint8)
+    perm[4:36, 4:40, 2:20] = 1  # only the x < 20 half
+    vol[22:28, 30:36, 8:14] = 0.4  # bright blob, inside the mask
+    return vol, perm
+
+
+def test_patch_log_likelihoods_detects_blob_and_respects_mask(tmp_path):
+    vol, perm = _study()
+    model = ToyModel(-0.3)
+    size, stride = 16, 10
+    ps = patch_log_likelihoods(model, vol, perm, size=size, stride=stride, batch_size=7)
+    assert model.calls == len(ps) and model.modes == {False} and model.training  # mode restored
+    grid = inference_grid(vol.shape, size, stride)
+    touching = [c for c in grid if perm[c[0]:c[0] + size, c[1]:c[1] + size, c[2]:c[2] + size].any()]
+    assert len(ps) == len(touching) < len(grid)
+    np.testing.assert_allclose(ps.centres, ps.corners + 7.5)
+    blob_win = np.array([
+        ((c[0] <= 22) & (c[0] + size >= 28) & (c[1] <= 30) & (c[1] + size >= 36) & (c[2] <= 8)
+         & (c[2] + size >= 14)) for c in ps.corners
+    ])
+    assert blob_win.any()
+    assert ps.log_p[blob_win].max() < ps.log_p[~blob_win].max()
+    assert ps.corners[np.argmin(ps.log_p)] in ps.corners[blob_win]
+    assert np.argmin(ps.log_p) in np.flatnonzero(ps.log_p < -1)
+    assert np.all(ps.log_p[ps.log_p > -1e-6] == 0)  # windows without any blob voxel are perfect
+    # round-trip
+    p = ps.save(tmp_path / "s" / "scores.npz")
+    back = PatchScores.load(p)
+    np.testing.assert_array_equal(back.corners, ps.corners)
+    np.testing.assert_array_equal(back.centres, ps.centres)
+    np.testing.assert_array_equal(back.log_p, ps.log_p)
+    assert (back.size, back.stride, back.shape) == (16, 10, vol.shape)
+    # the decision from stored scores localises the blob
+    op = OperatingPoint(sigma_vox=3.0, tau_z=-1.0, v_min_cm3=0.0, threshold_cm3=0.5, healthy_mean=0.0,
+                        healthy_std=1.0)
+    v, ab, m = decide_from_patch_scores(back, vol.shape, perm, (2.0, 2.0, 2.0), op)
+    assert v > 0 and ab.any() and np.isnan(m[perm == 0]).all()
+    zc, yc, xc = np.argwhere(ab).mean(0)
+    assert 14 < zc < 36 and 20 < yc < 44
+
+
+def test_padding_small_volume_and_empty_mask():
+    vol = np.full((20, 50, 50), -0.3, dtype=np.float32)
+    perm = np.zeros_like(vol, dtype=np.uint8)
+    perm[5:15, 10:40, 10:40] = 1
+    ps = patch_log_likelihoods(ToyModel(-0.3), vol, perm, size=24, stride=20)
+    assert ps.corners[:, 0].min() == -2  # padded by 4 → 2 before, corners in original coordinates
+    np.testing.assert_allclose(ps.centres[:, 0], 9.5)
+    with pytest.raises(CTInputError, match="mask"):
+        patch_log_likelihoods(ToyModel(), vol, np.zeros_like(perm), size=24, stride=20)
+
+
+def test_score_study_and_outputs(tmp_path):
+    import SimpleITK as sitk
+    from PIL import Image
+
+    vol, perm = _study()
+    op = OperatingPoint(sigma_vox=3.0, tau_z=-1.0, v_min_cm3=0.0, threshold_cm3=0.5, healthy_mean=0.0,
+                        healthy_std=1.0)
+    st = score_study(ToyModel(-0.3), vol, perm, (2.0, 2.0, 2.0), op, size=16, stride=10, batch_size=8)
+    assert st.predicted_abnormal and st.abnormal_volume_cm3 > 0.5
+    assert st.n_patches == len(st.patch_scores)
+    assert st.log_p_min < st.log_p_mean <= 0
+    ref = sitk.Image([vol.shape[2], vol.shape[1], vol.shape[0]], sitk.sitkUInt8)
+    ref.SetSpacing((2.0, 2.0, 2.0))
+    ref.SetOrigin((-10.0, 5.0, 100.0))
+    p = write_log_p_map_nifti(st.log_p_map, ref, tmp_path / "map.nii.gz")
+    img = sitk.ReadImage(str(p))
+    assert img.GetSize() == ref.GetSize() and img.GetSpacing() == (2.0, 2.0, 2.0)
+    assert img.GetOrigin() == (-10.0, 5.0, 100.0) and img.GetPixelID() == sitk.sitkFloat32
+    inside = perm > 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img)[inside], st.log_p_map[inside])
+    p3 = write_log_p_map_nifti(st.log_p_map, ref, tmp_path / "map3.nii.gz", fill_value=-1e6)
+    assert np.all(sitk.GetArrayFromImage(sitk.ReadImage(str(p3)))[~inside] == -1e6)
+    p2 = write_log_p_map_nifti(st.log_p_map, ((2, 2, 2), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+                               tmp_path / "map2.nii.gz")
+    assert sitk.ReadImage(str(p2)).GetSize() == ref.GetSize()
+    with pytest.raises(ValueError):
+        write_log_p_map_nifti(st.log_p_map[:-1], ref, tmp_path / "bad.nii.gz")
+    png = write_preview_png(vol, st.log_p_map, st.abnormal_mask, tmp_path / "prev.png", title="toy",
+                            tau_abs=op.tau_abs)
+    im = Image.open(png)
+    assert im.size == preview_size(vol.shape) and im.mode == "RGB"
+    a = np.asarray(im)
+    assert a.std() > 1 and (a[..., 0].astype(int) - a[..., 1]).max() > 50  # some red overlay
+    # no abnormal region, no tau: still a picture
+    png2 = write_preview_png(vol, st.log_p_map, np.zeros_like(perm), tmp_path / "prev2.png")
+    assert Image.open(png2).size == preview_size(vol.shape)
