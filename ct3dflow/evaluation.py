@@ -73,8 +73,9 @@ def score_row(model, row: dict, cache_dir, out_dir, scoring: dict, op: Operating
                        threshold_cm3=op.threshold_cm3)
             if write_outputs:
                 ref = (study.spacing, study.origin, study.direction)
-                out["map_path"] = str(write_log_p_map_nifti(lpm, ref, d / "log_p_map.nii.gz",
-                                                            fill_value=float(np.nanmin(lpm)) if np.isfinite(lpm).any() else 0.0))
+                # outside the mask the map is NaN; SimpleITK readers turn NaN into 0, so store the minimum
+                fill = float(np.nanmin(lpm)) if np.isfinite(lpm).any() else 0.0
+                out["map_path"] = str(write_log_p_map_nifti(lpm, ref, d / "log_p_map.nii.gz", fill_value=fill))
                 out["preview_path"] = str(write_preview_png(
                     study.volume, lpm, ab, d / "preview.png",
                     title=f"{sid}: {vol:.1f} cm3 {'ABNORMAL' if vol > op.threshold_cm3 else 'normal'}",

@@ -10,10 +10,18 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import ray
+from ray.data import DataContext
 
 from .cache import StudyCache
 from .patches import extract_patches, sample_patch_corners, valid_patch_corners
 from .pipeline import SUMMARY_COLUMNS, manifest_rows, preprocess_row
+
+
+def quiet_progress() -> None:
+    """Job logs are read by people: one line per stage beats a redrawn progress bar per operator."""
+    ctx = DataContext.get_current()
+    ctx.enable_operator_progress_bars = False
+    ctx.enable_progress_bars = False
 
 
 def preprocess_manifest(manifest_path, cache_dir, preprocess_cfg: dict, concurrency: int | None = None

@@ -66,7 +66,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     log_every = max(1, int(config.get("log_every", 10)))
-    window: list[float] = []
     for batch in shard.iter_torch_batches(batch_size=tcfg.batch_size, drop_last=True,
                                           local_shuffle_buffer_size=config.get("shuffle_buffer", 4 * tcfg.batch_size)):
         if trainer.step >= tcfg.iterations:
@@ -74,8 +73,6 @@ def train_loop_per_worker(config: dict) -> None:
         x = batch["patch"].unsqueeze(1).to(device, torch.float32)
         m = trainer.train_step(x)
         step = trainer.step
-        if not m["skipped"]:
-            window.append(float(m["bits_per_dim"]))
         metrics = {"train_bits_per_dim": float(m["bits_per_dim"]), "loss": float(m["loss"]),
                    "lr": float(m["lr"]), "grad_norm": float(m.get("grad_norm", float("nan"))),
                    "skipped_steps": trainer.skipped_steps}

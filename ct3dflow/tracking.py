@@ -124,7 +124,7 @@ def log_patch_model(model_file: str | Path, settings: dict, registered_name: str
         sfile = Path(tmp) / "settings.json"
         sfile.write_text(json.dumps(settings, indent=1))
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=PatchModelPyfunc(),
+            name="model", python_model=str(Path(__file__).with_name("mlflow_pyfunc_model.py")),
             artifacts={"model": str(model_file), "settings": str(sfile)},
             pip_requirements=["torch", "numpy", f"ct3dflow=={__version__}"],
             registered_model_name=registered_name,

@@ -1,0 +1,66 @@
+"""Shared fixtures: a real local Ray head and a real MLflow server, started once per test session by the
+project's own platform scripts (bound to 127.0.0.1) and stopped again, also when tests fail."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PLATFORM = ROOT / "platform"
+
+
+def _platform_env(state: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        CT3DFLOW_STATE=str(state),
+        RAY_HEAD_PORT="6391",
+        RAY_DASHBOARD_PORT="8276",
+        MLFLOW_PORT="5056",
+        RAY_TMPDIR="/tmp/ct3dflow-ray-test",
+        VENV_BIN=str(Path(os.sys.executable).parent),
+    )
+    for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(k, None)
+    # what env.sh derives, so tests can use it directly
+    env["RAY_ADDRESS"] = "http://127.0.0.1:8276"
+    env["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:5056"
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN_PATH"] = str(state / "ray_auth_token")
+    env["PATH"] = f"{Path(os.sys.executable).parent}:{env['PATH']}"
+    return env
+
+
+@pytest.fixture(scope="session")
+def platform_env(tmp_path_factory) -> dict:
+    return _platform_env(tmp_path_factory.mktemp("platform"))
+
+
+def _run(script: str, action: str, env: dict, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(PLATFORM / script), action], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def ray_head(platform_env):
+    r = _run("ray-head.sh", "start", platform_env, 240)
+    try:
+        if r.returncode != 0:
+            pytest.fail(f"could not start the Ray head:\n{r.stdout}\n{r.stderr}")
+        yield platform_env
+    finally:
+        _run("ray-head.sh", "stop", platform_env, 120)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(platform_env):
+    r = _run("mlflow-server.sh", "start", platform_env, 300)
+    try:
+        if r.returncode != 0:
+            pytest.fail(f"could not start the MLflow server:\n{r.stdout}\n{r.stderr}")
+        yield platform_env["MLFLOW_TRACKING_URI"]
+    finally:
+        _run("mlflow-server.sh", "stop", platform_env, 60)
