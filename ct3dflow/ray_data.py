@@ -66,4 +66,7 @@ def training_patch_dataset(cache_dir, study_ids: list[str], n_patches: int, patc
     items = [{"cache_dir": str(cache_dir), "study_id": study_ids[i], "seed": int(seed * 1_000_003 + t),
               "n": patches_per_task, "patch_size": patch_size, "min_lung_fraction": min_lung_fraction}
              for t, i in enumerate(picks)]
-    return ray.data.from_items(items, override_num_blocks=min(len(items), 64)).flat_map(_sample_study_patches)
+    # a fraction of a CPU: on a small node the trainers hold whole CPUs, and a sampler that waits for a
+    # free one would starve them (a deadlock, not an error)
+    return ray.data.from_items(items, override_num_blocks=min(len(items), 64)).flat_map(
+        _sample_study_patches, num_cpus=0.25)

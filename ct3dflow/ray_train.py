@@ -40,6 +40,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
+    if device.type == "cpu" and config.get("torch_threads"):
+        torch.set_num_threads(int(config["torch_threads"]))  # N workers sharing a node: no oversubscription
     torch.manual_seed(tcfg.seed)
     model = tcfg.build_model().to(device)
     trainer = FlowTrainer(model, tcfg, device)
@@ -111,6 +113,7 @@ def fit(job_cfg, train_ds, init_patches: str, val_patches: str | None, mlflow_ru
             "train": job_cfg.train_config().to_dict(), "init_patches": init_patches,
             "val_patches": val_patches, "mlflow_run_id": mlflow_run_id,
             "mlflow_tracking_uri": mlflow_tracking_uri, "log_every": r.get("log_every", 10),
+            "torch_threads": max(1, int(float(r.get("cpus_per_worker", 1)))),
         },
         scaling_config=ScalingConfig(
             num_workers=int(r.get("num_workers", 1)), use_gpu=use_gpu,
