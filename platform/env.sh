@@ -7,6 +7,9 @@
 : "${RAY_DASHBOARD_PORT:=8275}"
 : "${MLFLOW_PORT:=5055}"
 : "${RAY_NUM_CPUS:=2}"
+# one temp dir per head (short: Ray's socket paths must stay under 108 characters); stop uses it
+: "${RAY_TMPDIR:=/tmp/ct3dflow-ray-$(id -u)-$RAY_HEAD_PORT}"
+: "${MLFLOW_HOST:=127.0.0.1}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:$RAY_DASHBOARD_PORT}"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-http://127.0.0.1:$MLFLOW_PORT}"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Start or stop a local MLflow tracking server: SQLite backend, local artifact folder, 127.0.0.1, one worker.
+# Start or stop a local MLflow tracking server: SQLite backend, local artifact folder, one worker,
+# bound to 127.0.0.1 (set MLFLOW_HOST to serve a cluster's private network).
 #   platform/mlflow-server.sh start|stop|status
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -20,7 +21,7 @@ case "${1:-}" in
     # create the schema once, in this process, before the server's workers race on it
     "$VENV_BIN/python" -c "import mlflow; mlflow.tracking.MlflowClient('sqlite:///$MLFLOW_DIR/mlflow.db').search_experiments()" >/dev/null 2>&1
     setsid nohup "$VENV_BIN/mlflow" server --backend-store-uri "sqlite:///$MLFLOW_DIR/mlflow.db" \
-      --artifacts-destination "$MLFLOW_DIR/artifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" -w 1 \
+      --artifacts-destination "$MLFLOW_DIR/artifacts" --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" -w 1 \
       >"$CT3DFLOW_STATE/mlflow.log" 2>&1 &
     echo $! > "$PIDFILE"
     for _ in $(seq 180); do

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Start or stop a local Ray head, dashboard (job server) on 127.0.0.1 only.
+# Start or stop a local Ray head, dashboard (job server) on 127.0.0.1 only. Ray's internal GCS/raylet
+# ports listen on all interfaces whatever we pass (Ray 2.60): firewall them on a shared host.
 #   platform/ray-head.sh start|stop|status
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -11,7 +12,7 @@ case "${1:-}" in
     "$VENV_BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_HEAD_PORT" \
       --num-cpus "$RAY_NUM_CPUS" --num-gpus 0 --include-dashboard true \
       --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" \
-      --temp-dir "${RAY_TMPDIR:-/tmp/ray}" --disable-usage-stats >"$CT3DFLOW_STATE/ray-start.log" 2>&1 \
+      --temp-dir "$RAY_TMPDIR" --disable-usage-stats >"$CT3DFLOW_STATE/ray-start.log" 2>&1 \
       || { cat "$CT3DFLOW_STATE/ray-start.log"; exit 1; }
     # the job server answers once the dashboard is up
     for _ in $(seq 60); do
@@ -20,7 +21,12 @@ case "${1:-}" in
     done
     echo "Ray head started but its job server did not answer at $RAY_ADDRESS" >&2; exit 1 ;;
   stop)
-    "$VENV_BIN/ray" stop --force >/dev/null 2>&1 || true
+    # only this head: every process of it names its temp dir (`ray stop` would stop all clusters here)
+    # (the Ray client proxy names only the head's port)
+    mine="$RAY_TMPDIR/|ray.util.client.server --address=[^ ]*:$RAY_HEAD_PORT "
+    pkill -TERM -f -- "$mine" 2>/dev/null || true
+    for _ in $(seq 30); do pgrep -f -- "$mine" >/dev/null || break; sleep 0.5; done
+    pkill -KILL -f -- "$mine" 2>/dev/null || true
     echo "Ray head stopped" ;;
   status)
     "$VENV_BIN/ray" status --address "127.0.0.1:$RAY_HEAD_PORT" ;;

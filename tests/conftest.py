@@ -20,7 +20,6 @@ def _platform_env(state: Path) -> dict:
         RAY_HEAD_PORT="6391",
         RAY_DASHBOARD_PORT="8276",
         MLFLOW_PORT="5056",
-        RAY_TMPDIR="/tmp/ct3dflow-ray-test",
         VENV_BIN=str(Path(os.sys.executable).parent),
     )
     for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN_PATH"):
