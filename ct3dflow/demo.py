@@ -1,9 +1,9 @@
 """The main job on an embedded default: ``make demo`` (= ``python -m ct3dflow.demo``).
 
-A synthetic phantom archive → Ray Data preprocessing → Ray Train (tiny model, CPU, 2 workers, gloo) →
-scoring of the validation and test splits → σ, τ, v_min, T chosen on validation → patient-level metrics
-on test in the form of the paper's Table 1. Local Ray (started in this process) and a local MLflow
-(SQLite under the work directory). Runs in a few minutes on 2 cores.
+A synthetic phantom archive → Ray Data preprocessing → Ray Train (a tiny 3D GLOW and the AE baseline,
+CPU, 2 workers, gloo) → Ray Tune chooses σ, τ, v_min, T on the validation split → the test split, once
+per model → the paper's Table 1 rows. Local Ray (started in this process) and a local MLflow (SQLite under
+the work directory), the same jobs `ray job submit` runs. A few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+AE_TRAIN = {"model": "ae", "levels": 3, "width": 16}
 
 
 def _stage(n: int, total: int, what: str, t0: float) -> None:
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     cfg = load_config(a.config, overrides)
     # each demo run trains afresh under its own Ray Train name (same name = resume)
     cfg.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    t0, total = time.time(), 6
+    t0, total = time.time(), 7
 
     _stage(1, total, f"phantom archive: {a.normal} normal + {a.abnormal} abnormal chest CTs", t0)
     from .phantoms import make_archive
@@ -55,83 +56,61 @@ def main(argv=None) -> int:
     else:
         print(f"reusing {cfg.manifest_path}")
 
+    import dataclasses
+
     import ray
 
     from . import ray_data
-    from .ray_jobs import preprocess_job, train_job
+    from .metrics import table1
+    from .ray_jobs import evaluate_job, preprocess_job, train_job, tune_job
 
+    # the AE baseline (the paper's "AE" row) through the very same jobs
+    ae = dataclasses.replace(cfg, name=cfg.name.replace("glow3d", "ae"),
+                             train={**cfg.train, **AE_TRAIN},
+                             mlflow={**cfg.mlflow, "registered_model": cfg.mlflow["registered_model"] + "-ae"})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
     ray_data.quiet_progress()
+    out = {}
     try:
         _stage(2, total, "Ray Data: preprocessing on CPU workers → study cache", t0)
         summary = preprocess_job(cfg)
-
-        _stage(3, total, f"Ray Train: {cfg.train['levels']}-level 3D GLOW, {cfg.ray['num_workers']} workers "
-                         f"(gloo), {cfg.train['iterations']} iterations", t0)
-        trained = train_job(cfg, summary)
+        for i, (label, c) in enumerate((("CT-3DFlow", cfg), ("AE", ae))):
+            _stage(3 + i, total, f"Ray Train: {label} ({c.train.get('model', 'glow3d')}), "
+                                 f"{c.ray['num_workers']} workers (gloo), {c.train['iterations']} iterations", t0)
+            trained = train_job(c, summary)
+            uri = f"models:/{trained['registered_model']}/{trained['model_version']}"
+            out[label] = {"uri": uri, "cfg": c}
+        for i, label in enumerate(out):
+            _stage(5 + i, total, f"Ray Tune: {label} operating point (σ, τ, v_min → T) on validation only", t0)
+            out[label]["tune"] = tune_job(out[label]["cfg"], out[label]["uri"])
+        _stage(7, total, "test split, touched once per model: patient-level metrics", t0)
+        for label in out:
+            out[label]["eval"] = evaluate_job(out[label]["cfg"], out[label]["uri"])
     finally:
         ray.shutdown()
 
-    _stage(4, total, "scoring the validation and test splits (patch log-likelihoods)", t0)
-    from .evaluation import score_row
-    from .pipeline import manifest_rows
-    from .tracking import load_patch_model
-
-    uri = f"models:/{trained['registered_model']}/{trained['model_version']}"
-    loaded = load_patch_model(uri)
-    scoring = {**cfg.scoring, "patch_size": loaded.settings["patch_size"]}
-    rows = manifest_rows(cfg.manifest_path)
-    ok = set(summary.loc[summary.status == "ok", "study_id"])
-    scores_dir = work / "scores" / cfg.name
-    import pandas as pd
-
-    results = {}
-    for split in ("val", "test"):
-        split_rows = [r for r in rows if r.get("split") == split and r["study_id"] in ok]
-        results[split] = pd.DataFrame([score_row(loaded.model, r, cfg.cache_path, scores_dir, scoring, None,
-                                                 model_uri=uri) for r in split_rows])
-        print(f"  {split}: {len(split_rows)} studies, "
-              f"{int(results[split]['n_patches'].sum())} patches scored")
-
-    _stage(5, total, "operating point (σ, τ, v_min, T) chosen on the validation split only", t0)
-    from .evaluation import evaluate_test, grid_search, load_tuning_studies
-
-    val = load_tuning_studies([r for r in rows if r.get("split") == "val"], results["val"], cfg.cache_path)
-    space = {"sigma_vox": [1.0, 2.0, 4.0], "tau_z": [-3.0, -2.0, -1.5, -1.0, -0.5], "v_min_cm3": [0.0, 1.0]}
-    op, trials = grid_search(val, space)
-    best = trials.iloc[0]
-    print(f"  {len(trials)} settings tried; validation AUROC {best['auroc']:.3f}, F1 {best['f1']:.3f}")
-    print(f"  σ = {op.sigma_vox:g} voxels, τ = healthy mean {op.tau_z:+g} sd, v_min = {op.v_min_cm3:g} cm³, "
-          f"T = {op.threshold_cm3:.2f} cm³")
-
-    _stage(6, total, "test split, touched once: patient-level metrics", t0)
-    from .metrics import table1
-
-    test_rows = [r for r in rows if r.get("split") == "test" and r["study_id"] in ok]
-    # with the operating point fixed, the test studies get their Log P maps, decisions and previews
-    results["test"] = pd.DataFrame([score_row(loaded.model, r, cfg.cache_path, scores_dir, scoring, op,
-                                              model_uri=uri) for r in test_rows])
-    results["test"].to_parquet(scores_dir / "test_results.parquet", index=False)
-    test = load_tuning_studies(test_rows, results["test"], cfg.cache_path)
-    ev = evaluate_test(test, op, n_boot=500)
-    import mlflow
-
-    with mlflow.start_run(run_id=trained["run_id"]):
-        mlflow.log_metrics({f"test_{k}": float(ev["metrics"][k])
-                            for k in ("auroc", "f1", "accuracy", "sensitivity", "specificity")})
-        mlflow.log_dict(op.to_dict(), "operating_point.json")
-        mlflow.log_text(table1([("CT-3DFlow (demo)", ev["metrics"], ev["ci"])]), "table1.md")
-    print()
-    print(table1([("CT-3DFlow (demo)", ev["metrics"], ev["ci"])]))
-    m = ev["metrics"]
-    print(f"\nsensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f} on {m['n']} test studies "
-          f"({m['n_pos']} abnormal); 95 % bootstrap intervals in brackets")
-    for kind, k in ev["per_kind"].items():
-        print(f"  {kind:14s} n={k['n']}  sensitivity {k['sensitivity']:.2f}  "
-              f"median abnormal volume {k['median_abnormal_volume_cm3']:.1f} cm³")
-    print(f"\nLog P maps and previews: {scores_dir}/<study_id>/")
+    rows = []
+    for label, o in out.items():
+        m = o["eval"]["metrics"]
+        metrics = {k: m.get(f"test_{k}", float("nan")) for k in ("auroc", "f1", "accuracy")}
+        ci = {k: (m[f"test_{k}_ci_low"], m[f"test_{k}_ci_high"]) for k in ("auroc", "f1", "accuracy")
+              if f"test_{k}_ci_low" in m}
+        rows.append((label, metrics, ci or None))
+    n = out["CT-3DFlow"]["eval"]["n_test_studies"]
+    print(f"\nPhantom test split ({n} studies), operating points chosen on validation; 95 % bootstrap intervals:\n")
+    print(table1(rows))
+    for label, o in out.items():
+        m, op = o["eval"]["metrics"], o["tune"]["operating_point"]
+        print(f"\n{label}: sensitivity {m.get('test_sensitivity', float('nan')):.3f}, specificity "
+              f"{m.get('test_specificity', float('nan')):.3f}; σ = {op['sigma_vox']:.2g} voxels, "
+              f"τ = healthy mean {op['tau_z']:+.2f} sd, v_min = {op['v_min_cm3']:.2g} cm³, "
+              f"T = {op['threshold_cm3']:.3g} cm³")
+        kinds = sorted(k[len("test_sensitivity_"):] for k in m if k.startswith("test_sensitivity_"))
+        if kinds:
+            print("  sensitivity per kind: " + ", ".join(f"{k} {m['test_sensitivity_' + k]:.2f}" for k in kinds))
+    print(f"\nLog P maps and previews: {cfg.work_path / 'scores'}/<model>/v<version>/test/")
     db = cfg.work_path / "mlflow.db"
-    print(f"done in {time.time() - t0:.0f} s. Open the MLflow UI with:\n"
+    print(f"done in {time.time() - t0:.0f} s. Open the MLflow UI (experiment 'ct3dflow-comparison') with:\n"
           f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port 5000")
     return 0
 

@@ -95,7 +95,7 @@ def train_job(cfg, summary: pd.DataFrame | None = None) -> dict:
         val_bpd = trainer.validate(val)
         mlflow.log_metric("final_val_bits_per_dim", val_bpd, step=trainer.step)
         mlflow.log_artifact(str(model_file), "checkpoint")
-        settings = {"kind": "glow3d", "preprocess": cfg.preprocess_config().to_dict(),
+        settings = {"kind": tcfg.model, "preprocess": cfg.preprocess_config().to_dict(),
                     "patch_size": tcfg.patch_size, "train": tcfg.to_dict(),
                     "scoring": cfg.scoring}
         name = cfg.mlflow.get("registered_model")
@@ -109,3 +109,344 @@ def train_job(cfg, summary: pd.DataFrame | None = None) -> dict:
          f"{' (champion)' if champion else ''}")
     (run_dir / "train_result.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Operating point (Ray Tune, validation only) and the test evaluation (once per model version)
+# ---------------------------------------------------------------------------------------------------
+TUNE_RUN_TAG = "ct3dflow.tune_run_id"
+TEST_EVALUATION_TAG = "ct3dflow.test_evaluation"
+DEFAULT_COMPARISON_EXPERIMENT = "ct3dflow-comparison"
+TEST_METRICS = ("auroc", "f1", "accuracy", "sensitivity", "specificity")
+
+
+def split_rows(rows: list[dict], split: str) -> list[dict]:
+    """The manifest rows of one split — the guard every tune/evaluate step goes through first: nothing
+    outside ``split`` is preprocessed, loaded or scored."""
+    out = [r for r in rows if r.get("split") == split]
+    if not out:
+        raise ValueError(f"the manifest has no row with split {split!r}")
+    return out
+
+
+def comparison_config(cfg):
+    """``cfg`` with the MLflow experiment set to the comparison experiment (tune and evaluate runs of every
+    model kind land in one experiment, side by side): ``mlflow.comparison_experiment`` or
+    ``ct3dflow-comparison``."""
+    import dataclasses
+
+    exp = cfg.mlflow.get("comparison_experiment") or DEFAULT_COMPARISON_EXPERIMENT
+    return dataclasses.replace(cfg, mlflow={**cfg.mlflow, "experiment": exp})
+
+
+def default_model_uri(cfg, model_uri: str | None = None) -> str:
+    if model_uri:
+        return model_uri
+    name = cfg.mlflow.get("registered_model")
+    if not name:
+        raise ValueError("no model: pass --model models:/NAME@champion or set mlflow.registered_model")
+    return f"models:/{name}@champion"
+
+
+def loaded_model_kind(loaded) -> str:
+    """``glow3d`` or ``ae``: the model object says it best (a train job's settings record the trainer's
+    ``train.model``; older ones only ``kind``)."""
+    kind = getattr(loaded.model, "KIND", None)
+    if kind:
+        return str(kind)
+    if type(loaded.model).__name__ == "Glow3D":
+        return "glow3d"
+    return str((loaded.settings.get("train") or {}).get("model") or loaded.settings.get("kind") or "unknown")
+
+
+def scores_dir(cfg, loaded) -> Path:
+    """``work_dir/scores/<registered model>/v<version>``: patch scores belong to one model version."""
+    if not (loaded.name and loaded.version):
+        raise ValueError(f"{loaded.uri} is not a registered model version: tune and evaluate need one "
+                         "(models:/NAME@champion or models:/NAME/VERSION) to store what they choose")
+    return cfg.work_path / "scores" / loaded.name / f"v{loaded.version}"
+
+
+def _scoring_settings(cfg, loaded) -> dict:
+    size = loaded.settings.get("patch_size")
+    if not size and hasattr(loaded.model, "config"):
+        size = loaded.model.config().get("patch_size")
+    return {"patch_size": int(size or 48), "stride": int(cfg.scoring.get("stride", 38)),
+            "batch_size": int(cfg.scoring.get("batch_size", 16))}
+
+
+def score_split(cfg, loaded, rows: list[dict], split: str, op=None, write_outputs: bool = False) -> pd.DataFrame:
+    """Preprocess (cache hits when the train job did it) and score the rows of ``split`` only.
+
+    Patch scores go to ``scores_dir/<split>/<study_id>/patch_scores.npz`` with ``results.parquet`` beside
+    them. Without an operating point, studies this model version already scored with the same scoring
+    settings are not scored again.
+    """
+    import torch
+
+    from .evaluation import RESULT_COLUMNS, score_row
+    from .pipeline import preprocess_row
+
+    rows = split_rows(rows, split)  # defensive: callers filter already
+    out_dir = scores_dir(cfg, loaded) / split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scoring = _scoring_settings(cfg, loaded)
+    settings_file, results_file = out_dir / "scoring.json", out_dir / "results.parquet"
+    previous: dict = {}
+    if op is None and results_file.exists() and settings_file.exists() \
+            and json.loads(settings_file.read_text()) == scoring:
+        prev = pd.read_parquet(results_file)
+        for r in prev[prev["status"] == "ok"].to_dict("records"):
+            if r.get("patch_scores_path") and Path(r["patch_scores_path"]).exists():
+                previous[r["study_id"]] = r
+    settings_file.write_text(json.dumps(scoring))
+    threads = cfg.scoring.get("torch_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    # the preprocessing the model was trained with (its settings), so that scores match its training data
+    pcfg = loaded.settings.get("preprocess") or cfg.preprocess_config().to_dict()
+    out, n_reused = [], 0
+    for row in rows:
+        sid = str(row["study_id"])
+        if sid in previous:
+            out.append(previous[sid])
+            n_reused += 1
+            continue
+        pre = preprocess_row(row, str(cfg.cache_path), pcfg)
+        if pre["status"] != "ok":
+            err = dict.fromkeys(RESULT_COLUMNS)
+            err.update(study_id=sid, path=str(row.get("path")), status="error", error=pre["error"],
+                       model=loaded.uri)
+            out.append(err)
+            continue
+        out.append(score_row(loaded.model, row, cfg.cache_path, out_dir, scoring, op, model_uri=loaded.uri,
+                             write_outputs=write_outputs))
+    df = pd.DataFrame(out, columns=RESULT_COLUMNS)
+    df.to_parquet(results_file, index=False)
+    n_err = int((df["status"] == "error").sum())
+    _log(f"{split}: {len(df)} studies ({n_reused} scored before by {loaded.name} v{loaded.version}), "
+         f"{n_err} errors → {results_file}")
+    for r in df[df["status"] == "error"].itertuples():
+        _log(f"  error {r.study_id}: {r.error}")
+    return df
+
+
+def validation_studies(cfg, loaded):
+    """The validation split, scored once per model version, as ``TuningStudy`` objects. Returns
+    ``(studies, results, rows)``. Rows of any other split are dropped before anything touches them."""
+    from .evaluation import load_tuning_studies
+
+    rows = split_rows(manifest_rows(cfg.manifest_path), "val")
+    results = score_split(cfg, loaded, rows, "val", op=None)
+    return load_tuning_studies(rows, results, cfg.cache_path), results, rows
+
+
+def _model_params(loaded) -> dict:
+    return {"model_kind": loaded_model_kind(loaded), "model_name": loaded.name or "",
+            "model_version": str(loaded.version or ""), "model_uri": loaded.uri}
+
+
+def tune_job(cfg, model_uri: str | None = None) -> dict:
+    """Score the validation split once with a registered model, search σ, τ, v_min with Ray Tune (T from
+    the validation ROC inside each trial), store the best operating point on the model version (every
+    later scoring of that version uses it by default) and in an MLflow run of the comparison experiment."""
+    import time
+
+    import mlflow
+
+    from . import tracking
+    from .evaluation import write_json
+    from .ray_tune import run_search
+
+    tracking.configure(cfg)
+    uri = default_model_uri(cfg, model_uri)
+    loaded = tracking.load_patch_model(uri)
+    base = scores_dir(cfg, loaded)
+    _log(f"tuning the operating point of {loaded.name} v{loaded.version} ({loaded_model_kind(loaded)}) on the "
+         "validation split only")
+    studies, results, rows = validation_studies(cfg, loaded)
+    storage = Path(cfg.ray.get("storage_path") or cfg.work_path / "ray_results")
+    name = f"tune-{loaded.name}-v{loaded.version}-{time.strftime('%Y%m%d-%H%M%S')}"
+    op, trials, tune_dir = run_search(studies, cfg.tune, storage, name)
+    best = trials.iloc[0]
+    params = _model_params(loaded)
+    tags = {"ct3dflow.model_name": loaded.name, "ct3dflow.model_version": str(loaded.version),
+            "ct3dflow.model_kind": params["model_kind"]}
+    with tracking.job_run(comparison_config(cfg), "tune", run_name=f"tune/{loaded.name}/v{loaded.version}",
+                          tags=tags) as run:
+        mlflow.log_params(params)
+        mlflow.log_metrics({"val_auroc": float(best["auroc"]), "val_f1": float(best["f1"]),
+                            "val_accuracy": float(best["accuracy"]), "val_objective": float(best["objective"]),
+                            "n_trials": len(trials), "n_val_studies": len(studies),
+                            "n_val_abnormal": sum(s.label for s in studies),
+                            **{f"op_{k}": v for k, v in op.to_dict().items()}})
+        mlflow.log_dict(op.to_dict(), "operating_point.json")
+        mlflow.log_text(trials.to_csv(index=False), "trials.csv")
+        mlflow.log_dict({"study_ids": [s.study_id for s in studies], "scores_dir": str(base / "val"),
+                         "tune_dir": tune_dir}, "validation_studies.json")
+        tracking.set_operating_point(loaded.name, loaded.version, op.to_dict())
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_model_version_tag(loaded.name, str(loaded.version), TUNE_RUN_TAG, run.info.run_id)
+        out = {"run_id": run.info.run_id, "model_uri": loaded.uri, "model_name": loaded.name,
+               "model_version": str(loaded.version), "model_kind": params["model_kind"],
+               "operating_point": op.to_dict(), "val_auroc": float(best["auroc"]), "val_f1": float(best["f1"]),
+               "n_trials": len(trials), "validation_study_ids": [s.study_id for s in studies],
+               "tune_dir": tune_dir}
+        mlflow.log_dict(out, "tune_result.json")
+    write_json(out, base / "tune_result.json")
+    _log(f"{len(trials)} trials on {len(studies)} validation studies: best AUROC {best['auroc']:.3f}, F1 "
+         f"{best['f1']:.3f}; operating point {json.dumps(op.to_dict())} stored on {loaded.name} v{loaded.version}")
+    return out
+
+
+def _comparison_table(experiment_id: str) -> str:
+    """Table 1 over the latest evaluation run of every model in the comparison experiment."""
+    import mlflow
+
+    from .eval_report import display_name
+    from .metrics import table1
+
+    runs = mlflow.search_runs([experiment_id], filter_string="tags.`ct3dflow.job` = 'evaluate'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    rows, seen = [], set()
+    for r in runs:
+        p, m = r.data.params, r.data.metrics
+        key = (p.get("model_name"), p.get("model_version"))
+        if key in seen or "test_auroc" not in m:
+            continue
+        seen.add(key)
+        metrics = {k: m.get(f"test_{k}") for k in ("auroc", "f1", "accuracy")}
+        ci = {k: (m[f"test_{k}_ci_low"], m[f"test_{k}_ci_high"]) for k in ("auroc", "f1", "accuracy")
+              if f"test_{k}_ci_low" in m and f"test_{k}_ci_high" in m}
+        rows.append((display_name(p.get("model_kind", "?"), *key), metrics, ci or None))
+    return table1(list(reversed(rows)))
+
+
+def log_evaluation(loaded_params: dict, ev: dict, op: dict, out_dir: Path) -> dict:
+    """Log one test evaluation into the active MLflow run: the same metric names for every model
+    (``test_auroc``, ``test_f1``, ``test_accuracy``, ``test_sensitivity``, ``test_specificity`` and
+    ``test_<metric>_ci_low/_high``), params ``model_kind``/``model_version``, the ROC and confusion-matrix
+    PNGs, the per-kind breakdown and Table 1. Returns the flat metrics."""
+    import mlflow
+
+    from .eval_report import confusion_png, display_name, per_kind_markdown, roc_png
+    from .evaluation import write_json
+    from .metrics import table1
+
+    m = ev["metrics"]
+    flat = {f"test_{k}": float(m[k]) for k in TEST_METRICS if m.get(k) is not None and np.isfinite(m[k])}
+    for k, (lo, hi) in ev.get("ci", {}).items():
+        if np.isfinite(lo) and np.isfinite(hi):
+            flat[f"test_{k}_ci_low"], flat[f"test_{k}_ci_high"] = float(lo), float(hi)
+    flat.update({f"test_{k}": int(m[k]) for k in ("tp", "fp", "tn", "fn", "n", "n_pos")})
+    for kind, k in ev.get("per_kind", {}).items():
+        for name in ("auroc", "sensitivity"):
+            if k.get(name) is not None and np.isfinite(k[name]):
+                flat[f"test_{name}_{kind}"] = float(k[name])
+    mlflow.log_params({**loaded_params, **{f"op_{k}": v for k, v in op.items()}})
+    mlflow.log_metrics(flat)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = display_name(loaded_params["model_kind"], loaded_params.get("model_name"),
+                         loaded_params.get("model_version"))
+    fpr_op = 1.0 - m["specificity"] if np.isfinite(m.get("specificity", np.nan)) else np.nan
+    roc_png(ev["roc"], out_dir / "roc.png", auroc=m.get("auroc"), operating=(fpr_op, m.get("sensitivity", np.nan)),
+            title=f"ROC, test: {title}")
+    confusion_png(m, out_dir / "confusion_matrix.png", title=f"Test: {title}")
+    (out_dir / "per_kind.md").write_text(per_kind_markdown(ev.get("per_kind", {})))
+    (out_dir / "table1_row.md").write_text(table1([(title, m, ev.get("ci") or None)]))
+    write_json(ev, out_dir / "evaluation.json")
+    write_json({k: m[k] for k in ("tp", "fp", "tn", "fn")}, out_dir / "confusion_matrix.json")
+    for f in ("roc.png", "confusion_matrix.png", "per_kind.md", "table1_row.md", "evaluation.json",
+              "confusion_matrix.json"):
+        mlflow.log_artifact(str(out_dir / f))
+    run = mlflow.active_run()
+    table = _comparison_table(run.info.experiment_id)
+    (out_dir / "table1.md").write_text(table)
+    mlflow.log_artifact(str(out_dir / "table1.md"))
+    return flat
+
+
+def evaluate_job(cfg, model_uri: str | None = None, force: bool = False) -> dict:
+    """The test split, once per model version: score it with the stored operating point and log Table 1
+    metrics with bootstrap CIs, ROC and confusion-matrix pictures and the per-kind breakdown."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from . import tracking
+    from .evaluation import evaluate_test, load_tuning_studies, write_json
+    from .scoring import OperatingPoint
+
+    tracking.configure(cfg)
+    uri = default_model_uri(cfg, model_uri)
+    loaded = tracking.load_patch_model(uri)
+    base = scores_dir(cfg, loaded)
+    client = MlflowClient()
+    done = client.get_model_version(loaded.name, str(loaded.version)).tags.get(TEST_EVALUATION_TAG)
+    if done and not force:
+        raise RuntimeError(f"{loaded.name} v{loaded.version} was already evaluated on the test split ({done}); "
+                           "the test set is touched once per model version — pass --force to evaluate again")
+    if not loaded.operating_point:
+        raise RuntimeError(f"{loaded.name} v{loaded.version} has no operating point: run jobs/tune.py first "
+                           "(the operating point is chosen on the validation split only)")
+    op = OperatingPoint.from_dict(loaded.operating_point)
+    rows = split_rows(manifest_rows(cfg.manifest_path), "test")
+    results = score_split(cfg, loaded, rows, "test", op=op, write_outputs=True)
+    studies = load_tuning_studies(rows, results, cfg.cache_path)
+    if len({s.label for s in studies}) < 2:
+        raise ValueError("the test split needs labelled normal and abnormal studies that scored ok")
+    ev = evaluate_test(studies, op, n_boot=int(cfg.tune.get("n_boot", 1000)))
+    ev["n_errors"] = int((results["status"] == "error").sum())
+    params = _model_params(loaded)
+    tags = {"ct3dflow.model_name": loaded.name, "ct3dflow.model_version": str(loaded.version),
+            "ct3dflow.model_kind": params["model_kind"], "ct3dflow.forced": str(bool(force and done))}
+    with tracking.job_run(comparison_config(cfg), "evaluate",
+                          run_name=f"evaluate/{loaded.name}/v{loaded.version}", tags=tags) as run:
+        import mlflow
+
+        flat = log_evaluation(params, ev, op.to_dict(), base / "test" / "report")
+        mlflow.log_metric("test_n_errors", ev["n_errors"])
+        mlflow.log_artifact(str(base / "test" / "results.parquet"))
+        stamp = json.dumps({"run_id": run.info.run_id, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        client.set_model_version_tag(loaded.name, str(loaded.version), TEST_EVALUATION_TAG, stamp)
+        client.set_model_version_tag(loaded.name, str(loaded.version), "ct3dflow.test_auroc",
+                                     f"{flat.get('test_auroc', float('nan')):.4f}")
+        out = {"run_id": run.info.run_id, **params, "metrics": flat, "operating_point": op.to_dict(),
+               "n_test_studies": len(studies), "n_errors": ev["n_errors"],
+               "test_study_ids": [s.study_id for s in studies]}
+    try:
+        uri = mlflow.get_tracking_uri()
+        view = comparison_view(run.info.experiment_id, uri if uri.startswith("http") else None)
+        out["comparison_view"] = view
+    except Exception as exc:  # noqa: BLE001 - the view is a convenience; the evaluation is logged
+        view = f"(no shared view: {exc})"
+    write_json(out, base / "test" / "evaluate_result.json")
+    m = ev["metrics"]
+    _log(f"test: AUROC {m['auroc']:.3f}, F1 {m['f1']:.3f}, accuracy {m['accuracy']:.3f}, sensitivity "
+         f"{m['sensitivity']:.3f}, specificity {m['specificity']:.3f} on {len(studies)} studies; MLflow run "
+         f"{run.info.run_id}; compare the models in the MLflow UI: {view}")
+    return out
+
+
+COMPARISON_VIEW_KEY = "ct3dflow-comparison"
+
+
+def comparison_view(experiment_id: str, tracking_uri: str | None = None) -> str:
+    """Store a shared view of the comparison experiment's runs table — the evaluation runs only, the
+    ``test_*`` metric columns and ``model_kind``/``model_version`` visible, sorted by ``test_auroc``
+    (best first) — as the experiment tag the MLflow UI reads for ``?viewStateShareKey=``; return the UI
+    address that opens it (relative when no tracking URI is given)."""
+    from mlflow.tracking import MlflowClient
+
+    metrics = [f"test_{k}" for k in TEST_METRICS]
+    state = {
+        "selectedColumns": ["params.`model_kind`", "params.`model_version`",
+                            *[f"metrics.`{m}`" for m in metrics]],
+        "orderByKey": "metrics.`test_auroc`", "orderByAsc": False,
+        "searchFilter": "tags.`ct3dflow.job` = 'evaluate'",
+    }
+    MlflowClient(tracking_uri).set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{COMPARISON_VIEW_KEY}",
+                                                  json.dumps(state))
+    base = (tracking_uri or "").rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={COMPARISON_VIEW_KEY}"

@@ -44,6 +44,7 @@ class TrainConfig:
     """Training settings. Paper values: L=4, K=64, Adam lr 1e-4, weight decay 1e-5, 50,000 iterations,
     batch 10 over 2 GPUs (``batch_size`` here is per process)."""
 
+    model: str = "glow3d"  # "glow3d" (the flow) or "ae" (ct3dflow.baselines.ConvAE3D: levels = depth)
     levels: int = 4
     steps: int = 64
     width: int = DEFAULT_WIDTH
@@ -80,6 +81,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def build_model(self) -> Glow3D:
+        """The model ``model`` names: the 3D GLOW, or the autoencoder baseline (``levels`` → its depth,
+        ``width`` → its first stage's channels; ``steps`` unused)."""
+        if self.model == "ae":
+            from .baselines import ConvAE3D
+
+            return ConvAE3D(depth=self.levels, width=self.width, patch_size=self.patch_size)
+        if self.model != "glow3d":
+            raise ValueError(f"unknown train.model {self.model!r}: use 'glow3d' or 'ae'")
         model = Glow3D(self.levels, self.steps, self.width, in_channels=1, patch_size=self.patch_size)
         model.gradient_checkpointing = self.gradient_checkpointing
         return model

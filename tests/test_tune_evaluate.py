@@ -1,0 +1,299 @@
+"""Operating-point tuning (validation only) and the test evaluation, for the flow and the AE baseline.
+
+Fast tests check the split guard in-process (every cache access is recorded) and the tie-break; the slow
+one runs the real jobs with `ray job submit` against the session's Ray head and MLflow server: train both
+models, tune both, evaluate both, and a refused second evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ct3dflow.phantoms import make_archive
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TRAIN = {"levels": 2, "steps": 2, "width": 8, "patch_size": 16, "batch_size": 4, "iterations": 30,
+              "lr": 1e-3, "warmup_steps": 5, "val_every": 10, "n_val_patches": 8, "checkpoint_every": 10,
+              "min_lung_fraction": 0.5, "seed": 0}
+TUNE = {"num_samples": 1, "sigma_vox": {"grid": [1.0, 3.0]}, "tau_z": {"grid": [-1.5, -0.5]},
+        "v_min_cm3": 0.0, "threshold_cm3": [0.0, 1.0e6], "seed": 0, "n_boot": 200}
+
+
+def _sentinel_manifest(real: Path, out: Path) -> tuple[Path, list[str]]:
+    """The real manifest with every test row replaced by a sentinel whose file does not exist."""
+    df = pd.read_parquet(real)
+    df["path"] = [str(real.parent / p) for p in df["path"]]
+    test = df["split"] == "test"
+    sentinels = [f"sentinel-test-{i}" for i in range(int(test.sum()))]
+    df.loc[test, "study_id"] = sentinels
+    df.loc[test, "path"] = [str(out.parent / "does-not-exist" / f"{s}.nii.gz") for s in sentinels]
+    df.to_parquet(out)
+    return out, sentinels
+
+
+# ------------------------------------------------------------------------------------------ fast
+def test_best_trial_tie_break_and_param_space():
+    pytest.importorskip("ray")
+    from ct3dflow.ray_tune import best_trial, param_space, threshold_range
+
+    trials = pd.DataFrame([
+        {"sigma_vox": 3.0, "tau_z": -1.0, "v_min_cm3": 0.0, "objective": 1.001},
+        {"sigma_vox": 1.0, "tau_z": -1.0, "v_min_cm3": 0.0, "objective": 1.001},
+        {"sigma_vox": 1.0, "tau_z": -2.0, "v_min_cm3": 0.0, "objective": 1.001},
+        {"sigma_vox": 1.0, "tau_z": -2.0, "v_min_cm3": 2.0, "objective": 1.001},
+        {"sigma_vox": 0.5, "tau_z": -2.0, "v_min_cm3": 2.0, "objective": 0.9},
+        {"sigma_vox": 0.1, "tau_z": -2.0, "v_min_cm3": 2.0, "objective": float("nan")},
+    ])
+    best = best_trial(trials.sample(frac=1.0, random_state=1))
+    assert (best["sigma_vox"], best["tau_z"], best["v_min_cm3"]) == (1.0, -2.0, 2.0)
+    space = param_space({"sigma_vox": [8.0, 2.0], "tau_z": {"grid": [-1, 0]}, "v_min_cm3": 0.5})
+    assert space["v_min_cm3"] == 0.5 and space["tau_z"] == {"grid_search": [-1.0, 0.0]}
+    assert space["sigma_vox"].lower == 2.0 and space["sigma_vox"].upper == 8.0
+    assert threshold_range({"threshold_cm3": [50, 0.5]}) == (0.5, 50.0)
+    with pytest.raises(ValueError, match="tau_z"):
+        param_space({"sigma_vox": 1.0, "v_min_cm3": 0.0})
+
+
+def test_validation_scoring_never_touches_the_test_split(tmp_path, monkeypatch):
+    """Every cache read/write and every preprocessed path is recorded: none belongs to a test row."""
+    import torch
+
+    from ct3dflow import cache as cache_mod
+    from ct3dflow import ray_jobs
+    from ct3dflow.baselines import ConvAE3D
+    from ct3dflow.config import load_config
+    from ct3dflow.tracking import LoadedModel
+
+    real = tmp_path / "archive"
+    df = make_archive(real, n_normal=4, n_abnormal=2, seed=5, splits=(0.5, 0.25, 0.25))
+    test_ids = set(df.loc[df.split == "test", "study_id"])
+    val_ids = list(df.loc[df.split == "val", "study_id"])
+    assert test_ids and set(df.loc[df.split == "val", "label"]) == {0, 1}
+    cfg = load_config(None, {"work_dir": str(tmp_path / "work"),
+                             "data": {"manifest": str(real / "manifest.parquet"), "cache_dir": str(tmp_path / "c")},
+                             "scoring": {"stride": 16, "batch_size": 32}})
+    touched: list[str] = []
+    orig_load, orig_goc = cache_mod.StudyCache.load, cache_mod.StudyCache.get_or_compute
+
+    def load(self, study_id, mmap=False):
+        touched.append(study_id)
+        return orig_load(self, study_id, mmap=mmap)
+
+    def get_or_compute(self, study_id, path, *a, **k):
+        touched.append(study_id)
+        touched.append(str(path))
+        return orig_goc(self, study_id, path, *a, **k)
+
+    monkeypatch.setattr(cache_mod.StudyCache, "load", load)
+    monkeypatch.setattr(cache_mod.StudyCache, "get_or_compute", get_or_compute)
+    torch.manual_seed(0)
+    loaded = LoadedModel(ConvAE3D(depth=2, width=4, patch_size=16).eval(), {"patch_size": 16}, "models:/m/1",
+                         "m", "1", None)
+    studies, results, rows = ray_jobs.validation_studies(cfg, loaded)
+    assert [s.study_id for s in studies] == val_ids and list(results.study_id) == val_ids
+    assert {r["split"] for r in rows} == {"val"}
+    test_paths = {str(real / p) for p in df.loc[df.split == "test", "path"]}
+    assert touched and not (set(touched) & (test_ids | test_paths)), touched
+    assert not any(p.name in test_ids for p in (tmp_path / "work").rglob("*"))
+    assert not any((tmp_path / "c" / t).exists() for t in test_ids)
+    # a second tune of the same model version does not score again
+    npz = Path(results.patch_scores_path.iloc[0])
+    mtime = npz.stat().st_mtime_ns
+    scored = []
+    monkeypatch.setattr("ct3dflow.evaluation.patch_log_likelihoods",
+                        lambda *a, **k: scored.append(1) or pytest.fail("scored again"))
+    studies2, _, _ = ray_jobs.validation_studies(cfg, loaded)
+    assert not scored and npz.stat().st_mtime_ns == mtime and len(studies2) == len(studies)
+    with pytest.raises(ValueError, match="no row with split 'val'"):
+        ray_jobs.split_rows([{"study_id": "a", "split": "test"}], "val")
+
+
+def test_evaluation_report_pictures(tmp_path):
+    from PIL import Image
+
+    from ct3dflow.eval_report import confusion_png, per_kind_markdown, roc_png
+    from ct3dflow.metrics import patient_metrics, roc_curve_data
+
+    y, s = np.array([0, 0, 0, 1, 1, 1]), np.array([0.0, 1.0, 5.0, 3.0, 8.0, 9.0])
+    m = patient_metrics(y, s, 2.0)
+    p = roc_png(roc_curve_data(y, s), tmp_path / "roc.png", auroc=m["auroc"],
+                operating=(1 - m["specificity"], m["sensitivity"]))
+    img = np.asarray(Image.open(p).convert("RGB"))
+    assert img.shape[0] > 300 and (np.abs(img.astype(int) - [31, 119, 180]).sum(-1) < 30).sum() > 100  # the curve
+    assert (np.abs(img.astype(int) - [214, 39, 40]).sum(-1) < 30).sum() > 20  # the operating point
+    c = np.asarray(Image.open(confusion_png(m, tmp_path / "cm.png")).convert("RGB"))
+    assert c.shape[1] > 300
+    md = per_kind_markdown({"nodule": {"n": 2, "auroc": 1.0, "sensitivity": 0.5,
+                                       "median_abnormal_volume_cm3": 3.25}})
+    assert "| nodule | 2 | 1.000 | 0.500 | 3.250 |" in md
+
+
+# ------------------------------------------------------------------------------------------ slow
+def _ray(env, *args, timeout=900):
+    return subprocess.run([str(Path(env["PATH"].split(":")[0]) / "ray"), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _submit(env, sid: str, script: str, config: Path, *extra: str) -> tuple[str, str]:
+    for _ in range(24):  # a freshly started head may not have its job agent yet
+        r = _ray(env, "job", "submit", "--working-dir", str(ROOT), "--submission-id", sid, "--", "python", script,
+                 "--config", str(config), *extra)
+        if "No available agent" not in r.stderr + r.stdout:
+            break
+        time.sleep(5)
+    code = ("from ray.job_submission import JobSubmissionClient; "
+            f"print(JobSubmissionClient().get_job_status({sid!r}).value)")
+    s = subprocess.run([str(Path(env["PATH"].split(":")[0]) / "python"), "-c", code], env=env,
+                       capture_output=True, text=True, timeout=120)
+    status = s.stdout.strip().splitlines()[-1] if s.stdout.strip() else s.stderr[-2000:]
+    return status, r.stdout[-6000:] + r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def jobs_done(ray_head, mlflow_server, tmp_path_factory):
+    """Train, tune and evaluate the tiny flow and the tiny AE with the project's jobs."""
+    tmp = tmp_path_factory.mktemp("tune_eval")
+    df = make_archive(tmp / "archive", n_normal=6, n_abnormal=4, seed=3, splits=(0.5, 0.25, 0.25))
+    real = tmp / "archive" / "manifest.parquet"
+    tune_manifest, sentinels = _sentinel_manifest(real, tmp / "tune_manifest.parquet")
+    work = tmp / "work"
+    cfg = {"name": "te-glow", "work_dir": str(work),
+           "data": {"manifest": str(tune_manifest), "cache_dir": str(tmp / "cache")},
+           "train": TINY_TRAIN, "scoring": {"stride": 16, "batch_size": 32}, "tune": TUNE,
+           "ray": {"num_workers": 2, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5, "log_every": 5},
+           "mlflow": {"experiment": "ct3dflow-te-train", "comparison_experiment": "ct3dflow-te-comparison",
+                      "registered_model": "ct3dflow-glow3d-te"}}
+    config = tmp / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    ae = ("--set", "train.model=ae", "--set", "name=te-ae", "--set", "mlflow.registered_model=ct3dflow-ae-te")
+    evaluate = ("--set", f"data.manifest={real}")
+    out: dict = {"tmp": tmp, "work": work, "df": df, "sentinels": sentinels, "statuses": {}}
+
+    def run(sid, script, *extra):
+        status, log = _submit(ray_head, sid, script, config, *extra)
+        out["statuses"][sid] = (status, log)
+        return status, log
+
+    for sid, script, extra in [("te-train-glow", "jobs/train.py", ()), ("te-train-ae", "jobs/train.py", ae),
+                               ("te-tune-glow", "jobs/tune.py", ()), ("te-tune-ae", "jobs/tune.py", ae)]:
+        status, log = run(sid, script, *extra)
+        assert status == "SUCCEEDED", f"{sid}: {log}"
+    # snapshot before the test split is ever used
+    out["after_tune_files"] = [str(p) for p in work.rglob("*")] + [str(p) for p in (tmp / "cache").rglob("*")]
+    for sid, extra in [("te-eval-glow", evaluate), ("te-eval-ae", evaluate + ae)]:
+        status, log = run(sid, "jobs/evaluate.py", *extra)
+        assert status == "SUCCEEDED", f"{sid}: {log}"
+    out["again"] = run("te-eval-glow-again", "jobs/evaluate.py", *evaluate)
+    return out
+
+
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_tuned_operating_point_is_stored_and_used_by_scoring(jobs_done, mlflow_server):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from ct3dflow.tracking import load_patch_model
+
+    mlflow.set_tracking_uri(mlflow_server)
+    client = MlflowClient(mlflow_server)
+    work = jobs_done["work"]
+    for name, kind in (("ct3dflow-glow3d-te", "glow3d"), ("ct3dflow-ae-te", "ae")):
+        loaded = load_patch_model(f"models:/{name}@champion")
+        base = work / "scores" / name / f"v{loaded.version}"
+        tuned = json.loads((base / "tune_result.json").read_text())
+        op = tuned["operating_point"]
+        assert loaded.operating_point == op and tuned["model_kind"] == kind
+        assert op["sigma_vox"] in (1.0, 3.0) and op["tau_z"] in (-1.5, -0.5) and op["healthy_std"] > 0
+        # the MLflow tune run: operating point artifact, trials, best trial = the stored point
+        run = client.get_run(tuned["run_id"])
+        exp = client.get_experiment(run.info.experiment_id)
+        assert exp.name == "ct3dflow-te-comparison" and run.info.status == "FINISHED"
+        assert run.data.params["model_kind"] == kind and run.data.params["model_version"] == loaded.version
+        art = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="operating_point.json"))
+        assert json.loads(art.read_text()) == op
+        trials = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="trials.csv"))
+        assert len(trials) == 4 and trials.objective.iloc[0] == trials.objective.max()
+        assert (trials.sigma_vox.iloc[0], trials.tau_z.iloc[0]) == (op["sigma_vox"], op["tau_z"])
+        assert run.data.metrics["val_auroc"] == pytest.approx(trials.auroc.iloc[0])
+        # a scoring run (the evaluate job) picked it up: its params and every decision used the stored point
+        ev = json.loads((base / "test" / "evaluate_result.json").read_text())
+        assert ev["operating_point"] == op
+        assert ev["comparison_view"].endswith("?viewStateShareKey=ct3dflow-comparison")
+        erun = client.get_run(ev["run_id"])
+        assert float(erun.data.params["op_threshold_cm3"]) == pytest.approx(op["threshold_cm3"])
+        res = pd.read_parquet(base / "test" / "results.parquet")
+        ok = res[res.status == "ok"]
+        assert len(ok) == len(jobs_done["df"].query("split == 'test'"))
+        assert np.allclose(ok.threshold_cm3.astype(float), op["threshold_cm3"])
+        assert (ok.predicted_abnormal == (ok.abnormal_volume_cm3 > op["threshold_cm3"])).all()
+        assert all(Path(p).exists() for p in ok.preview_path)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_tune_never_reads_the_test_split(jobs_done, mlflow_server):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    df, work, sentinels = jobs_done["df"], jobs_done["work"], jobs_done["sentinels"]
+    val_ids = set(df.loc[df.split == "val", "study_id"])
+    real_test = set(df.loc[df.split == "test", "study_id"])
+    forbidden = real_test | set(sentinels)
+    before = jobs_done["after_tune_files"]
+    assert not [p for p in before if any(t in p for t in forbidden)], "a test study was touched before evaluate"
+    client = MlflowClient(mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    for name in ("ct3dflow-glow3d-te", "ct3dflow-ae-te"):
+        version = client.get_model_version_by_alias(name, "champion").version
+        val = pd.read_parquet(work / "scores" / name / f"v{version}" / "val" / "results.parquet")
+        assert set(val.study_id) == val_ids and (val.status == "ok").all()
+        tuned = json.loads((work / "scores" / name / f"v{version}" / "tune_result.json").read_text())
+        assert set(tuned["validation_study_ids"]) == val_ids
+        logged = mlflow.artifacts.load_dict(f"runs:/{tuned['run_id']}/validation_studies.json")
+        assert set(logged["study_ids"]) == val_ids
+    for sid in ("te-tune-glow", "te-tune-ae"):
+        log = jobs_done["statuses"][sid][1]
+        assert not any(t in log for t in forbidden), log
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_evaluations_side_by_side_and_once_per_version(jobs_done, mlflow_server):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    exp = client.get_experiment_by_name("ct3dflow-te-comparison")
+    runs = client.search_runs([exp.experiment_id], "tags.`ct3dflow.job` = 'evaluate'")
+    by_kind = {r.data.params["model_kind"]: r for r in runs}
+    assert set(by_kind) == {"glow3d", "ae"} and len(runs) == 2
+    for r in runs:
+        m = r.data.metrics
+        for k in ("test_auroc", "test_f1", "test_accuracy", "test_sensitivity", "test_specificity"):
+            assert k in m and 0.0 <= m[k] <= 1.0, (k, m)
+        assert m["test_auroc_ci_low"] <= m["test_auroc"] <= m["test_auroc_ci_high"]
+        arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"roc.png", "confusion_matrix.png", "table1.md", "per_kind.md", "evaluation.json"} <= arts
+        mv = client.get_model_version(r.data.params["model_name"], r.data.params["model_version"])
+        assert r.info.run_id in mv.tags["ct3dflow.test_evaluation"]
+    last = max(runs, key=lambda r: r.info.start_time)
+    table = mlflow.artifacts.load_text(f"runs:/{last.info.run_id}/table1.md")
+    assert table.startswith("| Method | AUROC | F1 | Accuracy |")
+    assert "CT-3DFlow (ct3dflow-glow3d-te" in table and "AE (ct3dflow-ae-te" in table
+    status, log = jobs_done["again"]
+    assert status == "FAILED" and "already evaluated on the test split" in log and "--force" in log
