@@ -68,7 +68,9 @@ def main(argv=None) -> int:
     ae = dataclasses.replace(cfg, name=cfg.name.replace("glow3d", "ae"),
                              train={**cfg.train, **AE_TRAIN},
                              mlflow={**cfg.mlflow, "registered_model": cfg.mlflow["registered_model"] + "-ae"})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # the dashboard serves the State API Ray Train's controller polls (without it, its log fills with errors)
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+             configure_logging=False)
     ray_data.quiet_progress()
     out = {}
     try:
@@ -105,7 +107,8 @@ def main(argv=None) -> int:
               f"{m.get('test_specificity', float('nan')):.3f}; σ = {op['sigma_vox']:.2g} voxels, "
               f"τ = healthy mean {op['tau_z']:+.2f} sd, v_min = {op['v_min_cm3']:.2g} cm³, "
               f"T = {op['threshold_cm3']:.3g} cm³")
-        kinds = sorted(k[len("test_sensitivity_"):] for k in m if k.startswith("test_sensitivity_"))
+        kinds = sorted(k[len("test_sensitivity_"):] for k in m
+                       if k.startswith("test_sensitivity_") and "_ci_" not in k)
         if kinds:
             print("  sensitivity per kind: " + ", ".join(f"{k} {m['test_sensitivity_' + k]:.2f}" for k in kinds))
     print(f"\nLog P maps and previews: {cfg.work_path / 'scores'}/<model>/v<version>/test/")
