@@ -31,6 +31,12 @@ per hidden tensor per step): at width 512 ≈ 7 GB/patch for the 64 level-1 step
 batch of 5 per GPU does not fit a 40 GB A100 without gradient checkpointing, while width 256 (≈ 3.6 GB/patch
 plus 8 GB for weights, grads and Adam state) does. Set ``gradient_checkpointing = True`` on the model to
 recompute each step in the backward pass (less memory, ≈ 1.3× the time).
+
+Fast path: :func:`ct3dflow.flow.fast.optimise` sets :attr:`Glow3D.fast` to an encoder that computes the
+same ``(ε, log-det)`` from the same parameters in a channels-last layout with ActNorm folded into the
+1×1×1 convolution (and optionally ``torch.compile`` / CUDA graphs on a GPU); ``_encode`` then delegates to
+it, except for a training-mode forward of a model whose ActNorm is not initialised yet. ``decode`` and
+``sample`` always use the reference layers. The state dict is the same either way.
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ class Glow3D(nn.Module):
     """
 
     gradient_checkpointing: bool = False
+    # optional ``fast(glow, x) -> (eps, logdet)`` (set by ``ct3dflow.flow.fast.optimise``; None = reference)
+    fast = None
 
     def __init__(
         self,
@@ -168,6 +176,11 @@ class Glow3D(nn.Module):
 
     # ------------------------------------------------------------------------------------ density
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fast is not None and not (self.training and not self.is_initialized()):
+            return self.fast(self, x)
+        return self._encode_reference(x)
+
+    def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self._param_dtype())
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         logdet = torch.zeros(x.shape[0], dtype=dt, device=x.device)
