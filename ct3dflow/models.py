@@ -25,3 +25,15 @@ def load_patch_scorer(path: str | os.PathLike, map_location=None):
 
         return ConvAE3D.load(path, map_location=map_location)
     return Glow3D.load(path, map_location=map_location)
+
+
+def prepare_for_scoring(model, device, batch_size: int = 64, bf16: bool = False):
+    """The model as scoring should run it: on CUDA a Glow3D gets the fast path and CUDA graphs
+    (:mod:`ct3dflow.flow.fast`, exact in fp32); elsewhere, and for baselines, the model itself."""
+    model = model.to(device).eval()
+    if torch.device(device).type != "cuda" or not isinstance(model, Glow3D):
+        return model
+    from .flow.fast import optimise
+
+    return optimise(model, device, mode="score", compile=False, batch_size=batch_size,
+                    autocast_dtype=torch.bfloat16 if bf16 else None)

@@ -67,6 +67,7 @@ class TrainConfig:
     max_consecutive_skips: int = 50  # train_local stops with FloatingPointError after this many
     bf16: bool = False
     gradient_checkpointing: bool = False
+    fast: bool = True  # on CUDA: the fast path of ct3dflow.flow.fast (exact; no effect on CPU)
     seed: int = 0
 
     @classmethod
@@ -116,6 +117,14 @@ class FlowTrainer:
         rank = torch.distributed.get_rank() if _distributed() else 0
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(cfg.seed) * 1000 + rank)
+        if cfg.fast and self.device.type == "cuda" and isinstance(self.glow, Glow3D):
+            from .flow.fast import optimise
+
+            # before DDP wraps the model; CUDA graphs only in a single process (DDP's hooks need eager)
+            fast = optimise(self.model, self.device, mode="train", compile=False,
+                            cuda_graphs=False if _distributed() else None)
+            if not _distributed():
+                self.model = fast
 
     # ------------------------------------------------------------------------------------------ steps
     def lr_at(self, step: int) -> float:
