@@ -1,0 +1,512 @@
+"""The nightly screening job (jobs/screen.py) against a real Ray head and MLflow server (conftest).
+
+A hostile archive (≥ 20 kinds of bad input beside good DICOM and NIfTI phantoms), privacy, re-runs that
+score only what is new, an actor killed mid-run and a job stopped mid-run and submitted again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import yaml
+from dicom_helpers import write_dicom_series as helper_dicom_series
+from dicom_helpers import write_dicom_slice
+from pydicom.uid import generate_uid
+
+from ct3dflow.discovery import discover_studies, hash_uids
+from ct3dflow.phantoms import make_phantom, write_dicom_series, write_nifti
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE, SPACING = (40, 64, 80), (2.5, 2.5, 3.0)  # (z, y, x) voxels, (x, y, z) mm: ≈ 60×80×100 on the 2 mm grid
+PATCH = 16
+MODEL_NAME = "ct3dflow-glow3d-screen-test"
+SECRET_PID = "PID-SECRET-4711"
+
+
+# ---------------------------------------------------------------------------------------------------
+# fast unit tests of discovery (no Ray)
+def test_discovery_ids_links_and_errors(tmp_path):
+    a = tmp_path / "arch"
+    ph = make_phantom(1, shape=SHAPE, spacing=SPACING)
+    write_nifti(ph, a / "x" / "one.nii.gz")
+    write_dicom_series(ph, a / "p" / "series")
+    (a / "empty").mkdir()
+    (a / "p" / "series" / ".hidden").write_text("ignored")
+    (a / "loop").mkdir()
+    os.symlink("..", a / "loop" / "up")  # a directory loop: not entered twice, no hang
+    os.symlink("self.nii.gz", a / "loop" / "self.nii.gz")  # ELOOP
+    os.symlink("nowhere.nii", a / "loop" / "dangling.nii")
+    entries = discover_studies(a)
+    by_path = {Path(e["path"]).relative_to(a).as_posix(): e for e in entries}
+    assert set(by_path) == {"x/one.nii.gz", "p/series", "empty", "loop/self.nii.gz", "loop/dangling.nii"}
+    assert by_path["p/series"]["study_id"].startswith("s-") and not by_path["p/series"]["error"]
+    assert by_path["x/one.nii.gz"]["study_id"].startswith("f-")
+    assert "empty" in by_path["empty"]["error"]
+    assert "loop" in by_path["loop/self.nii.gz"]["error"]
+    assert "broken symbolic link" in by_path["loop/dangling.nii"]["error"]
+    assert len({e["study_id"] for e in entries}) == len(entries)
+    assert discover_studies(a) == entries  # stable ids
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        discover_studies(tmp_path / "nope.parquet")
+    assert "1.2.840.113619.2.55.3" not in hash_uids("series 1.2.840.113619.2.55.3 broke")
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers for the job tests
+def ray_cli(env, *args, timeout=300, check=True) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(Path(env["PATH"].split(":")[0]) / "ray"), *args], env=env, capture_output=True,
+                       encoding="utf-8", errors="replace", timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"ray {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def submit(env, sid: str, config: Path, archive: Path, model: str | None = None, wait=True):
+    args = ["job", "submit", "--working-dir", str(ROOT), "--submission-id", sid]
+    if not wait:
+        args.append("--no-wait")
+    args += ["--", "python", "jobs/screen.py", "--config", str(config), "--archive", str(archive),
+             "--run-name", sid]
+    if model:
+        args += ["--model", model]
+    for _ in range(10):  # a freshly started head may not have its job agent yet
+        r = ray_cli(env, *args, timeout=600, check=False)
+        if "No available agent" not in r.stderr + r.stdout:
+            return r
+        time.sleep(3)
+    return r
+
+
+def job_status(env, sid: str) -> str:
+    code = ("from ray.job_submission import JobSubmissionClient; "
+            f"print(JobSubmissionClient().get_job_status({sid!r}).value)")
+    r = subprocess.run([str(Path(env["PATH"].split(":")[0]) / "python"), "-c", code], env=env,
+                       capture_output=True, encoding="utf-8", errors="replace", timeout=120)
+    return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-2000:]
+
+
+def job_logs(env, sid: str) -> str:
+    r = ray_cli(env, "job", "logs", sid, check=False)
+    return r.stdout if r.returncode == 0 else f"(no logs: {r.stderr[-2000:]})"
+
+
+def summary_of(logs: str) -> dict:
+    m = re.findall(r"screen summary: (.*)", logs)
+    assert m, logs[-3000:]
+    return {k: float(v) if "." in v else int(v) for k, v in (kv.split("=") for kv in m[-1].split())}
+
+
+def write_config(path: Path, work: Path, tracking_uri: str, stride: int = PATCH, **ray) -> Path:
+    cfg = {"name": "screen-test", "work_dir": str(work), "data": {"cache_dir": str(work / "cache")},
+           "scoring": {"stride": stride, "batch_size": 64},
+           "ray": {"preprocess_workers": 2, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5,
+                   "use_gpu": "auto", **ray},
+           "mlflow": {"tracking_uri": tracking_uri, "experiment": "ct3dflow-screen",
+                      "registered_model": MODEL_NAME, "system_metrics": False}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_ok(env, sid, config, archive, model=None) -> str:
+    r = submit(env, sid, config, archive, model)
+    status = job_status(env, sid)
+    logs = job_logs(env, sid) if status != "PENDING" else ""
+    assert status == "SUCCEEDED", r.stdout[-3000:] + r.stderr[-3000:] + logs[-3000:]
+    return logs
+
+
+def parts_of(work: Path) -> dict[str, float]:
+    return {p.name: p.stat().st_mtime_ns for p in (work / "results" / "parts").glob("*.parquet")}
+
+
+def one_row_per_study(work: Path, n: int) -> pd.DataFrame:
+    df = pd.read_parquet(work / "results" / "results.parquet")
+    assert len(df) == n, df[["study_id", "path", "status", "error"]]
+    assert df["path"].is_unique and df["study_id"].is_unique
+    return df
+
+
+# ---------------------------------------------------------------------------------------------------
+# the model: a tiny Glow3D trained here, registered with an operating point
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, mlflow_server):
+    import mlflow
+
+    from ct3dflow import tracking
+    from ct3dflow.preprocess import PreprocessConfig, preprocess_study
+    from ct3dflow.scoring import healthy_reference, patch_log_likelihoods
+    from ct3dflow.train import TrainConfig, patch_batches_from_arrays, train_local
+
+    d = tmp_path_factory.mktemp("model")
+    pcfg = PreprocessConfig(patch_size=PATCH)
+    studies = []
+    for seed in (101, 102):
+        write_nifti(make_phantom(seed, shape=SHAPE, spacing=SPACING), d / f"{seed}.nii.gz")
+        studies.append(preprocess_study(d / f"{seed}.nii.gz", pcfg))
+    tc = TrainConfig(levels=2, steps=2, width=8, patch_size=PATCH, batch_size=4, iterations=30, lr=1e-3,
+                     warmup_steps=5, val_every=0, checkpoint_every=0, init_batches=1)
+    model = train_local(tc, patch_batches_from_arrays([s.volume for s in studies], [s.strict for s in studies],
+                                                      tc, 0), None, d / "train")
+    ps = [patch_log_likelihoods(model, s.volume, s.permissive, PATCH, PATCH, 64) for s in studies]
+    mean, std = healthy_reference(ps)
+    op = {"sigma_vox": 2.0, "tau_z": -2.0, "v_min_cm3": 0.5, "threshold_cm3": 5.0, "healthy_mean": mean,
+          "healthy_std": std}
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_experiment("ct3dflow-screen-test-model")
+    with mlflow.start_run():
+        version = tracking.log_patch_model(d / "train" / "model.pt", {"kind": "glow3d", "preprocess": pcfg.to_dict(),
+                                                                        "patch_size": PATCH}, MODEL_NAME)
+    tracking.set_operating_point(MODEL_NAME, version, op)
+    mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
+    return {"path": d / "train" / "model.pt", "version": version, "op": op}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the hostile archive
+def _nifti(arr: np.ndarray, path: Path, spacing=(2.0, 2.0, 2.0), direction=None) -> Path:
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    if direction is not None:
+        img.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def build_hostile_archive(a: Path) -> tuple[dict, dict]:
+    """Return ({relative path: (expected status, reason regex or None)}, secrets to grep for)."""
+    exp: dict[str, tuple[str, str | None]] = {}
+    ph = make_phantom(11, shape=SHAPE, spacing=SPACING)
+    ph2 = make_phantom(12, shape=SHAPE, spacing=SPACING)
+    hu = ph.hu.astype(np.float32)
+    # good studies
+    write_nifti(ph, a / "good" / "chest.nii.gz")
+    exp["good/chest.nii.gz"] = ("ok", None)
+    files = write_dicom_series(ph2, a / "good_dicom" / "CT1", patient_id=SECRET_PID)
+    import pydicom
+
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    secrets = {"name": str(ds.PatientName), "pid": SECRET_PID, "birth": str(ds.PatientBirthDate)}
+    exp["good_dicom/CT1"] = ("ok", None)
+    # 1 empty folder
+    (a / "empty").mkdir()
+    exp["empty"] = ("error", "empty")
+    # 2 non-DICOM files
+    (a / "notdicom").mkdir()
+    (a / "notdicom" / "data.bin").write_bytes(os.urandom(4096))
+    (a / "notdicom" / "readme.txt").write_text("not an image")
+    exp["notdicom"] = ("error", "none is DICOM")
+    # 3 MR series
+    small = hu[:, ::2, ::2]
+    helper_dicom_series(small, a / "mr", spacing=(5.0, 5.0, 3.0), modality="MR")
+    exp["mr"] = ("error", "not CT")
+    # 4 two series in one folder (CT with 40 slices + CT with 12): picks the larger
+    s_uid = generate_uid()
+    write_dicom_series(make_phantom(13, shape=SHAPE, spacing=SPACING), a / "two_series", study_uid=s_uid)
+    helper_dicom_series(hu[:12, ::2, ::2], a / "two_series", spacing=(5.0, 5.0, 3.0), study_uid=s_uid, prefix="b")
+    exp["two_series"] = ("ok", None)
+    # 5 a localizer among the slices
+    write_dicom_series(make_phantom(14, shape=SHAPE, spacing=SPACING), a / "with_localizer")
+    loc = pydicom.dcmread(next((a / "with_localizer").glob("*.dcm")), stop_before_pixels=True)
+    write_dicom_slice(np.zeros((64, 64)), a / "with_localizer" / "LOC0001.dcm", position=(0, 0, 0),
+                      row_dir=(1, 0, 0), col_dir=(0, 0, -1), series_uid=str(loc.SeriesInstanceUID),
+                      study_uid=str(loc.StudyInstanceUID), image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    exp["with_localizer"] = ("ok", None)
+    # 6 a missing slice
+    helper_dicom_series(hu, a / "missing_slice", spacing=(2.5, 2.5, 3.0), skip_slices=[20])
+    exp["missing_slice"] = ("error", "missing")
+    # 7 gantry tilt (corrected)
+    helper_dicom_series(hu, a / "tilt", spacing=(2.5, 2.5, 3.0), tilt_deg=12.0)
+    exp["tilt"] = ("ok", None)
+    # 8 a 2-D image
+    _nifti(hu[20:21], a / "flat.nii.gz")
+    exp["flat.nii.gz"] = ("error", "2-D")
+    # 9 a body smaller than one patch (8 voxels of 2 mm < a 16-voxel patch)
+    _nifti(hu[16:24, 28:36, 36:44], a / "tiny.nii.gz")
+    exp["tiny.nii.gz"] = ("error", "patch")
+    # 10 NaN voxels
+    nan = hu.copy()
+    nan[10, 10, 10] = np.nan
+    _nifti(nan, a / "nan.nii.gz", spacing=SPACING)
+    exp["nan.nii.gz"] = ("error", "NaN")
+    # 11 flipped direction matrix (re-oriented: ok)
+    _nifti(hu[:, :, ::-1].copy(), a / "flipped.nii.gz", spacing=SPACING, direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    exp["flipped.nii.gz"] = ("ok", None)
+    # 12 truncated file
+    _nifti(hu, a / "trunc.nii", spacing=SPACING)
+    raw = (a / "trunc.nii").read_bytes()
+    (a / "trunc.nii").write_bytes(raw[: len(raw) // 2])
+    exp["trunc.nii"] = ("error", "truncated")
+    # 13 an unreadable file (as root, reading still works: then it must be scored)
+    write_nifti(make_phantom(15, shape=SHAPE, spacing=SPACING), a / "locked.nii.gz")
+    os.chmod(a / "locked.nii.gz", 0)
+    exp["locked.nii.gz"] = ("ok", None) if os.geteuid() == 0 else ("error", "permission denied")
+    # 14 symlink loops: a folder loop (not entered twice) and a file that links to itself
+    (a / "loops").mkdir()
+    os.symlink("..", a / "loops" / "up")
+    os.symlink("self.nii.gz", a / "loops" / "self.nii.gz")
+    exp["loops/self.nii.gz"] = ("error", "symbolic link loop")
+    # 15 zero-byte file
+    (a / "zero.nii.gz").write_bytes(b"")
+    exp["zero.nii.gz"] = ("error", "not a readable image|truncated")
+    # 16 a folder of JPEGs
+    (a / "photos").mkdir()
+    for i in range(2):
+        sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(sitk.GetImageFromArray(hu[10 + i])), sitk.sitkUInt8),
+                        str(a / "photos" / f"img{i}.jpg"))
+    exp["photos"] = ("error", "none is DICOM")
+    # 17 only localizers
+    helper_dicom_series(small[:5], a / "only_localizers", spacing=(5.0, 5.0, 3.0),
+                        image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    exp["only_localizers"] = ("error", "localizer")
+    # 18 a header claiming 20,000 slices over tiny data
+    _nifti(hu[:4, :16, :16], a / "huge.nii", spacing=SPACING)
+    b = bytearray((a / "huge.nii").read_bytes())
+    b[46:48] = struct.pack("<h", 20000)  # dim[3]
+    (a / "huge.nii").write_bytes(bytes(b))
+    exp["huge.nii"] = ("error", "20000|truncated")
+    # 19 a dangling symbolic link
+    os.symlink("gone.nii.gz", a / "dangling.nii.gz")
+    exp["dangling.nii.gz"] = ("error", "broken symbolic link")
+    # 20 a single DICOM slice (its series UID must not leak: the message is hashed)
+    helper_dicom_series(hu[:1], a / "one_slice", spacing=(2.5, 2.5, 3.0))
+    exp["one_slice"] = ("error", "single slice")
+    # 21 a colour volume
+    rgb = sitk.Image([32, 32, 32], sitk.sitkVectorUInt8, 3)
+    sitk.WriteImage(rgb, str(a / "colour.nrrd"))
+    exp["colour.nrrd"] = ("error", "components")
+    # 22 a MetaImage header whose data file is missing
+    (a / "nodata.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 32 32 32\nElementType = MET_SHORT\n"
+                                  "ElementDataFile = nodata.raw\n")
+    exp["nodata.mhd"] = ("error", "cannot read")
+    # 23 a DICOM slice truncated inside a series
+    fs = write_dicom_series(make_phantom(16, shape=SHAPE, spacing=SPACING), a / "trunc_dicom")
+    fs[5].write_bytes(fs[5].read_bytes()[:2000])
+    exp["trunc_dicom"] = ("error", "missing|truncated|corrupt")
+    # 24 a gzip file that is not a NIfTI
+    with gzip.open(a / "garbage.nii.gz", "wb") as fh:
+        fh.write(os.urandom(2048))
+    exp["garbage.nii.gz"] = ("error", "cannot read")
+    # 25 the same slices twice in one series
+    dup_uid = generate_uid()
+    for prefix in ("a", "b"):
+        helper_dicom_series(small[:10], a / "dup_slices", spacing=(5.0, 5.0, 3.0), series_uid=dup_uid, prefix=prefix)
+    exp["dup_slices"] = ("error", "share a position")
+    return exp, secrets
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, ray_head, mlflow_server, tiny_model):
+    base = tmp_path_factory.mktemp("hostile")
+    archive = base / "archive"
+    exp, secrets = build_hostile_archive(archive)
+    work = base / "work"
+    cfg = write_config(base / "screen.yaml", work, mlflow_server)
+    logs = run_ok(ray_head, "test-screen-hostile", cfg, archive)
+    return {"archive": archive, "work": work, "cfg": cfg, "exp": exp, "secrets": secrets, "logs": logs}
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_hostile_archive_one_row_per_study(hostile, tiny_model):
+    exp, a = hostile["exp"], hostile["archive"]
+    assert len(exp) - 2 >= 24 and len([k for k, (s, _) in exp.items() if s == "error"]) >= 20
+    df = one_row_per_study(hostile["work"], len(exp))
+    df["rel"] = [Path(p).relative_to(a).as_posix() for p in df["path"]]
+    assert set(df["rel"]) == set(exp)
+    for r in df.itertuples():
+        status, reason = exp[r.rel]
+        assert r.status == status, (r.rel, r.status, r.error)
+        if reason:
+            assert re.search(reason, r.error, re.I), (r.rel, r.error)
+        else:
+            assert r.error == "" and r.n_patches > 0 and Path(r.map_path).is_file() and Path(r.preview_path).is_file()
+            assert r.threshold_cm3 == tiny_model["op"]["threshold_cm3"] and r.predicted_abnormal in (True, False)
+        assert r.model == f"models:/{MODEL_NAME}/{tiny_model['version']}"
+        assert r.model_version == f"{MODEL_NAME}/{tiny_model['version']}"
+    s = summary_of(hostile["logs"])
+    n_ok = sum(1 for v in exp.values() if v[0] == "ok")
+    assert (s["found"], s["scored"], s["skipped"], s["errors"]) == (len(exp), n_ok, 0, len(exp) - n_ok)
+    assert "operating point from model version tag" in hostile["logs"]
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_privacy_no_patient_data_in_results_logs_or_mlflow(hostile, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    secrets = [*hostile["secrets"].values(), "PHANTOM^", "Phantom^Test", "PHANTOM-0001"]
+    blobs = {"logs": hostile["logs"]}
+    res = hostile["work"] / "results"
+    for p in [res / "results.parquet", *(res / "parts").glob("*.parquet")]:
+        blobs[str(p)] = p.read_bytes().decode("latin-1")
+    df = pd.read_parquet(res / "results.parquet")
+    blobs["errors"] = "\n".join(df["error"])
+    # raw DICOM UIDs never appear in what the job writes or says; only hashed ones
+    ours = "\n".join(ln for ln in hostile["logs"].splitlines() if "[ct3dflow]" in ln)
+    assert "uid:" in blobs["errors"]
+    assert not re.search(r"\b\d+(?:\.\d+){4,}\b", blobs["errors"] + ours)
+    run_id = json.loads((res / "last_run.json").read_text(encoding="utf-8"))["mlflow_run_id"]
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    blobs["params"] = json.dumps(run.data.params)
+    blobs["tags"] = json.dumps(run.data.tags)
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    art = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path)))
+    for f in art.rglob("*"):
+        if f.is_file():
+            blobs[f"artifact {f.name}"] = f.read_bytes().decode("latin-1")
+    assert any(k.startswith("artifact results") for k in blobs)
+    for where, text in blobs.items():
+        for s in secrets:
+            assert s not in text, f"{s!r} leaked into {where}"
+    assert run.info.status == "FINISHED" and run.data.metrics["found"] == len(hostile["exp"])
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_rerun_with_one_new_study_scores_only_it(hostile, ray_head):
+    work, a = hostile["work"], hostile["archive"]
+    before = parts_of(work)
+    parts = work / "results" / "parts"
+    ok_before = {k for k in before if pd.read_parquet(parts / k).status.iloc[0] == "ok"}
+    write_nifti(make_phantom(21, shape=SHAPE, spacing=SPACING), a / "new" / "late.nii.gz")
+    logs = run_ok(ray_head, "test-screen-rerun", hostile["cfg"], a)
+    s = summary_of(logs)
+    n_ok = sum(1 for v in hostile["exp"].values() if v[0] == "ok")
+    n_err = len(hostile["exp"]) - n_ok
+    assert (s["found"], s["scored"], s["skipped"], s["errors"]) == (len(hostile["exp"]) + 1, 1, n_ok, n_err)
+    df = one_row_per_study(work, len(hostile["exp"]) + 1)
+    assert (df.loc[df.path.str.endswith("late.nii.gz"), "status"] == "ok").all()
+    after = parts_of(work)
+    assert len(ok_before) == n_ok and all(after[k] == before[k] for k in ok_before)  # not rescored
+    assert len(after) == len(before) + 1  # errors rewrite their own part; only the new study adds one
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_manifest_mode_duplicates_and_missing_paths(ray_head, mlflow_server, tiny_model, tmp_path):
+    write_nifti(make_phantom(31, shape=SHAPE, spacing=SPACING), tmp_path / "a.nii.gz")
+    write_dicom_series(make_phantom(32, shape=SHAPE, spacing=SPACING), tmp_path / "b")
+    m = pd.DataFrame([{"study_id": "A", "path": "a.nii.gz"}, {"study_id": "B", "path": "b"},
+                      {"study_id": "A", "path": "b"}, {"study_id": "C", "path": "not/there.nii.gz"}])
+    m.to_csv(tmp_path / "manifest.csv", index=False)
+    work = tmp_path / "work"
+    cfg = write_config(tmp_path / "screen.yaml", work, mlflow_server)
+    logs = run_ok(ray_head, "test-screen-manifest", cfg, tmp_path / "manifest.csv")
+    df = pd.read_parquet(work / "results" / "results.parquet")
+    assert len(df) == 4 and sorted(df.study_id) == ["A", "A", "B", "C"]
+    assert list(df[df.study_id == "B"].status) == ["ok"]
+    assert sorted(df[df.study_id == "A"].status) == ["error", "ok"]
+    assert df[(df.study_id == "A") & (df.status == "error")].error.str.contains("duplicate").all()
+    assert df[df.study_id == "C"].error.str.contains("not found").all()
+    assert summary_of(logs)["found"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# faults
+def _fault_archive(d: Path, n: int, seed0: int) -> Path:
+    for i in range(n):
+        write_nifti(make_phantom(seed0 + i, shape=SHAPE, spacing=SPACING), d / f"study{i:02d}.nii.gz")
+    return d
+
+
+def _wait_parts(env, sid, work, k, timeout=240) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        n = len(parts_of(work)) if (work / "results" / "parts").exists() else 0
+        if n >= k:
+            return n
+        st = job_status(env, sid)
+        assert st in ("PENDING", "RUNNING"), (st, job_logs(env, sid)[-3000:])
+        time.sleep(0.3)
+    pytest.fail(f"fewer than {k} parts within {timeout} s")
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_killed_scoring_actor_is_restarted(ray_head, mlflow_server, tiny_model, tmp_path):
+    n = 6
+    archive = _fault_archive(tmp_path / "archive", n, 400)
+    work = tmp_path / "work"
+    cfg = write_config(tmp_path / "screen.yaml", work, mlflow_server, stride=3)
+    sid = "test-screen-kill"
+    r = submit(ray_head, sid, cfg, archive, model=str(tiny_model["path"]), wait=False)
+    assert r.returncode == 0, r.stderr
+    deadline, pid = time.time() + 240, None
+    while pid is None and time.time() < deadline:
+        m = re.search(r"scoring actor pid (\d+) loaded", job_logs(ray_head, sid))
+        pid = int(m.group(1)) if m else None
+        time.sleep(0.3)
+    assert pid, job_logs(ray_head, sid)[-3000:]
+    done = _wait_parts(ray_head, sid, work, 1)
+    assert done < n, "the job finished before the kill: raise n or lower the stride"
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 300
+    while job_status(ray_head, sid) in ("PENDING", "RUNNING") and time.time() < deadline:
+        time.sleep(1)
+    logs = job_logs(ray_head, sid)
+    assert job_status(ray_head, sid) == "SUCCEEDED", logs[-4000:]
+    pids = {int(p) for p in re.findall(r"scoring actor pid (\d+) loaded", logs)}
+    assert len(pids) >= 2, "the killed actor was not replaced"
+    df = one_row_per_study(work, n)
+    assert (df.status == "ok").all(), df[["path", "error"]]
+    assert len(parts_of(work)) == n
+    assert summary_of(logs)["scored"] == n
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_stopped_job_resumes_without_recomputing(ray_head, mlflow_server, tiny_model, tmp_path):
+    n = 6
+    archive = _fault_archive(tmp_path / "archive", n, 500)
+    work = tmp_path / "work"
+    cfg = write_config(tmp_path / "screen.yaml", work, mlflow_server, stride=3)
+    r = submit(ray_head, "test-screen-stop-1", cfg, archive, model=str(tiny_model["path"]), wait=False)
+    assert r.returncode == 0, r.stderr
+    _wait_parts(ray_head, "test-screen-stop-1", work, 2)
+    ray_cli(ray_head, "job", "stop", "test-screen-stop-1", timeout=120)
+    assert job_status(ray_head, "test-screen-stop-1") == "STOPPED"
+    time.sleep(2)
+    before = parts_of(work)
+    assert 2 <= len(before) < n, f"{len(before)} of {n} parts before the stop: the job was not stopped mid-run"
+    logs = run_ok(ray_head, "test-screen-stop-2", cfg, archive, model=str(tiny_model["path"]))
+    s = summary_of(logs)
+    assert s["skipped"] == len(before) and s["scored"] == n - len(before) and s["errors"] == 0, s
+    after = parts_of(work)
+    assert len(after) == n and all(after[k] == v for k, v in before.items())  # done studies untouched
+    df = one_row_per_study(work, n)
+    assert (df.status == "ok").all()
+    assert len(re.findall(r"skipped \(already scored\)", logs)) == len(before)
+
+
+def test_nightly_scripts_are_valid(tmp_path):
+    sh = ROOT / "platform" / "nightly-screen.sh"
+    assert subprocess.run(["bash", "-n", str(sh)]).returncode == 0
+    assert "--submission-id" in sh.read_text(encoding="utf-8")
+    for f in ("kuberay/raycronjob.yaml", "kuberay/cronjob-rayjob.yaml"):
+        docs = [d for d in yaml.safe_load_all((ROOT / "platform" / f).read_text(encoding="utf-8")) if d]
+        assert docs and all("kind" in d for d in docs)
+    unit = (ROOT / "platform" / "systemd" / "ct3dflow-screen.service").read_text(encoding="utf-8")
+    assert "nightly-screen.sh" in unit and "OnCalendar" in (ROOT / "platform" / "systemd" /
+                                                             "ct3dflow-screen.timer").read_text(encoding="utf-8")
