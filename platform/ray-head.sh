@@ -4,16 +4,24 @@
 #   platform/ray-head.sh start|stop|status
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
+PGIDFILE="$CT3DFLOW_STATE/ray-head-$RAY_HEAD_PORT.pgid"
 case "${1:-}" in
   start)
     if "$VENV_BIN/ray" status --address "127.0.0.1:$RAY_HEAD_PORT" >/dev/null 2>&1; then
       echo "Ray head already running at 127.0.0.1:$RAY_HEAD_PORT"; exit 0
     fi
-    "$VENV_BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_HEAD_PORT" \
+    # its own session, so the head's process group is not the caller's (stop kills that group)
+    setsid "$VENV_BIN/ray" start --head --node-ip-address 127.0.0.1 --port "$RAY_HEAD_PORT" \
       --num-cpus "$RAY_NUM_CPUS" --num-gpus 0 --include-dashboard true \
       --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" \
-      --temp-dir "$RAY_TMPDIR" --disable-usage-stats >"$CT3DFLOW_STATE/ray-start.log" 2>&1 \
+      --temp-dir "$RAY_TMPDIR" --disable-usage-stats \
+      --dashboard-agent-listen-port $((RAY_HEAD_PORT + 46000)) --dashboard-agent-grpc-port $((RAY_HEAD_PORT + 47000)) \
+      --runtime-env-agent-port $((RAY_HEAD_PORT + 48000)) --metrics-export-port $((RAY_HEAD_PORT + 49000)) \
+      --ray-client-server-port $((RAY_HEAD_PORT + 50000)) >"$CT3DFLOW_STATE/ray-start.log" 2>&1 \
       || { cat "$CT3DFLOW_STATE/ray-start.log"; exit 1; }
+    # every process of this head (agents included, which rename themselves) shares the GCS's process group
+    gcs=$(pgrep -f "gcs_server.*--gcs_server_port=$RAY_HEAD_PORT( |$)" | head -1)
+    [ -n "$gcs" ] && ps -o pgid= -p "$gcs" | tr -d ' ' >"$PGIDFILE"
     # the job server answers once the dashboard is up
     for _ in $(seq 60); do
       "$VENV_BIN/ray" job list >/dev/null 2>&1 && { echo "Ray head up: dashboard $RAY_ADDRESS"; exit 0; }
@@ -21,12 +29,19 @@ case "${1:-}" in
     done
     echo "Ray head started but its job server did not answer at $RAY_ADDRESS" >&2; exit 1 ;;
   stop)
-    # only this head: every process of it names its temp dir (`ray stop` would stop all clusters here)
-    # (the Ray client proxy names only the head's port)
+    # only this head (`ray stop` would stop every Ray on the machine): its process group, and anything
+    # still naming its temp dir or port
     mine="$RAY_TMPDIR/|ray.util.client.server --address=[^ ]*:$RAY_HEAD_PORT "
+    pgid=$(cat "$PGIDFILE" 2>/dev/null || true)
+    [ -n "$pgid" ] && kill -TERM -- "-$pgid" 2>/dev/null || true
     pkill -TERM -f -- "$mine" 2>/dev/null || true
-    for _ in $(seq 30); do pgrep -f -- "$mine" >/dev/null || break; sleep 0.5; done
+    for _ in $(seq 30); do
+      { [ -n "$pgid" ] && kill -0 -- "-$pgid" 2>/dev/null; } || pgrep -f -- "$mine" >/dev/null || break
+      sleep 0.5
+    done
+    [ -n "$pgid" ] && kill -KILL -- "-$pgid" 2>/dev/null || true
     pkill -KILL -f -- "$mine" 2>/dev/null || true
+    rm -f "$PGIDFILE"
     echo "Ray head stopped" ;;
   status)
     "$VENV_BIN/ray" status --address "127.0.0.1:$RAY_HEAD_PORT" ;;
