@@ -98,7 +98,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         if not p.exists():
             raise FileNotFoundError(f"configuration file {p} not found: pass --config configs/demo.yaml "
                                     f"or a copy of it")
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         unknown = set(raw) - set(_DEFAULTS)
         if unknown:
             raise ValueError(f"unknown configuration section(s) {sorted(unknown)} in {p}; "

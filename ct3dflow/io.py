@@ -260,11 +260,11 @@ def _clean_series(uid: str, slices: list[_Slice]) -> tuple[list[_Slice], list[st
     notes: list[str] = []
     loc = [s for s in slices if "LOCALIZER" in s.image_type or "SCOUT" in s.image_type]
     if loc:
-        notes.append(f"series {uid}: dropped {len(loc)} localizer image(s) (ImageType LOCALIZER)")
+        notes.append(f"series {uid_tag(uid)}: dropped {len(loc)} localizer image(s) (ImageType LOCALIZER)")
     kept = [s for s in slices if s not in loc]
     bad = [s for s in kept if s.position is None or s.orientation is None]
     if bad:
-        notes.append(f"series {uid}: dropped {len(bad)} image(s) without ImagePosition/OrientationPatient")
+        notes.append(f"series {uid_tag(uid)}: dropped {len(bad)} image(s) without ImagePosition/OrientationPatient")
         kept = [s for s in kept if s not in bad]
     if not kept:
         return [], notes
@@ -272,23 +272,30 @@ def _clean_series(uid: str, slices: list[_Slice]) -> tuple[list[_Slice], list[st
     off = [s for s in kept if _orientation_key(s.orientation) != major_o]
     if off:
         notes.append(
-            f"series {uid}: dropped {len(off)} image(s) whose orientation differs from the other "
+            f"series {uid_tag(uid)}: dropped {len(off)} image(s) whose orientation differs from the other "
             f"{len(kept) - len(off)} (localizer or reformat)"
         )
         kept = [s for s in kept if s not in off]
     major_size = Counter((s.rows, s.cols) for s in kept).most_common(1)[0][0]
     off = [s for s in kept if (s.rows, s.cols) != major_size]
     if off:
-        notes.append(f"series {uid}: dropped {len(off)} image(s) whose matrix size differs from the others")
+        notes.append(f"series {uid_tag(uid)}: dropped {len(off)} image(s) whose matrix size differs from the others")
         kept = [s for s in kept if s not in off]
     return kept, notes
+
+
+def uid_tag(uid: str | None) -> str:
+    """A DICOM UID as it may appear in notes and errors: a short hash (UIDs can identify a patient's study)."""
+    import hashlib
+
+    return "uid:" + hashlib.sha256(str(uid).encode()).hexdigest()[:12] if uid else "uid:?"
 
 
 def _describe(uid: str, sl: list[_Slice]) -> str:
     mod = sl[0].modality or "?"
     axial = "axial" if abs(_normal(sl[0].orientation)[2]) > 0.8 else "non-axial"
     num = f"series number {sl[0].series_number}, " if sl[0].series_number else ""
-    return f"{uid} ({num}{mod}, {axial}, {len(sl)} slices)"
+    return f"{uid_tag(uid)} ({num}{mod}, {axial}, {len(sl)} slices)"
 
 
 def _choose_series(groups: dict[str, list[_Slice]], folder: Path) -> tuple[str, list[_Slice], list[str]]:
@@ -396,7 +403,7 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, ReadReport]:
         notes.append(f"ignored {n_files - len(slices)} non-DICOM file(s) in the folder")
     if len(chosen) < 2:
         raise CTInputError(
-            f"the CT series {uid} has a single slice (a 2-D image); CT-3DFlow needs a 3-D volume — export "
+            f"the CT series {uid_tag(uid)} has a single slice (a 2-D image); CT-3DFlow needs a 3-D volume — export "
             "the whole axial series"
         )
     if len(chosen) > MAX_SLICES:
@@ -404,7 +411,7 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, ReadReport]:
             f"the series claims {len(chosen)} slices (> {MAX_SLICES}); this is not a single chest CT — check "
             "the export"
         )
-    _check_size([chosen[0].cols, chosen[0].rows, len(chosen)], f"series {uid}")
+    _check_size([chosen[0].cols, chosen[0].rows, len(chosen)], f"series {uid_tag(uid)}")
     chosen, row, col, step, tilt = _geometry(chosen)
 
     reader = sitk.ImageSeriesReader()
@@ -414,12 +421,12 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, ReadReport]:
         img = reader.Execute()
     except RuntimeError as exc:
         raise CTInputError(
-            f"cannot read the pixels of series {uid}: a file is truncated or corrupt ({_first_line(exc)}); "
+            f"cannot read the pixels of series {uid_tag(uid)}: a file is truncated or corrupt ({_first_line(exc)}); "
             "re-export or re-copy the series"
         ) from None
     if img.GetSize()[2] != len(chosen):
         raise CTInputError(
-            f"series {uid}: read {img.GetSize()[2]} slices from {len(chosen)} files (multi-frame or corrupt "
+            f"series {uid_tag(uid)}: read {img.GetSize()[2]} slices from {len(chosen)} files (multi-frame or corrupt "
             "files); re-export the series as one file per slice"
         )
     dx, dy = img.GetSpacing()[:2]
