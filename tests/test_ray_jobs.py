@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import raycli
 import yaml
+from raycli import job_logs, job_status, ray_cli
 
 from ct3dflow.phantoms import make_archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = {"levels": 2, "steps": 2, "width": 8, "patch_size": 16, "batch_size": 4, "iterations": 30,
               "lr": 1e-3, "warmup_steps": 5, "val_every": 10, "n_val_patches": 8, "checkpoint_every": 10,
               "min_lung_fraction": 0.5, "seed": 0}
@@ -41,32 +41,8 @@ def write_config(path: Path, work: Path, manifest: Path, name: str, **train) -> 
     return path
 
 
-def ray_cli(env, *args, timeout=600, check=True) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(Path(env["PATH"].split(":")[0]) / "ray"), *args], env=env, capture_output=True,
-                       text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"ray {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    return r
-
-
-def submit(env, sid: str, script: str, config: Path, wait=True, timeout=600):
-    args = ["job", "submit", "--working-dir", str(ROOT), "--submission-id", sid]
-    if not wait:
-        args.append("--no-wait")
-    args += ["--", "python", script, "--config", str(config)]
-    return ray_cli(env, *args, timeout=timeout, check=False)
-
-
-def job_status(env, sid: str) -> str:
-    code = ("from ray.job_submission import JobSubmissionClient; "
-            f"print(JobSubmissionClient().get_job_status({sid!r}).value)")
-    r = subprocess.run([str(Path(env["PATH"].split(":")[0]) / "python"), "-c", code], env=env,
-                       capture_output=True, text=True, timeout=120)
-    return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-2000:]
-
-
-def job_logs(env, sid: str) -> str:
-    return ray_cli(env, "job", "logs", sid).stdout
+def submit(env, sid: str, script: str, config: Path, wait=True):
+    return raycli.submit(env, sid, ["python", script, "--config", str(config)], wait=wait)
 
 
 def test_preprocess_job_with_broken_studies_succeeds(ray_head, archive, tmp_path):

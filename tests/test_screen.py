@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import raycli
 import SimpleITK as sitk
 import yaml
 from dicom_helpers import write_dicom_series as helper_dicom_series
 from dicom_helpers import write_dicom_slice
 from pydicom.uid import generate_uid
+from raycli import job_logs, job_status, ray_cli
 
 from ct3dflow.discovery import discover_studies, hash_uids
 from ct3dflow.phantoms import make_phantom, write_dicom_series, write_nifti
@@ -65,41 +67,9 @@ def test_discovery_ids_links_and_errors(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------
 # helpers for the job tests
-def ray_cli(env, *args, timeout=300, check=True) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(Path(env["PATH"].split(":")[0]) / "ray"), *args], env=env, capture_output=True,
-                       encoding="utf-8", errors="replace", timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"ray {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
-
-
 def submit(env, sid: str, config: Path, archive: Path, model: str | None = None, wait=True):
-    args = ["job", "submit", "--working-dir", str(ROOT), "--submission-id", sid]
-    if not wait:
-        args.append("--no-wait")
-    args += ["--", "python", "jobs/screen.py", "--config", str(config), "--archive", str(archive),
-             "--run-name", sid]
-    if model:
-        args += ["--model", model]
-    for _ in range(10):  # a freshly started head may not have its job agent yet
-        r = ray_cli(env, *args, timeout=600, check=False)
-        if "No available agent" not in r.stderr + r.stdout:
-            return r
-        time.sleep(3)
-    return r
-
-
-def job_status(env, sid: str) -> str:
-    code = ("from ray.job_submission import JobSubmissionClient; "
-            f"print(JobSubmissionClient().get_job_status({sid!r}).value)")
-    r = subprocess.run([str(Path(env["PATH"].split(":")[0]) / "python"), "-c", code], env=env,
-                       capture_output=True, encoding="utf-8", errors="replace", timeout=120)
-    return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-2000:]
-
-
-def job_logs(env, sid: str) -> str:
-    r = ray_cli(env, "job", "logs", sid, check=False)
-    return r.stdout if r.returncode == 0 else f"(no logs: {r.stderr[-2000:]})"
+    entry = ["python", "jobs/screen.py", "--config", str(config), "--archive", str(archive), "--run-name", sid]
+    return raycli.submit(env, sid, entry + (["--model", model] if model else []), wait=wait)
 
 
 def summary_of(logs: str) -> dict:

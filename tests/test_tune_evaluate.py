@@ -8,18 +8,16 @@ models, tune both, evaluate both, and a refused second evaluation.
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import raycli
 import yaml
 
 from ct3dflow.phantoms import make_archive
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = {"levels": 2, "steps": 2, "width": 8, "patch_size": 16, "batch_size": 4, "iterations": 30,
               "lr": 1e-3, "warmup_steps": 5, "val_every": 10, "n_val_patches": 8, "checkpoint_every": 10,
               "min_lung_fraction": 0.5, "seed": 0}
@@ -137,24 +135,9 @@ def test_evaluation_report_pictures(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ slow
-def _ray(env, *args, timeout=900):
-    return subprocess.run([str(Path(env["PATH"].split(":")[0]) / "ray"), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def _submit(env, sid: str, script: str, config: Path, *extra: str) -> tuple[str, str]:
-    for _ in range(24):  # a freshly started head may not have its job agent yet
-        r = _ray(env, "job", "submit", "--working-dir", str(ROOT), "--submission-id", sid, "--", "python", script,
-                 "--config", str(config), *extra)
-        if "No available agent" not in r.stderr + r.stdout:
-            break
-        time.sleep(5)
-    code = ("from ray.job_submission import JobSubmissionClient; "
-            f"print(JobSubmissionClient().get_job_status({sid!r}).value)")
-    s = subprocess.run([str(Path(env["PATH"].split(":")[0]) / "python"), "-c", code], env=env,
-                       capture_output=True, text=True, timeout=120)
-    status = s.stdout.strip().splitlines()[-1] if s.stdout.strip() else s.stderr[-2000:]
-    return status, r.stdout[-6000:] + r.stderr[-3000:]
+    r = raycli.submit(env, sid, ["python", script, "--config", str(config), *extra])
+    return raycli.job_status(env, sid), r.stdout[-6000:] + r.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
