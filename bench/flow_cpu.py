@@ -31,7 +31,7 @@ from ct3dflow.train import FlowTrainer, TrainConfig  # noqa: E402
 
 def cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -41,7 +41,7 @@ def cpu_model() -> str:
 
 def available_gib() -> float:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("MemAvailable"):
                 return int(line.split()[1]) / 2**20
     except OSError:
@@ -154,7 +154,7 @@ def main(argv=None) -> str:
         path = args.append
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("# Benchmarks\n")
+            path.write_text("# Benchmarks\n", encoding="utf-8")
         with path.open("a") as f:
             f.write(text)
     return text

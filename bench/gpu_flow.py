@@ -229,7 +229,7 @@ class Bench:
             path = Path(self.args.out)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(self.result, indent=1, default=str))
+            tmp.write_text(json.dumps(self.result, indent=1, default=str), encoding="utf-8")
             tmp.replace(path)
 
     def log(self, msg: str) -> None:
@@ -727,7 +727,7 @@ def main(argv=None) -> dict:
     text = markdown(res)
     print(text, flush=True)
     if args.md:
-        Path(args.md).write_text(text)
+        Path(args.md).write_text(text, encoding="utf-8")
     return res
 
 

@@ -53,7 +53,7 @@ def build_series(folder: Path) -> Path:
     t = time.perf_counter()
     hu, _ = synthetic_torso(SHAPE, SPACING, noise_hu=20.0)
     write_dicom_series(hu, folder, spacing=SPACING, origin=(-179.0, -179.0, -150.0))
-    done.write_text("ok\n")
+    done.write_text("ok\n", encoding="utf-8")
     print(f"wrote {SHAPE[0]} slices to {folder} in {time.perf_counter() - t:.1f} s", flush=True)
     return folder
 
@@ -125,7 +125,7 @@ def median_runs(fn, repeats: int):
 
 def cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -135,12 +135,12 @@ def cpu_model() -> str:
 
 def write_section(text: str) -> Path:
     path = ROOT / "docs" / "BENCHMARKS.md"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     if HEADING in old:
         start = old.index(HEADING)
         nxt = old.find("\n## ", start + len(HEADING))
         old = old[:start].rstrip("\n") + ("\n\n" + old[nxt + 1 :] if nxt >= 0 else "")
-    path.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
+    path.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n", encoding="utf-8")
     return path
 
 

@@ -72,7 +72,7 @@ class StudyCache:
 
     def meta(self, study_id: str) -> dict | None:
         f = self.study_dir(study_id) / "meta.json"
-        return json.loads(f.read_text()) if f.exists() else None
+        return json.loads(f.read_text(encoding="utf-8")) if f.exists() else None
 
     def get_or_compute(self, study_id: str, path, cfg: PreprocessConfig | None = None,
                        mask_path=None) -> CacheEntry:
@@ -107,7 +107,7 @@ class StudyCache:
                 "lung_volume_left_cm3": float(study.lung_volume_left_cm3),
                 "notes": list(study.notes),
             }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

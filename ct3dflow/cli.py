@@ -100,7 +100,7 @@ def cmd_train_local(a) -> int:
 def _load_op(path) -> object | None:
     from .scoring import OperatingPoint
 
-    return OperatingPoint.from_dict(json.loads(Path(path).read_text())) if path else None
+    return OperatingPoint.from_dict(json.loads(Path(path).read_text(encoding="utf-8"))) if path else None
 
 
 def cmd_score_local(a) -> int:

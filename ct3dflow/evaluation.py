@@ -184,5 +184,5 @@ def evaluate_test(studies: list[TuningStudy], op: OperatingPoint, n_boot: int = 
 def write_json(obj, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, default=float))
+    path.write_text(json.dumps(obj, indent=1, default=float), encoding="utf-8")
     return path

@@ -71,11 +71,11 @@ def train_job(cfg, summary: pd.DataFrame | None = None) -> dict:
 
     uri = tracking.configure(cfg)
     run_file = run_dir / MLFLOW_RUN_FILE
-    run_id = run_file.read_text().strip() if run_file.exists() else None
+    run_id = run_file.read_text(encoding="utf-8").strip() if run_file.exists() else None
     tags = {"ct3dflow.manifest_fingerprint": manifest_fingerprint(read_manifest(cfg.manifest_path)),
             "ct3dflow.ray_run_name": cfg.name}
     with tracking.job_run(cfg, "train", run_name=cfg.name, run_id=run_id, tags=tags) as run:
-        run_file.write_text(run.info.run_id)
+        run_file.write_text(run.info.run_id, encoding="utf-8")
         _log(f"MLflow run {run.info.run_id} ({'resumed' if run_id else 'new'}) at {uri}")
         n_patches = int(tcfg.iterations * tcfg.batch_size * world * 1.1) + 4 * tcfg.batch_size * world
         ds = training_patch_dataset(cfg.cache_path, train_ids, n_patches, tcfg.patch_size,
@@ -107,7 +107,7 @@ def train_job(cfg, summary: pd.DataFrame | None = None) -> dict:
         mlflow.log_dict(out, "train_result.json")
     _log(f"trained {trainer.step} steps; validation {val_bpd:.3f} bits/dim; registered {name} v{version}"
          f"{' (champion)' if champion else ''}")
-    (run_dir / "train_result.json").write_text(json.dumps(out, indent=1))
+    (run_dir / "train_result.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
     return out
 
 
@@ -194,12 +194,12 @@ def score_split(cfg, loaded, rows: list[dict], split: str, op=None, write_output
     settings_file, results_file = out_dir / "scoring.json", out_dir / "results.parquet"
     previous: dict = {}
     if op is None and results_file.exists() and settings_file.exists() \
-            and json.loads(settings_file.read_text()) == scoring:
+            and json.loads(settings_file.read_text(encoding="utf-8")) == scoring:
         prev = pd.read_parquet(results_file)
         for r in prev[prev["status"] == "ok"].to_dict("records"):
             if r.get("patch_scores_path") and Path(r["patch_scores_path"]).exists():
                 previous[r["study_id"]] = r
-    settings_file.write_text(json.dumps(scoring))
+    settings_file.write_text(json.dumps(scoring), encoding="utf-8")
     threads = cfg.scoring.get("torch_threads")
     if threads:
         torch.set_num_threads(int(threads))
@@ -353,8 +353,8 @@ def log_evaluation(loaded_params: dict, ev: dict, op: dict, out_dir: Path) -> di
     roc_png(ev["roc"], out_dir / "roc.png", auroc=m.get("auroc"), operating=(fpr_op, m.get("sensitivity", np.nan)),
             title=f"ROC, test: {title}")
     confusion_png(m, out_dir / "confusion_matrix.png", title=f"Test: {title}")
-    (out_dir / "per_kind.md").write_text(per_kind_markdown(ev.get("per_kind", {})))
-    (out_dir / "table1_row.md").write_text(table1([(title, m, ev.get("ci") or None)]))
+    (out_dir / "per_kind.md").write_text(per_kind_markdown(ev.get("per_kind", {})), encoding="utf-8")
+    (out_dir / "table1_row.md").write_text(table1([(title, m, ev.get("ci") or None)]), encoding="utf-8")
     write_json(ev, out_dir / "evaluation.json")
     write_json({k: m[k] for k in ("tp", "fp", "tn", "fn")}, out_dir / "confusion_matrix.json")
     for f in ("roc.png", "confusion_matrix.png", "per_kind.md", "table1_row.md", "evaluation.json",
@@ -362,7 +362,7 @@ def log_evaluation(loaded_params: dict, ev: dict, op: dict, out_dir: Path) -> di
         mlflow.log_artifact(str(out_dir / f))
     run = mlflow.active_run()
     table = _comparison_table(run.info.experiment_id)
-    (out_dir / "table1.md").write_text(table)
+    (out_dir / "table1.md").write_text(table, encoding="utf-8")
     mlflow.log_artifact(str(out_dir / "table1.md"))
     return flat
 

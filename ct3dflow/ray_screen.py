@@ -436,7 +436,7 @@ def screen_job(cfg, archive, model: str | None = None, run_name: str | None = No
                                                            "flagged", "ok", "elapsed_s", "studies_per_min")})
         mlflow.log_dict(summary, "screen_summary.json")
         mlflow.log_artifact(str(results_dir / RESULTS_FILE))
-    (results_dir / "last_run.json").write_text(json.dumps(summary, indent=1))
+    (results_dir / "last_run.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     _log("screen summary: " + " ".join(f"{k}={summary[k]}" for k in
                                         ("found", "scored", "skipped", "errors", "flagged", "studies_per_min")))
     _log(f"results: {results_dir / RESULTS_FILE} ({len(results)} rows); MLflow run {run.info.run_id}")

@@ -88,7 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     trainer.save_checkpoint(Path(tmp) / CHECKPOINT_NAME)
-                    (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+                    (Path(tmp) / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)

@@ -95,7 +95,7 @@ class PatchModelPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = load_patch_scorer(context.artifacts["model"])
         self.model.eval()
-        self.settings = json.loads(Path(context.artifacts["settings"]).read_text())
+        self.settings = json.loads(Path(context.artifacts["settings"]).read_text(encoding="utf-8"))
 
     def predict(self, context, model_input, params=None):
         import torch
@@ -122,7 +122,7 @@ def log_patch_model(model_file: str | Path, settings: dict, registered_name: str
     """Log the model of the active run as a pyfunc; register it. Returns the registered version."""
     with tempfile.TemporaryDirectory() as tmp:
         sfile = Path(tmp) / "settings.json"
-        sfile.write_text(json.dumps(settings, indent=1))
+        sfile.write_text(json.dumps(settings, indent=1), encoding="utf-8")
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(Path(__file__).with_name("mlflow_pyfunc_model.py")),
             artifacts={"model": str(model_file), "settings": str(sfile)},

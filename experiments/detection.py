@@ -466,7 +466,7 @@ def stage_analysis(a, test: list[Loaded], val: list[Loaded], stat, op, coef, cac
             f"share z > +2: {np.mean(hz > 2):.3f}")
     table = "\n".join(lines) + "\n\n" + note
     df.to_json(odir / "window_analysis.json", orient="records")
-    (odir / "window_analysis.md").write_text(table + "\n")
+    (odir / "window_analysis.md").write_text(table + "\n", encoding="utf-8")
     log("analysis (windows overlapping the lesion vs windows of healthy test studies):\n" + table)
     return table
 
@@ -512,7 +512,7 @@ def main(argv=None) -> int:
     t_all = time.time()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(vars(a), indent=1))
+    (out / "args.json").write_text(json.dumps(vars(a), indent=1), encoding="utf-8")
     cache = out / "cache"
     manifest = stage_archive(a, out)
     rows = manifest_rows(manifest)
@@ -522,7 +522,7 @@ def main(argv=None) -> int:
     if a.stop_after == "preprocess":
         return 0
     model_path = stage_train(a, rows, cache, out / "model")
-    info = json.loads((out / "model" / "train_info.json").read_text())
+    info = json.loads((out / "model" / "train_info.json").read_text(encoding="utf-8"))
     log(f"model: {info['parameters']:,} parameters, {info['steps']} steps in {info['wall_s'] / 60:.1f} min wall "
         f"time; held-out healthy {info['val_bpd_init']:.3f} → {info['val_bpd_final']:.3f} bits/dim")
     if a.stop_after == "train":

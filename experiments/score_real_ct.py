@@ -108,7 +108,7 @@ def main(argv=None) -> int:
           f"{study.lung_volume_right_cm3:.0f} cm3, left {study.lung_volume_left_cm3:.0f} cm3; notes: {study.notes}")
     model = load_patch_scorer(a.model)
     size = model.config()["patch_size"]
-    d = json.loads(Path(a.operating_point).read_text())
+    d = json.loads(Path(a.operating_point).read_text(encoding="utf-8"))
     op = OperatingPoint.from_dict(d)
     stat, coef = d.get("statistic", "raw"), d.get("trend_coef")
     ps = patch_log_likelihoods(model, study.volume, study.permissive, size=size, stride=a.stride, batch_size=32)
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         tumour = sitk.GetArrayFromImage(lab) == 3
         summary["tumour_cm3"] = float(tumour.sum() * 0.008)
         summary["tumour_covered_by_abnormal"] = float(ab[tumour].mean()) if tumour.any() else None
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     for k, v in summary.items():
         print(f"{k}: {v}")
     return 0
