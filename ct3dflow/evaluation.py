@@ -121,21 +121,25 @@ def healthy_stats(studies: list[TuningStudy]) -> tuple[float, float]:
     return healthy_reference(healthy)
 
 
-def abnormal_volumes(studies: list[TuningStudy], sigma_vox: float, tau_abs: float, v_min_cm3: float
-                     ) -> np.ndarray:
-    vols = []
-    for s in studies:
-        lpm = log_p_map(s.permissive.shape, s.scores.centres, s.scores.log_p, sigma_vox, mask=s.permissive)
-        vols.append(abnormal_volume(lpm, s.permissive, tau_abs, v_min_cm3, s.spacing)[0])
-    return np.asarray(vols)
+def study_maps(studies: list[TuningStudy], sigma_vox: float) -> list[np.ndarray]:
+    """The Log P map of every study at one σ (it depends on nothing else, so a search builds it once)."""
+    return [log_p_map(s.permissive.shape, s.scores.centres, s.scores.log_p, sigma_vox, mask=s.permissive)
+            for s in studies]
+
+
+def abnormal_volumes(studies: list[TuningStudy], sigma_vox: float, tau_abs: float, v_min_cm3: float,
+                     maps: list[np.ndarray] | None = None) -> np.ndarray:
+    maps = maps if maps is not None else study_maps(studies, sigma_vox)
+    return np.asarray([abnormal_volume(m, s.permissive, tau_abs, v_min_cm3, s.spacing)[0]
+                       for s, m in zip(studies, maps, strict=True)])
 
 
 def evaluate_params(studies: list[TuningStudy], sigma_vox: float, tau_z: float, v_min_cm3: float,
-                    healthy: tuple[float, float], t_range=(0.0, np.inf)) -> dict:
+                    healthy: tuple[float, float], t_range=(0.0, np.inf), maps=None) -> dict:
     """One trial: validation AUROC/F1 of the abnormal volume, and T from the validation ROC."""
     y = np.array([s.label for s in studies])
     tau_abs = healthy[0] + tau_z * healthy[1]
-    vols = abnormal_volumes(studies, sigma_vox, tau_abs, v_min_cm3)
+    vols = abnormal_volumes(studies, sigma_vox, tau_abs, v_min_cm3, maps=maps)
     t = float(np.clip(choose_threshold(y, vols, criterion="f1"), *t_range))
     m = patient_metrics(y, vols, t)
     auroc = 0.5 if not np.isfinite(m["auroc"]) else float(m["auroc"])
@@ -153,9 +157,11 @@ def grid_search(studies: list[TuningStudy], space: dict, max_trials: int | None 
     if max_trials and len(grid) > max_trials:
         rng = np.random.default_rng(seed)
         grid = [grid[i] for i in sorted(rng.choice(len(grid), max_trials, replace=False))]
-    trials = []
-    for sigma, tau, vmin in grid:
-        r = evaluate_params(studies, sigma, tau, vmin, healthy)
+    trials, maps = [], {}
+    for sigma, tau, vmin in sorted(grid):
+        if sigma not in maps:
+            maps = {sigma: study_maps(studies, sigma)}  # one σ at a time: maps are large
+        r = evaluate_params(studies, sigma, tau, vmin, healthy, maps=maps[sigma])
         trials.append({"sigma_vox": sigma, "tau_z": tau, "v_min_cm3": vmin, **r})
     df = pd.DataFrame(trials).sort_values("objective", ascending=False, kind="stable")
     return OperatingPoint.from_dict(df.iloc[0]["operating_point"]), df
