@@ -25,18 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import cpu_model  # noqa: E402
+
 from ct3dflow.flow import DEFAULT_WIDTH  # noqa: E402
 from ct3dflow.train import FlowTrainer, TrainConfig  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def available_gib() -> float:

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _machine import cpu_model  # noqa: E402
 from dicom_helpers import synthetic_torso, write_dicom_series  # noqa: E402
 
 from ct3dflow import lungs  # noqa: E402
@@ -123,14 +124,6 @@ def median_runs(fn, repeats: int):
     return {k: statistics.median(r[0][k] for r in runs) for k in keys}, runs[-1][1]
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_section(text: str) -> Path:

@@ -28,6 +28,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from _machine import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -36,14 +38,6 @@ PATCH, STRIDE = 16, 8
 SECTION = "## Archive screening job (`bench/screen.py`)"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return _platform.processor() or "unknown"
 
 
 def make_inputs(d: Path, n: int) -> Path:
