@@ -1,4 +1,4 @@
-"""The main job on an embedded default: ``make demo`` (= ``python -m ct3dflow.demo``).
+"""The main job on an embedded default: ``make demo`` (= ``python -m ct3dflow.ray_demo``).
 
 A synthetic phantom archive → Ray Data preprocessing → Ray Train (a tiny 3D GLOW and the AE baseline,
 CPU, 2 workers, gloo) → Ray Tune chooses σ, τ, v_min, T on the validation split → the test split, once
