@@ -19,6 +19,11 @@ def _log(msg: str) -> None:
     print(f"[ct3dflow] {msg}", flush=True)
 
 
+def _log_errors(df: pd.DataFrame) -> None:
+    for r in df[df["status"] == "error"].itertuples():
+        _log(f"  error {r.study_id}: {r.error}")
+
+
 # ---------------------------------------------------------------------------------------------------
 def preprocess_job(cfg, rows_filter=None) -> pd.DataFrame:
     """Manifest → Ray Data preprocessing on CPU workers → the cache and ``cache/summary.parquet``."""
@@ -32,8 +37,7 @@ def preprocess_job(cfg, rows_filter=None) -> pd.DataFrame:
     n_err = int((summary["status"] == "error").sum())
     _log(f"preprocessed {len(summary)} studies into {cache}: {len(summary) - n_err} ok, {n_err} errors "
          f"({int(summary['cache_hit'].fillna(False).sum())} served from the cache)")
-    for r in summary[summary["status"] == "error"].itertuples():
-        _log(f"  error {r.study_id}: {r.error}")
+    _log_errors(summary)
     return summary
 
 
@@ -226,8 +230,7 @@ def score_split(cfg, loaded, rows: list[dict], split: str, op=None, write_output
     n_err = int((df["status"] == "error").sum())
     _log(f"{split}: {len(df)} studies ({n_reused} scored before by {loaded.name} v{loaded.version}), "
          f"{n_err} errors → {results_file}")
-    for r in df[df["status"] == "error"].itertuples():
-        _log(f"  error {r.study_id}: {r.error}")
+    _log_errors(df)
     return df
 
 

@@ -43,6 +43,18 @@ _STREAM_KEYS = ("entry", "study_id", "path", "action", "part", "status", "error"
                 "input_key", "predicted_abnormal")
 
 
+def write_parquet_atomic(df: pd.DataFrame, path: Path) -> Path:
+    """Write ``df`` to a temporary file beside ``path`` and rename it: readers never see half a file."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def _log(msg: str) -> None:
     line = f"[ct3dflow] {msg}"
     try:
@@ -73,14 +85,7 @@ def write_part(parts_dir, name: str, row: dict) -> Path:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
     for c in ("abnormal_volume_cm3", "threshold_cm3", "log_p_min", "log_p_mean"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
-    tmp = parts_dir / f".{name}.{uuid.uuid4().hex}.tmp"
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, parts_dir / name)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return parts_dir / name
+    return write_parquet_atomic(df, parts_dir / name)
 
 
 def _part_status(path: Path) -> str | None:
@@ -296,13 +301,7 @@ def compact_results(results_dir, entries: list[dict], outcomes: dict[str, dict])
     df = (df.sort_values("scored_at", kind="stable").drop_duplicates("_key", keep="last")
           .drop(columns="_key").reset_index(drop=True))
     df = df[SCREEN_COLUMNS]
-    tmp = results_dir / f".{RESULTS_FILE}.{uuid.uuid4().hex}.tmp"
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, results_dir / RESULTS_FILE)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_parquet_atomic(df, results_dir / RESULTS_FILE)
     return df
 
 
