@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     init_batches: int = 4  # batches concatenated for the ActNorm data initialisation in train_local
     max_consecutive_skips: int = 50  # train_local stops with FloatingPointError after this many
-    bf16: bool = False
+    bf16: bool = False  # bf16 autocast on CUDA (log-dets stay float32); the CPU always trains in float32
     gradient_checkpointing: bool = False
     fast: bool = True  # on CUDA: the fast path of ct3dflow.flow.fast (exact; no effect on CPU)
     seed: int = 0
@@ -114,6 +115,13 @@ class FlowTrainer:
         self.optimizer = torch.optim.Adam(self.glow.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.skipped_steps = 0
+        self.bf16 = bool(cfg.bf16) and self.device.type == "cuda"
+        if cfg.bf16 and not self.bf16:
+            # PyTorch's CPU (oneDNN) bf16 conv3d weight-gradients can be wrong for small volumes (measured with
+            # torch 2.13: off by more than the gradient itself on a 2x2x2 input, and non-finite steps on one CI
+            # CPU), and bf16 buys no speed there, so the CPU trains in float32.
+            warnings.warn(f"bf16 autocast is a CUDA setting; on {self.device.type} training runs in float32",
+                          stacklevel=2)
         rank = torch.distributed.get_rank() if _distributed() else 0
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(cfg.seed) * 1000 + rank)
@@ -158,7 +166,7 @@ class FlowTrainer:
         return x + (u - 0.5) * (self.cfg.dequant_hu / HU_BINS)
 
     def _autocast(self):
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def train_step(self, batch: torch.Tensor) -> dict:
         """One update. Returns ``{loss, bits_per_dim, skipped, grad_norm, lr, step}``."""

@@ -98,14 +98,36 @@ def test_tiny_model_learns_structured_patches():
     assert after < before - 0.5, (before, after)
 
 
-def test_bf16_step_runs_and_is_finite():
-    torch.manual_seed(0)
-    cfg = _tiny_cfg(patch_size=8, width=8, bf16=True)
-    trainer = FlowTrainer(cfg.build_model(), cfg, "cpu")
+def test_bf16_on_cpu_warns_and_trains_in_float32():
     data = smooth_lung_patches(4, 8, seed=2)
-    trainer.initialise(data)
-    out = trainer.train_step(data)
-    assert not out["skipped"] and np.isfinite(out["loss"])
+    steps = []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        cfg = _tiny_cfg(patch_size=8, width=8, bf16=bf16)
+        if bf16:
+            with pytest.warns(UserWarning, match="bf16 autocast is a CUDA setting"):
+                trainer = FlowTrainer(cfg.build_model(), cfg, "cpu")
+        else:
+            trainer = FlowTrainer(cfg.build_model(), cfg, "cpu")
+        trainer.initialise(data)
+        steps.append(trainer.train_step(data))
+    assert not steps[1]["skipped"]
+    assert steps[1]["loss"] == steps[0]["loss"] and steps[1]["grad_norm"] == steps[0]["grad_norm"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast training needs a CUDA GPU")
+def test_bf16_step_on_cuda_is_finite_and_close_to_float32():
+    data = smooth_lung_patches(8, 16, seed=2)
+    losses = []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        cfg = _tiny_cfg(bf16=bf16, fast=False)
+        trainer = FlowTrainer(cfg.build_model().cuda(), cfg, "cuda")
+        trainer.initialise(data)
+        out = trainer.train_step(data)
+        assert not out["skipped"] and np.isfinite(out["grad_norm"])
+        losses.append(out["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=0.02)
 
 
 def test_train_local_resumes(tmp_path):
