@@ -1,8 +1,8 @@
 """Patient-level detection on synthetic phantoms, end to end on one CPU machine (issue 3).
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/detection.py --out work/experiments/detection-t1
+    .venv/bin/python experiments/detection.py --out work/experiments/detection-v2
 
-(everything, ≈ 16 min on 2 cores: 12 min of training, the rest scoring/tuning; see docs/RESULTS.md)
+(everything, ≈ 21 min on 2 idle cores: 14 min of training, the rest scoring/tuning; see docs/RESULTS.md)
 
 Stages (each is skipped when its output already exists, unless --force STAGE):
 
@@ -14,6 +14,8 @@ Stages (each is skipped when its output already exists, unless --force STAGE):
 6. test       — patient-level AUROC / F1 / accuracy with stratified-bootstrap 95 % CIs, overall and per kind;
                 Log P maps (NIfTI) and previews (PNG) for the test studies
 7. analysis   — patch log-likelihoods of windows that overlap the lesion vs healthy windows, per kind
+8. voxel      — the same model through the voxel-level map of ct3dflow.voxel_map (not in the paper): score,
+                tune on validation, test once, lesion-voxel analysis; outputs under OUT/voxel/
 
 The patch statistic (``--statistics``; the one with the best *validation* AUROC is used on test):
 
