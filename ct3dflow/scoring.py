@@ -104,6 +104,29 @@ class PatchScores:
             return cls.from_dict({k: z[k] for k in z.files})
 
 
+def scoring_windows(volume, permissive, size: int, stride: int):
+    """The inference windows of a study: ``(volume, padded volume, pad_before, corners)``.
+
+    The volume is padded to at least one window per axis (−0.5, :func:`ct3dflow.patches.pad_to_patch`);
+    ``corners`` (in the padded frame) are the grid windows that touch the permissive mask. Raises
+    :class:`CTInputError` when none does.
+    """
+    vol = np.asarray(volume, dtype=np.float32)
+    msk = np.asarray(permissive)
+    if vol.shape != msk.shape:
+        raise ValueError(f"volume {vol.shape} and permissive mask {msk.shape} differ in shape")
+    vol_p, before = pad_to_patch(vol, size, value=-0.5)
+    msk_p, _ = pad_to_patch(msk, size, value=0)
+    corners = inference_grid(vol_p.shape, size, stride)
+    corners = corners[windows_touching(msk_p, corners, size, ii=integral_image(msk_p))]
+    if len(corners) == 0:
+        raise CTInputError(
+            "the permissive lung mask is empty, so no inference window touches the lungs: "
+            "check the lung segmentation or supply a mask (mask_path)"
+        )
+    return vol, vol_p, before, corners
+
+
 def patch_log_likelihoods(
     model,
     volume: np.ndarray,
@@ -123,20 +146,7 @@ def patch_log_likelihoods(
     """
     import torch
 
-    vol = np.asarray(volume, dtype=np.float32)
-    msk = np.asarray(permissive)
-    if vol.shape != msk.shape:
-        raise ValueError(f"volume {vol.shape} and permissive mask {msk.shape} differ in shape")
-    vol_p, before = pad_to_patch(vol, size, value=-0.5)
-    msk_p, _ = pad_to_patch(msk, size, value=0)
-    corners = inference_grid(vol_p.shape, size, stride)
-    keep = windows_touching(msk_p, corners, size, ii=integral_image(msk_p))
-    corners = corners[keep]
-    if len(corners) == 0:
-        raise CTInputError(
-            "the permissive lung mask is empty, so no inference window touches the lungs: "
-            "check the lung segmentation or supply a mask (mask_path)"
-        )
+    vol, vol_p, before, corners = scoring_windows(volume, permissive, size, stride)
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()

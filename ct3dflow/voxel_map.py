@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .patches import extract_patches, inference_grid, integral_image, pad_to_patch, windows_touching
-from .scoring import abnormal_volume
+from .patches import extract_patches
+from .scoring import abnormal_volume, scoring_windows
 
 DEFAULT_DEPTH_BINS = (0.0, 2.0, 4.0, 6.0, 9.0, 13.0)  # voxels from the permissive-mask border
 
@@ -54,14 +54,7 @@ def voxel_log_p_volume(
 
     from .flow.local import local_log_prob
 
-    vol = np.asarray(volume, dtype=np.float32)
-    msk = np.asarray(permissive)
-    if vol.shape != msk.shape:
-        raise ValueError(f"volume {vol.shape} and permissive mask {msk.shape} differ in shape")
-    vol_p, before = pad_to_patch(vol, size, value=-0.5)
-    msk_p, _ = pad_to_patch(msk, size, value=0)
-    corners = inference_grid(vol_p.shape, size, stride)
-    corners = corners[windows_touching(msk_p, corners, size, ii=integral_image(msk_p))]
+    vol, vol_p, before, corners = scoring_windows(volume, permissive, size, stride)
     total = np.zeros(vol_p.shape, dtype=np.float64)
     count = np.zeros(vol_p.shape, dtype=np.int32)
     glow.eval()
