@@ -127,14 +127,15 @@ class ConvAE3D(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
-        payload = {"format": FORMAT, "config": self.config(), "dtype": dtype, "state_dict": self.state_dict()}
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}  # loads on a CPU-only node too
+        payload = {"format": FORMAT, "config": self.config(), "dtype": dtype, "state_dict": state}
         tmp = path.with_name(path.name + ".tmp")
         torch.save(payload, tmp)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location=None) -> ConvAE3D:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith("ct3dflow-ae"):
             raise ValueError(f"{path} is not a ct3dflow autoencoder file (format {FORMAT!r} expected)")
         model = cls(**payload["config"])

@@ -258,7 +258,8 @@ class Glow3D(nn.Module):
             "format": FORMAT,
             "config": self.config(),
             "dtype": str(self._param_dtype()).removeprefix("torch."),
-            "state_dict": self.state_dict(),
+            # CPU tensors: a model trained on a GPU must load on a CPU-only scoring node
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
         tmp = path.with_name(path.name + ".tmp")
         torch.save(payload, tmp)
@@ -266,7 +267,7 @@ class Glow3D(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location=None) -> Glow3D:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{path} is not a ct3dflow Glow3D file (format {FORMAT!r} expected)")
         model = cls(**payload["config"])
