@@ -97,27 +97,43 @@ def cmd_train_local(a) -> int:
 
 
 # --------------------------------------------------------------------------------------------- score
-def _load_op(path) -> object | None:
-    from .scoring import OperatingPoint
+def _load_op(path):
+    from .evaluation import load_operating_point
 
-    return OperatingPoint.from_dict(json.loads(Path(path).read_text(encoding="utf-8"))) if path else None
+    return load_operating_point(path) if path else None
 
 
 def cmd_score_local(a) -> int:
     import torch
 
-    from .evaluation import score_row
+    from .evaluation import score_row, score_row_voxel
+    from .flow import Glow3D
     from .models import load_patch_scorer
     from .pipeline import manifest_rows
+    from .voxel_map import VoxelOperatingPoint
 
     torch.set_num_threads(a.threads)
-    model = load_patch_scorer(a.model)
+    model = load_patch_scorer(a.model).to(a.device).eval()
     size = int(model.config().get("patch_size", 48)) if hasattr(model, "config") else 48
-    scoring = {"patch_size": size, "stride": a.stride or max(1, size - 10), "batch_size": a.batch_size}
     op = _load_op(a.operating_point)
+    voxel = isinstance(op, VoxelOperatingPoint) or a.map == "voxel"
+    if voxel and not isinstance(model, Glow3D):
+        raise SystemExit(f"the voxel map decomposes a flow's log-likelihood: {a.model} is a "
+                         f"{type(model).__name__}, not a Glow3D; score it with --map patch")
     rows = [r for r in manifest_rows(a.manifest) if not a.split or r.get("split") in a.split]
-    res = pd.DataFrame([score_row(model, r, a.cache, a.out, scoring, op, model_uri=str(a.model))
-                        for r in _progress(rows, total=len(rows), desc="score")])
+    if voxel:
+        stride = a.stride or 6
+
+        def score(r):
+            return score_row_voxel(model, r, a.cache, a.out, stride=stride, part=a.part, op=op,
+                                   model_uri=str(a.model), device=a.device, batch_size=a.batch_size)
+    else:
+        scoring = {"patch_size": size, "stride": a.stride or max(1, size - 10), "batch_size": a.batch_size}
+
+        def score(r):
+            return score_row(model, r, a.cache, a.out, scoring, op, model_uri=str(a.model), device=a.device)
+
+    res = pd.DataFrame([score(r) for r in _progress(rows, total=len(rows), desc="score")])
     Path(a.out).mkdir(parents=True, exist_ok=True)
     res.to_parquet(Path(a.out) / "results.parquet", index=False)
     print(res[["study_id", "status", "n_patches", "log_p_mean", "abnormal_volume_cm3", "predicted_abnormal",
@@ -126,33 +142,50 @@ def cmd_score_local(a) -> int:
 
 
 # ------------------------------------------------------------------------------------- tune/evaluate
-def _tuning_studies(manifest, results, cache, split):
-    from .evaluation import load_tuning_studies
+def _split_rows(manifest, split):
     from .pipeline import manifest_rows
 
-    rows = [r for r in manifest_rows(manifest) if r.get("split") == split]
-    return load_tuning_studies(rows, pd.read_parquet(results), cache)
+    return [r for r in manifest_rows(manifest) if r.get("split") == split]
+
+
+def _is_voxel(results: pd.DataFrame) -> bool:
+    return "voxel_map_path" in results.columns and bool(results["voxel_map_path"].notna().any())
 
 
 def cmd_tune_local(a) -> int:
-    from .evaluation import grid_search, write_json
+    from .evaluation import grid_search, load_tuning_studies, load_voxel_studies, voxel_search, write_json
 
-    studies = _tuning_studies(a.manifest, a.results, a.cache, "val")
-    space = {"sigma_vox": a.sigma, "tau_z": a.tau, "v_min_cm3": a.v_min}
-    op, trials = grid_search(studies, space)
+    results = pd.read_parquet(a.results)
+    rows = _split_rows(a.manifest, "val")
+    given = {k: v for k, v in {"sigma_vox": a.sigma, "tau_z": a.tau, "v_min_cm3": a.v_min}.items() if v}
+    if _is_voxel(results):  # scored with --map voxel: τ is a |z| threshold against healthy depth bands
+        studies = load_voxel_studies(rows, results, a.cache)
+        op, trials = voxel_search(studies, given)
+    else:
+        studies = load_tuning_studies(rows, results, a.cache)
+        space = {"sigma_vox": [1.0, 2.0, 4.0, 8.0], "tau_z": [-4.0, -3.0, -2.0, -1.5, -1.0, -0.5],
+                 "v_min_cm3": [0.0, 0.5, 2.0], **given}
+        op, trials = grid_search(studies, space)
     write_json(op.to_dict(), a.out)
     best = trials.iloc[0]
+    shown = {k: v for k, v in op.to_dict().items() if k != "reference"}
     print(f"{len(trials)} trials on {len(studies)} validation studies; best AUROC {best['auroc']:.3f} "
-          f"F1 {best['f1']:.3f}: {json.dumps(op.to_dict())} → {a.out}")
+          f"F1 {best['f1']:.3f}: {json.dumps(shown)} → {a.out}")
     return 0
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluation import evaluate_test, write_json
+    from .evaluation import evaluate_test, evaluate_test_voxel, load_tuning_studies, load_voxel_studies, write_json
     from .metrics import table1
+    from .voxel_map import VoxelOperatingPoint
 
-    studies = _tuning_studies(a.manifest, a.results, a.cache, a.split)
-    ev = evaluate_test(studies, _load_op(a.operating_point))
+    op = _load_op(a.operating_point)
+    rows = _split_rows(a.manifest, a.split)
+    results = pd.read_parquet(a.results)
+    if isinstance(op, VoxelOperatingPoint):
+        ev = evaluate_test_voxel(load_voxel_studies(rows, results, a.cache), op)
+    else:
+        ev = evaluate_test(load_tuning_studies(rows, results, a.cache), op)
     if a.out:
         write_json(ev, a.out)
     print(table1([(a.name, ev["metrics"], ev["ci"])]))
@@ -200,10 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--split", nargs="*", help="only these splits (default: all)")
-    s.add_argument("--operating-point", help="operating_point.json from tune-local")
-    s.add_argument("--stride", type=int, default=None, help="grid stride (default: patch size − 10)")
+    s.add_argument("--operating-point", help="operating_point.json from tune-local (its map kind wins)")
+    s.add_argument("--map", choices=["patch", "voxel"], default="patch",
+                   help="patch: the paper's Log P map; voxel: per-voxel coarse-latent map (docs/RESULTS.md)")
+    s.add_argument("--part", choices=["top_latent", "all"], default="top_latent",
+                   help="voxel map: which local log-likelihood terms (ct3dflow.flow.local)")
+    s.add_argument("--stride", type=int, default=None,
+                   help="grid stride (default: patch size − 10 for the patch map, 6 for the voxel map)")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     s.set_defaults(fn=cmd_score_local)
 
     s = sub.add_parser("tune-local", help="choose σ, τ, v_min, T on the validation split (grid search)")
@@ -211,9 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", required=True)
     s.add_argument("--results", required=True, help="results.parquet of score-local over the val split")
     s.add_argument("--out", required=True, help="operating_point.json to write")
-    s.add_argument("--sigma", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
-    s.add_argument("--tau", type=float, nargs="+", default=[-4.0, -3.0, -2.0, -1.5, -1.0, -0.5])
-    s.add_argument("--v-min", type=float, nargs="+", default=[0.0, 0.5, 2.0])
+    s.add_argument("--sigma", type=float, nargs="+",
+                   help="σ grid in voxels (default 1 2 4 8; voxel map 1 2)")
+    s.add_argument("--tau", type=float, nargs="+",
+                   help="τ grid: healthy z of the patch map (default −4 … −0.5); for the voxel map |z| (2 … 6)")
+    s.add_argument("--v-min", type=float, nargs="+", help="v_min grid in cm³ (default 0 0.5 2; voxel map 0 1 5)")
     s.set_defaults(fn=cmd_tune_local)
 
     s = sub.add_parser("evaluate", help="patient-level metrics on the test split (Table 1 form)")

@@ -31,14 +31,16 @@ from .scoring import (
     healthy_reference,
     log_p_map,
     patch_log_likelihoods,
+    scoring_windows,
     write_log_p_map_nifti,
     write_preview_png,
 )
+from .voxel_map import VoxelOperatingPoint, voxel_grid_search, voxel_log_p_volume
 
 RESULT_COLUMNS = [
     "study_id", "path", "status", "error", "model", "n_patches", "abnormal_volume_cm3",
     "predicted_abnormal", "threshold_cm3", "log_p_min", "log_p_mean", "map_path", "preview_path",
-    "patch_scores_path", "scored_at",
+    "patch_scores_path", "scored_at", "voxel_map_path",
 ]
 
 
@@ -72,17 +74,23 @@ def score_row(model, row: dict, cache_dir, out_dir, scoring: dict, op: Operating
             out.update(abnormal_volume_cm3=vol, predicted_abnormal=bool(vol > op.threshold_cm3),
                        threshold_cm3=op.threshold_cm3)
             if write_outputs:
-                ref = (study.spacing, study.origin, study.direction)
                 # outside the mask the map is NaN; SimpleITK readers turn NaN into 0, so store the minimum
                 fill = float(np.nanmin(lpm)) if np.isfinite(lpm).any() else 0.0
-                out["map_path"] = str(write_log_p_map_nifti(lpm, ref, d / "log_p_map.nii.gz", fill_value=fill))
-                out["preview_path"] = str(write_preview_png(
-                    study.volume, lpm, ab, d / "preview.png",
-                    title=f"{sid}: {vol:.1f} cm3 {'ABNORMAL' if vol > op.threshold_cm3 else 'normal'}",
-                    tau_abs=op.tau_abs))
+                out.update(_write_map_outputs(sid, study, lpm, ab, vol, op.threshold_cm3, op.tau_abs,
+                                              d / "log_p_map.nii.gz", fill))
     except Exception as exc:  # noqa: BLE001 - one broken study becomes one error row
         out.update(status="error", error=error_reason(exc))
     return out
+
+
+def _write_map_outputs(sid, study, study_map, abnormal, vol, threshold_cm3, tau_abs, nifti_path, fill) -> dict:
+    """The map as NIfTI on the study's grid and the PNG preview beside it; their paths as result columns."""
+    nifti_path = Path(nifti_path)
+    ref = (study.spacing, study.origin, study.direction)
+    title = f"{sid}: {vol:.1f} cm3 {'ABNORMAL' if vol > threshold_cm3 else 'normal'}"
+    return {"map_path": str(write_log_p_map_nifti(study_map, ref, nifti_path, fill_value=fill)),
+            "preview_path": str(write_preview_png(study.volume, study_map, abnormal, nifti_path.parent / "preview.png",
+                                                  title=title, tau_abs=tau_abs))}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,15 +177,22 @@ def grid_search(studies: list[TuningStudy], space: dict, max_trials: int | None 
 
 def evaluate_test(studies: list[TuningStudy], op: OperatingPoint, n_boot: int = 1000, seed: int = 0) -> dict:
     """Patient-level metrics with bootstrap CIs, ROC data and a per-pathology-kind breakdown."""
-    y = np.array([s.label for s in studies])
     vols = abnormal_volumes(studies, op.sigma_vox, op.tau_abs, op.v_min_cm3)
-    metrics = patient_metrics(y, vols, op.threshold_cm3)
-    ci = bootstrap_ci(y, vols, op.threshold_cm3, n_boot=n_boot, seed=seed) if len(set(y)) == 2 else {}
+    return evaluate_volumes(studies, vols, op.threshold_cm3, n_boot=n_boot, seed=seed)
+
+
+def evaluate_volumes(studies, vols, threshold_cm3: float, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Metrics of abnormal volumes ``vols`` at T for ``studies`` (anything with ``study_id``, ``label`` and
+    ``pathology``): overall with bootstrap CIs, ROC data, per pathology kind against all normals."""
+    y = np.array([s.label for s in studies])
+    vols = np.asarray(vols, dtype=np.float64)
+    metrics = patient_metrics(y, vols, threshold_cm3)
+    ci = bootstrap_ci(y, vols, threshold_cm3, n_boot=n_boot, seed=seed) if len(set(y)) == 2 else {}
     per_kind = {}
     kinds = sorted({s.pathology for s in studies if s.label == 1 and s.pathology})
     for kind in kinds:
         sel = np.array([s.label == 0 or s.pathology == kind for s in studies])
-        km = patient_metrics(y[sel], vols[sel], op.threshold_cm3)
+        km = patient_metrics(y[sel], vols[sel], threshold_cm3)
         per_kind[kind] = {"n": int((y[sel] == 1).sum()), "auroc": km["auroc"],
                           "sensitivity": km["sensitivity"],
                           "median_abnormal_volume_cm3": float(np.median(vols[sel][y[sel] == 1]))}
@@ -185,6 +200,102 @@ def evaluate_test(studies: list[TuningStudy], op: OperatingPoint, n_boot: int = 
             "per_kind": per_kind,
             "studies": [{"study_id": s.study_id, "label": s.label, "pathology": s.pathology,
                          "abnormal_volume_cm3": float(v)} for s, v in zip(studies, vols, strict=True)]}
+
+
+# ------------------------------------------------------------------------- the voxel map (not the paper's)
+def load_operating_point(path_or_dict) -> OperatingPoint | VoxelOperatingPoint:
+    """An ``operating_point.json`` of either map: ``"map": "voxel"`` marks the voxel map's."""
+    d = path_or_dict if isinstance(path_or_dict, dict) else json.loads(Path(path_or_dict).read_text(encoding="utf-8"))
+    return VoxelOperatingPoint.from_dict(d) if d.get("map") == "voxel" else OperatingPoint.from_dict(d)
+
+
+def score_row_voxel(glow, row: dict, cache_dir, out_dir, stride: int = 6, part: str = "top_latent",
+                    op: VoxelOperatingPoint | None = None, model_uri: str = "", device="cpu",
+                    batch_size: int = 32, write_outputs: bool = True) -> dict:
+    """:func:`score_row` for the voxel map of :mod:`ct3dflow.voxel_map`. The raw map is stored per study
+    (``voxel_map.npz``, on the cache grid, with its stride and part) so that tuning never reruns the model.
+    With an operating point: the abnormal volume, the decision, the atypicality map (−|z|) as NIfTI and the
+    PNG preview; the operating point's stride and part override the arguments. Never raises."""
+    sid = str(row["study_id"])
+    out = dict.fromkeys(RESULT_COLUMNS)
+    out.update(study_id=sid, path=str(row.get("path")), model=model_uri, scored_at=_now())
+    try:
+        if op is not None:
+            stride, part = op.stride, op.part  # the map must be computed as it was when the point was chosen
+        study = StudyCache(cache_dir).load(sid)
+        vmap = voxel_log_p_volume(glow, study.volume, study.permissive, glow.patch_size, stride, part=part,
+                                  batch_size=batch_size, device=device)
+        d = Path(out_dir) / sid
+        d.mkdir(parents=True, exist_ok=True)
+        # the map with how it was made: an operating point chosen on these maps must be applied to the same
+        np.savez(d / "voxel_map.npz", voxel_map=vmap, stride=np.int64(stride), part=np.str_(part))
+        fin = vmap[np.isfinite(vmap)]
+        out.update(status="ok", error="", n_patches=len(scoring_windows(study.volume, study.permissive,
+                                                                         glow.patch_size, stride)[3]),
+                   log_p_min=float(fin.min()) if fin.size else float("nan"),
+                   log_p_mean=float(fin.mean()) if fin.size else float("nan"),
+                   voxel_map_path=str(d / "voxel_map.npz"))
+        if op is not None:
+            vol, ab, z = op.abnormal(vmap, study.permissive, study.spacing)
+            out.update(abnormal_volume_cm3=vol, predicted_abnormal=bool(vol > op.threshold_cm3),
+                       threshold_cm3=op.threshold_cm3)
+            if write_outputs:  # −|z|: low = atypical on either side, read like a Log P map
+                out.update(_write_map_outputs(sid, study, -np.abs(z), ab, vol, op.threshold_cm3, -op.tau_z,
+                                              d / "atypicality_map.nii.gz", 0.0))
+    except Exception as exc:  # noqa: BLE001 - one broken study becomes one error row
+        out.update(status="error", error=error_reason(exc))
+    return out
+
+
+@dataclass
+class VoxelStudy:
+    """What the voxel-map search needs of one study: its raw voxel map and permissive mask."""
+
+    study_id: str
+    label: int
+    pathology: str | None
+    permissive: np.ndarray
+    spacing: tuple
+    voxel_map: np.ndarray
+    stride: int
+    part: str
+
+
+def load_voxel_studies(rows: list[dict], results: pd.DataFrame, cache_dir) -> list[VoxelStudy]:
+    if "voxel_map_path" not in results.columns:
+        raise ValueError("these results hold no voxel maps: score with `ct3dflow score-local --map voxel`")
+    ok = results[(results["status"] == "ok") & results["voxel_map_path"].notna()].set_index("study_id")
+    cache = StudyCache(cache_dir)
+    out = []
+    for r in rows:
+        sid = r["study_id"]
+        if sid not in ok.index or r.get("label") is None:
+            continue
+        s = cache.load(sid, mmap=True)
+        pathology = r.get("pathology")
+        with np.load(ok.loc[sid, "voxel_map_path"]) as f:
+            out.append(VoxelStudy(sid, int(r["label"]), pathology if isinstance(pathology, str) else None,
+                                  np.asarray(s.permissive), tuple(s.spacing), f["voxel_map"], int(f["stride"]),
+                                  str(f["part"])))
+    return out
+
+
+def voxel_search(studies: list[VoxelStudy], space: dict | None = None):
+    """:func:`ct3dflow.voxel_map.voxel_grid_search` over loaded validation studies (all scored alike)."""
+    made = {(s.stride, s.part) for s in studies}
+    if len(made) != 1:
+        raise ValueError(f"the validation voxel maps were made with different (stride, part): {sorted(made)}; "
+                         "score them again with one setting")
+    stride, part = made.pop()
+    return voxel_grid_search([s.voxel_map for s in studies], [s.permissive for s in studies],
+                             [s.spacing for s in studies], [s.label for s in studies], space, part, stride)
+
+
+def evaluate_test_voxel(studies: list[VoxelStudy], op: VoxelOperatingPoint, n_boot: int = 1000,
+                        seed: int = 0) -> dict:
+    """:func:`evaluate_test` for the voxel map."""
+    vols = [op.abnormal(s.voxel_map, s.permissive, s.spacing)[0] for s in studies]
+    return evaluate_volumes(studies, vols, op.threshold_cm3, n_boot=n_boot, seed=seed)
 
 
 def write_json(obj, path) -> Path:

@@ -289,6 +289,13 @@ class OperatingPoint:
 
     @classmethod
     def from_dict(cls, d: dict) -> OperatingPoint:
+        if d.get("map") == "voxel":
+            raise ValueError("this operating point belongs to the voxel map (ct3dflow.voxel_map), not the paper's "
+                             "patch Log P map: load it with ct3dflow.evaluation.load_operating_point; the Ray "
+                             "tune/evaluate/screening jobs use the patch map only, score with `ct3dflow score-local`")
+        missing = [k for k in cls.__dataclass_fields__ if k not in d]
+        if missing:
+            raise ValueError(f"operating point lacks {missing}; write it with `ct3dflow tune-local` or the tune job")
         return cls(**{k: float(d[k]) for k in cls.__dataclass_fields__})
 
 

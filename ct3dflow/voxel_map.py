@@ -139,3 +139,85 @@ def typicality_volume(z_map: np.ndarray, mask: np.ndarray, tau: float, v_min_cm3
     with np.errstate(invalid="ignore"):
         neg_abs = np.where(np.isfinite(z_map), -np.abs(z_map), np.inf)
     return abnormal_volume(neg_abs, mask, -float(tau), v_min_cm3, spacing)
+
+
+# ------------------------------------------------------------------------------------ decision
+@dataclass
+class VoxelOperatingPoint:
+    """The decision of the voxel map: σ (voxels), τ (|z| against the healthy depth bands), v_min and T (cm³),
+    with the healthy :class:`DepthReference` it is relative to and how the map was computed (``part``,
+    ``stride``). Stored as ``operating_point.json`` with ``"map": "voxel"``, which tells it apart from the
+    paper's patch-map :class:`ct3dflow.scoring.OperatingPoint`."""
+
+    sigma_vox: float
+    tau_z: float
+    v_min_cm3: float
+    threshold_cm3: float
+    reference: DepthReference
+    part: str = "top_latent"
+    stride: int = 6
+
+    def z_map(self, voxel_map: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.reference.z(smooth_in_mask(voxel_map, mask, self.sigma_vox), mask)
+
+    def abnormal(self, voxel_map: np.ndarray, mask: np.ndarray, spacing):
+        """``(abnormal_volume_cm3, abnormal mask, z map)`` of one study."""
+        z = self.z_map(voxel_map, mask)
+        vol, ab = typicality_volume(z, mask, self.tau_z, self.v_min_cm3, spacing)
+        return vol, ab, z
+
+    def to_dict(self) -> dict:
+        return {"map": "voxel", "part": self.part, "stride": int(self.stride), "sigma_vox": float(self.sigma_vox),
+                "tau_z": float(self.tau_z), "v_min_cm3": float(self.v_min_cm3),
+                "threshold_cm3": float(self.threshold_cm3), "reference": self.reference.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VoxelOperatingPoint:
+        if d.get("map") != "voxel":
+            raise ValueError("not a voxel-map operating point (no \"map\": \"voxel\"); it is the paper's patch map")
+        return cls(float(d["sigma_vox"]), float(d["tau_z"]), float(d["v_min_cm3"]), float(d["threshold_cm3"]),
+                   DepthReference.from_dict(d["reference"]), str(d.get("part", "top_latent")),
+                   int(d.get("stride", 6)))
+
+
+DEFAULT_SPACE = {"sigma_vox": [1.0, 2.0], "tau_z": [2.0, 3.0, 4.0, 5.0, 6.0], "v_min_cm3": [0.0, 1.0, 5.0]}
+
+
+def voxel_grid_search(maps, masks, spacings, labels, space: dict | None = None, part: str = "top_latent",
+                      stride: int = 6):
+    """σ, τ, v_min on validation studies, as :func:`ct3dflow.evaluation.grid_search` does for the patch map.
+
+    ``maps`` are the raw voxel maps of :func:`voxel_log_p_volume`; the healthy reference is refitted for each
+    σ from the studies with label 0 among them. Objective: validation AUROC of the abnormal volume, F1
+    breaking ties; T is read off the validation ROC (best F1). Returns ``(VoxelOperatingPoint, trials)``.
+    """
+    import pandas as pd
+
+    from .metrics import choose_threshold, patient_metrics
+
+    space = {**DEFAULT_SPACE, **(space or {})}
+    y = np.asarray(labels, dtype=int)
+    masks = [np.asarray(m) != 0 for m in masks]
+    healthy = np.flatnonzero(y == 0)
+    if healthy.size == 0 or (y == 1).sum() == 0:
+        raise ValueError("the validation split needs healthy and abnormal studies to choose an operating point")
+    trials, refs = [], {}
+    for sigma in space["sigma_vox"]:
+        smoothed = [smooth_in_mask(v, m, sigma) for v, m in zip(maps, masks, strict=True)]
+        refs[sigma] = ref = DepthReference.fit([smoothed[i] for i in healthy], [masks[i] for i in healthy])
+        zs = [ref.z(s, m) for s, m in zip(smoothed, masks, strict=True)]
+        for tau in space["tau_z"]:
+            for vmin in space["v_min_cm3"]:
+                vols = np.array([typicality_volume(z, m, tau, vmin, sp)[0]
+                                 for z, m, sp in zip(zs, masks, spacings, strict=True)])
+                thr = float(np.clip(choose_threshold(y, vols, criterion="f1"), 0.0, np.inf))
+                m = patient_metrics(y, vols, thr)
+                auroc = 0.5 if not np.isfinite(m["auroc"]) else float(m["auroc"])
+                trials.append({"sigma_vox": float(sigma), "tau_z": float(tau), "v_min_cm3": float(vmin),
+                               "threshold_cm3": thr, "auroc": auroc, "f1": float(m["f1"]),
+                               "accuracy": float(m["accuracy"]), "objective": auroc + 1e-3 * float(m["f1"])})
+    df = pd.DataFrame(trials).sort_values("objective", ascending=False, kind="stable").reset_index(drop=True)
+    b = df.iloc[0]
+    op = VoxelOperatingPoint(float(b["sigma_vox"]), float(b["tau_z"]), float(b["v_min_cm3"]),
+                             float(b["threshold_cm3"]), refs[float(b["sigma_vox"])], part, int(stride))
+    return op, df

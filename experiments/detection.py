@@ -115,7 +115,8 @@ def stage_train(a, rows, cache: Path, mdir: Path) -> Path:
     torch.manual_seed(a.seed)
     cfg = TrainConfig(levels=a.levels, steps=a.steps, width=a.width, patch_size=a.patch_size,
                       batch_size=a.batch_size, iterations=a.max_iterations, lr=a.lr, weight_decay=1e-5,
-                      warmup_steps=a.warmup, grad_clip=50.0, min_lung_fraction=0.5, seed=a.seed)
+                      warmup_steps=a.warmup, grad_clip=50.0, min_lung_fraction=0.5, seed=a.seed,
+                      fast=False)  # eager layers on every device: the experiment measures the method, not speed
     c = StudyCache(cache)
     train_ids = [r["study_id"] for r in rows if r["split"] == "train" and r["label"] == 0]
     val_ids = [r["study_id"] for r in rows if r["split"] == "val" and r["label"] == 0]
@@ -123,8 +124,8 @@ def stage_train(a, rows, cache: Path, mdir: Path) -> Path:
     batches = patch_batches_from_arrays([s.volume for s in studies], [s.strict for s in studies], cfg,
                                         seed=a.seed)
     val = torch.from_numpy(cached_patches(cache, val_ids, a.n_val_patches, a.patch_size, 0.5, a.seed + 1))
-    model = cfg.build_model()
-    trainer = FlowTrainer(model, cfg)
+    model = cfg.build_model().to(a.device)
+    trainer = FlowTrainer(model, cfg, a.device)
     t0 = time.time()
     trainer.initialise(torch.cat([next(batches) for _ in range(4)]))
     hist = [{"step": 0, "wall_s": 0.0, "train_bpd": float("nan"), "val_bpd": trainer.validate(val)}]
@@ -178,7 +179,7 @@ def stage_score(a, rows, cache: Path, model_path: Path, sdir: Path) -> pd.DataFr
     if res_path.exists() and "score" not in a.force:
         return pd.read_parquet(res_path)
     torch.set_num_threads(a.threads)
-    model = load_patch_scorer(model_path)
+    model = load_patch_scorer(model_path).to(a.device).eval()
     size = model.config()["patch_size"]
     scoring = {"patch_size": size, "stride": a.stride, "batch_size": 32}
     t = time.time()
@@ -192,7 +193,8 @@ def stage_score(a, rows, cache: Path, model_path: Path, sdir: Path) -> pd.DataFr
                         "model": str(model_path), "n_patches": len(ps), "log_p_min": float(ps.log_p.min()),
                         "log_p_mean": float(ps.log_p.mean()), "patch_scores_path": str(done)})
             continue
-        res.append(score_row(model, r, cache, sdir, scoring, None, model_uri=str(model_path)))
+        res.append(score_row(model, r, cache, sdir, scoring, None, model_uri=str(model_path),
+                             device=a.device))
         if (i + 1) % 10 == 0:
             log(f"  scored {i + 1}/{len(todo)} ({time.time() - t:.0f} s)")
     df = pd.DataFrame(res)
@@ -482,11 +484,10 @@ def stage_voxel(a, rows, cache: Path, model_path: Path, vdir: Path) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from ct3dflow.flow import Glow3D
-    from ct3dflow.metrics import choose_threshold
-    from ct3dflow.voxel_map import DepthReference, smooth_in_mask, typicality_volume, voxel_log_p_volume
+    from ct3dflow.voxel_map import voxel_grid_search, voxel_log_p_volume
 
     torch.set_num_threads(a.threads)
-    glow = Glow3D.load(model_path).eval()
+    glow = Glow3D.load(model_path).to(a.device).eval()
     c = StudyCache(cache)
     todo = [r for r in rows if r["split"] in ("val", "test")]
     stride = a.voxel_stride or a.stride
@@ -498,7 +499,7 @@ def stage_voxel(a, rows, cache: Path, model_path: Path, vdir: Path) -> dict:
         if not f.exists() or "voxel" in a.force:
             s = c.load(r["study_id"], mmap=True)
             np.save(f, voxel_log_p_volume(glow, s.volume, s.permissive, glow.patch_size, stride,
-                                          part=a.voxel_part))
+                                          part=a.voxel_part, device=a.device))
     log(f"voxel score: {len(todo)} studies, part {a.voxel_part!r}, stride {stride}, {time.time() - t:.0f} s")
 
     def load(split):
@@ -510,44 +511,23 @@ def stage_voxel(a, rows, cache: Path, model_path: Path, vdir: Path) -> dict:
                             "perm": np.asarray(s.permissive) != 0, "spacing": tuple(s.spacing)})
         return out
 
-    def volumes(studies, ref, sigma, tau, vmin):
-        return np.array([typicality_volume(ref.z(smooth_in_mask(d["map"], d["perm"], sigma), d["perm"]),
-                                           d["perm"], tau, vmin, d["spacing"])[0] for d in studies])
-
     # tune: validation only
     val = load("val")
-    y = np.array([d["row"]["label"] for d in val])
-    trials, refs = [], {}
-    for sigma in a.voxel_sigma:
-        sm = [smooth_in_mask(d["map"], d["perm"], sigma) for d in val]
-        healthy = [i for i, d in enumerate(val) if d["row"]["label"] == 0]
-        refs[sigma] = ref = DepthReference.fit([sm[i] for i in healthy], [val[i]["perm"] for i in healthy])
-        zs = [ref.z(m, d["perm"]) for m, d in zip(sm, val, strict=True)]
-        for tau in a.voxel_tau:
-            for vmin in a.v_min:
-                vols = np.array([typicality_volume(z, d["perm"], tau, vmin, d["spacing"])[0]
-                                 for z, d in zip(zs, val, strict=True)])
-                thr = float(np.clip(choose_threshold(y, vols, criterion="f1"), 0.0, np.inf))
-                m = patient_metrics(y, vols, thr)
-                auroc = 0.5 if not np.isfinite(m["auroc"]) else float(m["auroc"])
-                trials.append({"sigma_vox": sigma, "tau_z": tau, "v_min_cm3": vmin, "threshold_cm3": thr,
-                               "auroc": auroc, "f1": float(m["f1"]), "objective": auroc + 1e-3 * float(m["f1"])})
-    trials = pd.DataFrame(trials).sort_values("objective", ascending=False, kind="stable")
+    space = {"sigma_vox": a.voxel_sigma, "tau_z": a.voxel_tau, "v_min_cm3": a.v_min}
+    op, trials = voxel_grid_search([d["map"] for d in val], [d["perm"] for d in val], [d["spacing"] for d in val],
+                                   [d["row"]["label"] for d in val], space, a.voxel_part, stride)
     trials.to_csv(vdir / "trials.csv", index=False)
+    write_json(op.to_dict(), vdir / "operating_point.json")
     best = trials.iloc[0]
-    sigma, tau, vmin, thr = (float(best[k]) for k in ("sigma_vox", "tau_z", "v_min_cm3", "threshold_cm3"))
-    op = {"part": a.voxel_part, "stride": stride, "sigma_vox": sigma, "tau_z": tau, "v_min_cm3": vmin,
-          "threshold_cm3": thr, "reference": refs[sigma].to_dict()}
-    write_json(op, vdir / "operating_point.json")
+    sigma, tau, vmin, thr = op.sigma_vox, op.tau_z, op.v_min_cm3, op.threshold_cm3
     log(f"voxel tune: {len(trials)} trials on {len(val)} val studies; best val AUROC {best['auroc']:.3f} "
         f"F1 {best['f1']:.3f} at σ={sigma:g} τ={tau:g} v_min={vmin:g} T={thr:.2f} cm³")
 
     # test: once
     test = load("test")
-    ref = refs[sigma]
     yt = np.array([d["row"]["label"] for d in test])
     kinds = np.array([d["row"].get("pathology") or "normal" for d in test])
-    vols = volumes(test, ref, sigma, tau, vmin)
+    vols = np.array([op.abnormal(d["map"], d["perm"], d["spacing"])[0] for d in test])
     m = patient_metrics(yt, vols, thr)
     ci = bootstrap_ci(yt, vols, thr, n_boot=2000, seed=0)
     lines = ["| test subset | abnormal / normal | AUROC (95 % CI) | F1 (95 % CI) | accuracy (95 % CI) | "
@@ -579,8 +559,7 @@ def stage_voxel(a, rows, cache: Path, model_path: Path, vdir: Path) -> dict:
     for d in test:
         r = d["row"]
         st = c.load(r["study_id"])
-        z = ref.z(smooth_in_mask(d["map"], d["perm"], sigma), d["perm"])
-        vol_cm3, ab = typicality_volume(z, d["perm"], tau, vmin, d["spacing"])
+        vol_cm3, ab, z = op.abnormal(d["map"], d["perm"], d["spacing"])
         sd = odir / "maps" / r["study_id"]
         write_log_p_map_nifti(-np.abs(z), (st.spacing, st.origin, st.direction), sd / "atypicality_map.nii.gz",
                               fill_value=0.0)
@@ -604,7 +583,7 @@ def stage_voxel(a, rows, cache: Path, model_path: Path, vdir: Path) -> dict:
         vox.append(f"| {kind} | {lz.size} | {np.median(lz):+.2f} | {roc_auc_score(yy, np.abs(np.r_[lz, hzz])):.3f} | "
                    f"{roc_auc_score(yy, -np.r_[lz, hzz]):.3f} |")
     vox_table = "\n".join(vox) + f"\n\nhealthy test lung voxels: share |z| > τ={tau:g}: {np.mean(np.abs(hz) > tau):.4f}"
-    ev = {"operating_point": op, "metrics": m, "rows": rows_out, "roc": roc_curve_data(yt, vols),
+    ev = {"operating_point": op.to_dict(), "metrics": m, "rows": rows_out, "roc": roc_curve_data(yt, vols),
           "table": table, "voxel_table": vox_table}
     write_json(ev, odir / "evaluation.json")
     (odir / "voxel_analysis.md").write_text(vox_table + "\n", encoding="utf-8")
@@ -649,6 +628,9 @@ def parse_args(argv=None):
     p.add_argument("--voxel-sigma", type=float, nargs="+", default=[1.0, 2.0])
     p.add_argument("--voxel-tau", type=float, nargs="+", default=[2.0, 3.0, 4.0, 5.0, 6.0],
                    help="voxel stage: |z| thresholds against the depth-banded healthy reference")
+    p.add_argument("--device", default="cpu", help="torch device for training and scoring (cpu, cuda)")
+    p.add_argument("--skip-paper-map", action="store_true",
+                   help="after training go straight to the voxel stage (no score/tune/test/analysis)")
     p.add_argument("--force", nargs="*", default=[], choices=STAGES)
     p.add_argument("--stop-after", choices=STAGES, default="voxel")
     return p.parse_args(argv)
@@ -674,6 +656,10 @@ def main(argv=None) -> int:
     log(f"model: {info['parameters']:,} parameters, {info['steps']} steps in {info['wall_s'] / 60:.1f} min wall "
         f"time; held-out healthy {info['val_bpd_init']:.3f} → {info['val_bpd_final']:.3f} bits/dim")
     if a.stop_after == "train":
+        return 0
+    if a.skip_paper_map:
+        stage_voxel(a, rows, cache, model_path, out / "voxel")
+        log(f"total wall time {(time.time() - t_all) / 60:.1f} min")
         return 0
     results = stage_score(a, rows, cache, model_path, out / f"scores-stride{a.stride}")
     if a.stop_after == "score":

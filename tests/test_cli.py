@@ -53,6 +53,16 @@ def chain(tmp_path_factory):
              "--operating-point", d / "operating_point.json")
         _run("evaluate", "--manifest", manifest, "--cache", cache, "--results", d / "scored" / "results.parquet",
              "--operating-point", d / "operating_point.json", "--out", d / "evaluation.json")
+        # the same model through the voxel map (docs/RESULTS.md): score val+test, tune, score test, evaluate
+        _run("score-local", "--model", model / "model.pt", "--manifest", manifest, "--cache", cache,
+             "--out", d / "vscores", "--split", "val", "test", "--map", "voxel", "--stride", 8, "--threads", 1)
+        _run("tune-local", "--manifest", manifest, "--cache", cache, "--results", d / "vscores" / "results.parquet",
+             "--out", d / "voxel_operating_point.json", "--sigma", 1, "--tau", 2, 3, "--v-min", 0, 1)
+        _run("score-local", "--model", model / "model.pt", "--manifest", manifest, "--cache", cache,
+             "--out", d / "vscored", "--split", "test", "--threads", 1,
+             "--operating-point", d / "voxel_operating_point.json")
+        _run("evaluate", "--manifest", manifest, "--cache", cache, "--results", d / "vscored" / "results.parquet",
+             "--operating-point", d / "voxel_operating_point.json", "--out", d / "voxel_evaluation.json")
     finally:
         torch.set_num_threads(torch_threads)
     return {"dir": d, "manifest": manifest, "cache": cache, "model": model, "seconds": time.time() - t0}
@@ -135,6 +145,47 @@ def test_evaluate_json(chain):
     assert {s["study_id"] for s in ev["studies"]} == set(
         pd.read_parquet(chain["dir"] / "scored" / "results.parquet")["study_id"])
     assert set(ev["per_kind"]) <= {"nodule", "ground_glass", "consolidation", "emphysema", "honeycombing"}
+
+
+def test_voxel_map_chain(chain):
+    """score-local --map voxel stores one raw map per study; tune-local recognises the maps and writes a
+    voxel operating point (healthy depth bands from the healthy validation studies); score-local with that
+    point reuses its stride and writes the atypicality map and the decision; evaluate reads the same volumes."""
+    d = chain["dir"]
+    m = pd.read_parquet(chain["manifest"])
+    res = pd.read_parquet(d / "vscores" / "results.parquet")
+    assert sorted(res["study_id"]) == sorted(m.loc[m["split"].isin(["val", "test"]), "study_id"])
+    assert (res["status"] == "ok").all(), res["error"].tolist()
+    assert res["patch_scores_path"].isna().all() and res["abnormal_volume_cm3"].isna().all()
+    cache = StudyCache(chain["cache"])
+    for r in res.itertuples():
+        with np.load(r.voxel_map_path) as f:
+            vmap, stride, part = f["voxel_map"], int(f["stride"]), str(f["part"])
+        perm = cache.load(r.study_id).permissive > 0
+        assert stride == 8 and part == "top_latent" and vmap.shape == perm.shape
+        assert np.isfinite(vmap[perm]).all() and vmap[perm].std() > 0
+    op = json.loads((d / "voxel_operating_point.json").read_text())
+    assert op["map"] == "voxel" and op["stride"] == 8 and op["part"] == "top_latent"
+    assert op["sigma_vox"] == 1.0 and op["tau_z"] in (2.0, 3.0) and op["v_min_cm3"] in (0.0, 1.0)
+    assert len(op["reference"]["median"]) == len(op["reference"]["bins"]) and min(op["reference"]["scale"]) > 0
+    scored = pd.read_parquet(d / "vscored" / "results.parquet")
+    assert (scored["status"] == "ok").all(), scored["error"].tolist()
+    assert (scored["predicted_abnormal"] == (scored["abnormal_volume_cm3"] > op["threshold_cm3"])).all()
+    for r in scored.itertuples():  # the same stride as the maps the point was chosen on, so the same map
+        with np.load(r.voxel_map_path) as f:
+            again = f["voxel_map"]
+        first = res.set_index("study_id").loc[r.study_id, "voxel_map_path"]
+        with np.load(first) as f:
+            np.testing.assert_allclose(again, f["voxel_map"], rtol=1e-6, equal_nan=True)
+        st = cache.load(r.study_id)
+        img = sitk.ReadImage(r.map_path)
+        assert img.GetSize() == tuple(reversed(st.volume.shape))
+        assert np.all(sitk.GetArrayFromImage(img) <= 0)  # −|z|
+        assert Path(r.preview_path).exists()
+    ev = json.loads((d / "voxel_evaluation.json").read_text())
+    vols = {s["study_id"]: s["abnormal_volume_cm3"] for s in ev["studies"]}
+    assert vols == pytest.approx(dict(zip(scored["study_id"], scored["abnormal_volume_cm3"], strict=True)))
+    assert ev["metrics"]["n"] == 3 and 0.0 <= ev["metrics"]["auroc"] <= 1.0
 
 
 # ----------------------------------------------------------------------------------------- learning
