@@ -1,8 +1,10 @@
 """Patient-level detection on synthetic phantoms, end to end on one CPU machine (issue 3).
 
-    .venv/bin/python experiments/detection.py --out work/experiments/detection-v2
+    .venv/bin/python experiments/detection.py --out work/experiments/detection-cpu-k8w64
 
-(everything, ≈ 21 min on 2 idle cores: 14 min of training, the rest scoring/tuning; see docs/RESULTS.md)
+(everything, ≈ 35 min on 2 idle cores: 14 min of training, 12 min of voxel maps, 6 min of the paper's
+map, the rest tuning and outputs; see docs/RESULTS.md. ``--device cuda`` trains and scores on a GPU,
+``experiments/device_run.sh`` is the lent-GPU run.)
 
 Stages (each is skipped when its output already exists, unless --force STAGE):
 
@@ -603,8 +605,8 @@ def parse_args(argv=None):
     p.add_argument("--test-normal", type=int, default=16)
     p.add_argument("--test-abnormal", type=int, default=30)
     p.add_argument("--levels", type=int, default=3)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--width", type=int, default=64)
     p.add_argument("--patch-size", type=int, default=24)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
