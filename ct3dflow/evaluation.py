@@ -106,20 +106,23 @@ class TuningStudy:
     scores: PatchScores
 
 
-def load_tuning_studies(rows: list[dict], results: pd.DataFrame, cache_dir) -> list[TuningStudy]:
-    ok = results[results["status"] == "ok"].set_index("study_id")
+def _labelled_scored(rows: list[dict], ok: pd.DataFrame, cache_dir):
+    """``(study_id, label, pathology, cached study, result row)`` of each labelled row with an ok result."""
     cache = StudyCache(cache_dir)
-    out = []
     for r in rows:
         sid = r["study_id"]
         if sid not in ok.index or r.get("label") is None:
             continue
-        s = cache.load(sid, mmap=True)
         pathology = r.get("pathology")
-        out.append(TuningStudy(sid, int(r["label"]), pathology if isinstance(pathology, str) else None,
-                               np.asarray(s.permissive), tuple(s.spacing),
-                               PatchScores.load(ok.loc[sid, "patch_scores_path"])))
-    return out
+        yield (sid, int(r["label"]), pathology if isinstance(pathology, str) else None, cache.load(sid, mmap=True),
+               ok.loc[sid])
+
+
+def load_tuning_studies(rows: list[dict], results: pd.DataFrame, cache_dir) -> list[TuningStudy]:
+    ok = results[results["status"] == "ok"].set_index("study_id")
+    return [TuningStudy(sid, label, kind, np.asarray(s.permissive), tuple(s.spacing),
+                        PatchScores.load(res["patch_scores_path"]))
+            for sid, label, kind, s, res in _labelled_scored(rows, ok, cache_dir)]
 
 
 def healthy_stats(studies: list[TuningStudy]) -> tuple[float, float]:
@@ -265,18 +268,11 @@ def load_voxel_studies(rows: list[dict], results: pd.DataFrame, cache_dir) -> li
     if "voxel_map_path" not in results.columns:
         raise ValueError("these results hold no voxel maps: score with `ct3dflow score-local --map voxel`")
     ok = results[(results["status"] == "ok") & results["voxel_map_path"].notna()].set_index("study_id")
-    cache = StudyCache(cache_dir)
     out = []
-    for r in rows:
-        sid = r["study_id"]
-        if sid not in ok.index or r.get("label") is None:
-            continue
-        s = cache.load(sid, mmap=True)
-        pathology = r.get("pathology")
-        with np.load(ok.loc[sid, "voxel_map_path"]) as f:
-            out.append(VoxelStudy(sid, int(r["label"]), pathology if isinstance(pathology, str) else None,
-                                  np.asarray(s.permissive), tuple(s.spacing), f["voxel_map"], int(f["stride"]),
-                                  str(f["part"])))
+    for sid, label, kind, s, res in _labelled_scored(rows, ok, cache_dir):
+        with np.load(res["voxel_map_path"]) as f:
+            out.append(VoxelStudy(sid, label, kind, np.asarray(s.permissive), tuple(s.spacing), f["voxel_map"],
+                                  int(f["stride"]), str(f["part"])))
     return out
 
 
