@@ -116,6 +116,9 @@ def cmd_score_local(a) -> int:
     model = load_patch_scorer(a.model).to(a.device).eval()
     size = int(model.config().get("patch_size", 48)) if hasattr(model, "config") else 48
     op = _load_op(a.operating_point)
+    if op is not None and a.map == "voxel" and not isinstance(op, VoxelOperatingPoint):
+        raise SystemExit(f"{a.operating_point} is an operating point of the paper's patch map; tune one on voxel "
+                         "maps (score-local --map voxel, then tune-local) or leave out --map voxel")
     voxel = isinstance(op, VoxelOperatingPoint) or a.map == "voxel"
     if voxel and not isinstance(model, Glow3D):
         raise SystemExit(f"the voxel map decomposes a flow's log-likelihood: {a.model} is a "
@@ -233,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--split", nargs="*", help="only these splits (default: all)")
-    s.add_argument("--operating-point", help="operating_point.json from tune-local (its map kind wins)")
+    s.add_argument("--operating-point",
+                   help="operating_point.json from tune-local (a voxel-map point implies --map voxel)")
     s.add_argument("--map", choices=["patch", "voxel"], default="patch",
                    help="patch: the paper's Log P map; voxel: per-voxel coarse-latent map (docs/RESULTS.md)")
     s.add_argument("--part", choices=["top_latent", "all"], default="top_latent",

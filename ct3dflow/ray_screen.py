@@ -300,7 +300,7 @@ def compact_results(results_dir, entries: list[dict], outcomes: dict[str, dict])
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*SCREEN_COLUMNS, "_key"])
     df = (df.sort_values("scored_at", kind="stable").drop_duplicates("_key", keep="last")
           .drop(columns="_key").reset_index(drop=True))
-    df = df[SCREEN_COLUMNS]
+    df = df.reindex(columns=SCREEN_COLUMNS)  # parts written by an older version may lack newer columns
     write_parquet_atomic(df, results_dir / RESULTS_FILE)
     return df
 

@@ -188,6 +188,15 @@ def test_voxel_map_chain(chain):
     assert ev["metrics"]["n"] == 3 and 0.0 <= ev["metrics"]["auroc"] <= 1.0
 
 
+def test_score_local_refuses_a_patch_point_for_the_voxel_map(chain):
+    d = chain["dir"]
+    with pytest.raises(SystemExit, match="patch map"):
+        main(["score-local", "--model", str(chain["model"] / "model.pt"), "--manifest", str(chain["manifest"]),
+              "--cache", str(chain["cache"]), "--out", str(d / "never"), "--split", "test", "--map", "voxel",
+              "--operating-point", str(d / "operating_point.json")])
+    assert not (d / "never").exists()
+
+
 # ----------------------------------------------------------------------------------------- learning
 def test_tiny_flow_learns_healthy_phantom_patches(chain):
     """150 steps (≈ 10 s on 2 idle cores) on healthy phantom patches of the cache lower the bits/dim of

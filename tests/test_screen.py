@@ -39,6 +39,28 @@ SECRET_PID = "PID-SECRET-4711"
 
 # ---------------------------------------------------------------------------------------------------
 # fast unit tests of discovery (no Ray)
+def test_compaction_keeps_parts_of_an_older_version(tmp_path):
+    """A nightly archive screened before a column was added: its parts lack the column, the study is skipped
+    (already scored), and compaction still writes one row per study with every current column."""
+    from ct3dflow.ray_screen import PARTS, RESULTS_FILE, SCREEN_COLUMNS, compact_results
+
+    old_columns = [c for c in SCREEN_COLUMNS if c != "voxel_map_path"]
+    parts = tmp_path / PARTS
+    parts.mkdir()
+    entries, outcomes = [], {}
+    for i in range(2):
+        row = dict.fromkeys(old_columns)
+        row.update(study_id=f"s{i}", path=f"/a/s{i}", status="ok", error="", abnormal_volume_cm3=float(i),
+                   scored_at=f"2026-11-0{i + 1}T00:00:00+00:00")
+        pd.DataFrame([row], columns=old_columns).to_parquet(parts / f"p{i}.parquet", index=False)
+        entries.append({"entry": f"e{i}", "study_id": f"s{i}", "path": f"/a/s{i}"})
+        outcomes[f"e{i}"] = {"part": f"p{i}.parquet"}
+    df = compact_results(tmp_path, entries, outcomes)
+    assert list(df.columns) == SCREEN_COLUMNS and sorted(df["study_id"]) == ["s0", "s1"]
+    assert df["voxel_map_path"].isna().all() and (df["status"] == "ok").all()
+    assert pd.read_parquet(tmp_path / RESULTS_FILE)["abnormal_volume_cm3"].tolist() == [0.0, 1.0]
+
+
 def test_discovery_ids_links_and_errors(tmp_path):
     a = tmp_path / "arch"
     ph = make_phantom(1, shape=SHAPE, spacing=SPACING)
