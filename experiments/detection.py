@@ -529,7 +529,8 @@ def stage_voxel(a, rows, cache: Path, model_path: Path, vdir: Path) -> dict:
     test = load("test")
     yt = np.array([d["row"]["label"] for d in test])
     kinds = np.array([d["row"].get("pathology") or "normal" for d in test])
-    vols = np.array([op.abnormal(d["map"], d["perm"], d["spacing"])[0] for d in test])
+    decided = [op.abnormal(d["map"], d["perm"], d["spacing"]) for d in test]  # (volume, mask, z) once each
+    vols = np.array([v for v, _, _ in decided])
     m = patient_metrics(yt, vols, thr)
     ci = bootstrap_ci(yt, vols, thr, n_boot=2000, seed=0)
     lines = ["| test subset | abnormal / normal | AUROC (95 % CI) | F1 (95 % CI) | accuracy (95 % CI) | "
@@ -558,10 +559,9 @@ def stage_voxel(a, rows, cache: Path, model_path: Path, vdir: Path) -> dict:
         odir / "test_studies.csv", index=False)
     # maps (z, NIfTI) and previews; voxel-level analysis of lesion voxels vs healthy test lung voxels
     healthy_z, lesion_z = [], {}
-    for d in test:
+    for d, (vol_cm3, ab, z) in zip(test, decided, strict=True):
         r = d["row"]
         st = c.load(r["study_id"])
-        vol_cm3, ab, z = op.abnormal(d["map"], d["perm"], d["spacing"])
         sd = odir / "maps" / r["study_id"]
         write_log_p_map_nifti(-np.abs(z), (st.spacing, st.origin, st.direction), sd / "atypicality_map.nii.gz",
                               fill_value=0.0)
