@@ -6,9 +6,14 @@
   small central air column in the upper slices, then one voxel of margin), the largest component on each
   side of the body midline (a component spanning both sides is split by erosion, else at the midline),
   holes filled per slice and per lung. Labels: 1 right lung (small x in LPS), 2 left lung.
-* :func:`permissive_lung_mask` — closing of the strict mask with a ball (r ≈ 10 mm), plus a dilation
-  (≈ 10 mm) restricted to the body, minus bone (> 300 HU) outside the strict mask, holes filled. Dense
-  pathology at the pleura (consolidation, tumour) falls outside any threshold mask but inside this one.
+* :func:`permissive_lung_mask` — the hull of each lung: a closing of each lung *separately* with a ball
+  (r = 30 mm), which fills the lung's own concavities — the hilum, where a central tumour meets the
+  mediastinum, and the bite a pleural lesion takes out of the lung — without bridging the mediastinum
+  between the two lungs; plus a thin dilation (5 mm) for the pleural boundary; bounded by the body, minus
+  bone (> 300 HU) outside the strict mask, holes filled. Dense pathology at the hilum or the pleura falls
+  outside any threshold mask but inside this one. On LUNG1-001 (docs/RESULTS.md) it holds 99.7 % of the
+  expert tumour at 1.24× the volume of the expert lungs and tumour; the earlier blanket closing + 10 mm
+  dilation of both lungs together held 78 % at 1.49×.
 
 Morphology with balls is done with Euclidean distance transforms on the lung bounding box (exact balls,
 much faster than ``binary_dilation`` with a large structuring element).
@@ -240,33 +245,45 @@ def split_left_right(mask: np.ndarray, spacing=None) -> np.ndarray:
     return out
 
 
+def closing_ball(mask: np.ndarray, radius_mm: float, samp) -> np.ndarray:
+    """Morphological closing of ``mask`` with a ball of ``radius_mm`` (``samp``: (z, y, x) mm), on its bounding
+    box. Where the mask touches the volume's edge the ball may reach beyond it (outside counts as mask)."""
+    margin = int(np.ceil(radius_mm / min(samp))) + 2
+    sl = _bbox(mask, margin)
+    sub = mask[sl]
+    dilated = ndimage.distance_transform_edt(~sub, sampling=samp) <= radius_mm
+    out = np.zeros(mask.shape, dtype=bool)
+    out[sl] = (ndimage.distance_transform_edt(dilated, sampling=samp) > radius_mm) | sub
+    return out
+
+
 def permissive_lung_mask(
     hu: np.ndarray,
     strict: np.ndarray,
     spacing,
-    closing_radius_mm: float = 10.0,
-    dilation_mm: float = 10.0,
+    closing_radius_mm: float = 30.0,
+    dilation_mm: float = 5.0,
     body_hu: float = -500.0,
     bone_hu: float = 300.0,
 ) -> np.ndarray:
-    """Permissive lung mask, uint8 0/1: closing of the strict mask + dilation in the body, no bone."""
-    lung = np.asarray(strict) > 0
+    """Permissive lung mask, uint8 0/1: each lung closed on its own, a thin dilation, in the body, no bone.
+
+    ``strict`` is labelled (1 right, 2 left): closing the lungs one by one keeps the mediastinum between
+    them out, while each lung's concavities (the hilum, pleural bites) are filled."""
+    strict = np.asarray(strict)
+    lung = strict > 0
     out = np.zeros(lung.shape, dtype=np.uint8)
     if not lung.any():
         return out
     samp = _zyx(spacing)
-    reach = max(closing_radius_mm, dilation_mm)
-    margin = int(np.ceil(reach / min(samp))) + 2
-    sl = _bbox(lung, margin)
-    sub = lung[sl]
-    dist = ndimage.distance_transform_edt(~sub, sampling=samp)
-    dilated = dist <= closing_radius_mm
-    closed = ndimage.distance_transform_edt(dilated, sampling=samp) > closing_radius_mm
-    closed |= sub
+    hull = np.zeros(lung.shape, dtype=bool)
+    for label in np.unique(strict[lung]):  # 1 right, 2 left (a binary mask is one "side")
+        hull |= closing_ball(strict == label, closing_radius_mm, samp)
+    sl = _bbox(hull, int(np.ceil(dilation_mm / min(samp))) + 2)
+    near = ndimage.distance_transform_edt(~hull[sl], sampling=samp) <= dilation_mm
     body = ~outside_air(hu, body_hu)[sl]
-    hu_sub = np.asarray(hu)[sl]
-    perm = closed | ((dist <= dilation_mm) & body)
-    perm &= ~((hu_sub > bone_hu) & ~sub)
+    perm = (hull[sl] | near) & body
+    perm &= ~((np.asarray(hu)[sl] > bone_hu) & ~lung[sl])
     perm = _fill_holes(perm, per_slice=False)
     out[sl] = perm
     return out

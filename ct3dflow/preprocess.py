@@ -28,7 +28,7 @@ from ct3dflow import lungs
 from ct3dflow.errors import CTInputError
 from ct3dflow.io import read_ct
 
-PREPROCESS_VERSION = "1"
+PREPROCESS_VERSION = "2"  # 2: permissive mask = per-lung 30 mm closing + 5 mm
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,8 @@ class PreprocessConfig:
     lung_threshold_hu: float = -400.0
     airway_threshold_hu: float = -950.0
     # permissive mask
-    closing_radius_mm: float = 10.0
-    dilation_mm: float = 10.0
+    closing_radius_mm: float = 30.0  # per-lung closing: fills the hilum and pleural bites (lungs.py)
+    dilation_mm: float = 5.0
     body_threshold_hu: float = -500.0
     bone_threshold_hu: float = 300.0
     # plausibility
