@@ -59,6 +59,7 @@ _TAGS = {
     "orientation": "0020|0037",
     "rows": "0028|0010",
     "cols": "0028|0011",
+    "slope": "0028|1053",
 }
 
 
@@ -85,6 +86,8 @@ class _Slice:
     orientation: np.ndarray | None
     rows: int
     cols: int
+    slope: str = ""  # RescaleSlope as written ("" when absent)
+    dropped_because: str = ""  # why _clean_series left this slice out
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -159,6 +162,7 @@ def _read_image_file(p: Path) -> tuple[sitk.Image, ReadReport]:
             f"{p.name} is a {dim}-D image (size {tuple(size)}), e.g. a time series; export one 3-D volume"
         )
     _check_size(size[:3], p.name)
+    stored_type = reader.GetPixelID()
     if fmt == "nifti":
         _check_nifti_raw(p)
     try:
@@ -175,7 +179,7 @@ def _read_image_file(p: Path) -> tuple[sitk.Image, ReadReport]:
     _check_finite(img, p.name)
     img, more = _orient_lps(img)
     notes += more
-    notes += _hu_plausibility(img)
+    _check_hu(img, p.name, stored_type)
     report = ReadReport(
         source=str(p), format=fmt, series_uid=None, n_series_found=1, n_slices=img.GetSize()[2], notes=notes
     )
@@ -225,6 +229,7 @@ def _read_header(path: Path) -> _Slice | None:
         orientation=floats("orientation", 6),
         rows=integer("rows") or r.GetSize()[1],
         cols=integer("cols") or r.GetSize()[0],
+        slope=tag("slope"),
     )
 
 
@@ -255,8 +260,10 @@ def _normal(o: np.ndarray) -> np.ndarray:
     return n / (np.linalg.norm(n) or 1.0)
 
 
-def _clean_series(uid: str, slices: list[_Slice]) -> tuple[list[_Slice], list[str]]:
-    """Drop localizers and orientation/size outliers of one series; return kept slices and notes."""
+def _clean_series(uid: str, slices: list[_Slice]) -> tuple[list[_Slice], list[str], list[_Slice]]:
+    """Drop localizers and orientation/size outliers of one series; return kept slices, notes and the
+    dropped outliers (each with ``dropped_because``), so that a gap they leave in the stack is reported as
+    what it is."""
     notes: list[str] = []
     loc = [s for s in slices if "LOCALIZER" in s.image_type or "SCOUT" in s.image_type]
     if loc:
@@ -267,9 +274,12 @@ def _clean_series(uid: str, slices: list[_Slice]) -> tuple[list[_Slice], list[st
         notes.append(f"series {uid_tag(uid)}: dropped {len(bad)} image(s) without ImagePosition/OrientationPatient")
         kept = [s for s in kept if s not in bad]
     if not kept:
-        return [], notes
+        return [], notes, []
     major_o = Counter(_orientation_key(s.orientation) for s in kept).most_common(1)[0][0]
     off = [s for s in kept if _orientation_key(s.orientation) != major_o]
+    for s in off:
+        s.dropped_because = "an orientation that differs from the other slices"
+    outliers = list(off)
     if off:
         notes.append(
             f"series {uid_tag(uid)}: dropped {len(off)} image(s) whose orientation differs from the other "
@@ -278,10 +288,14 @@ def _clean_series(uid: str, slices: list[_Slice]) -> tuple[list[_Slice], list[st
         kept = [s for s in kept if s not in off]
     major_size = Counter((s.rows, s.cols) for s in kept).most_common(1)[0][0]
     off = [s for s in kept if (s.rows, s.cols) != major_size]
+    for s in off:
+        s.dropped_because = (f"a {s.cols}×{s.rows} matrix where the other slices have "
+                             f"{major_size[1]}×{major_size[0]}")
+    outliers += off
     if off:
         notes.append(f"series {uid_tag(uid)}: dropped {len(off)} image(s) whose matrix size differs from the others")
         kept = [s for s in kept if s not in off]
-    return kept, notes
+    return kept, notes, outliers
 
 
 def uid_tag(uid: str | None) -> str:
@@ -298,11 +312,13 @@ def _describe(uid: str, sl: list[_Slice]) -> str:
     return f"{uid_tag(uid)} ({num}{mod}, {axial}, {len(sl)} slices)"
 
 
-def _choose_series(groups: dict[str, list[_Slice]], folder: Path) -> tuple[str, list[_Slice], list[str]]:
+def _choose_series(groups: dict[str, list[_Slice]], folder: Path
+                   ) -> tuple[str, list[_Slice], list[str], list[_Slice]]:
     notes: list[str] = []
     usable: dict[str, list[_Slice]] = {}
+    dropped: dict[str, list[_Slice]] = {}
     for uid, sl in groups.items():
-        kept, n = _clean_series(uid, sl)
+        kept, n, dropped[uid] = _clean_series(uid, sl)
         notes += n
         if len(kept) >= 1:
             usable[uid] = kept
@@ -337,11 +353,15 @@ def _choose_series(groups: dict[str, list[_Slice]], folder: Path) -> tuple[str, 
                 f"ambiguous choice: series {ordered[1][0]} is also CT with {len(ordered[1][1])} slices; "
                 "kept the first — pass a folder holding only the series you want to be sure"
             )
-    return uid, chosen, notes
+    return uid, chosen, notes, dropped[uid]
 
 
-def _geometry(sl: list[_Slice]) -> tuple[list[_Slice], np.ndarray, np.ndarray, np.ndarray, float]:
-    """Sort slices; check spacing; return (sorted slices, row, col, step vector, tilt angle in degrees)."""
+def _geometry(sl: list[_Slice], dropped: list[_Slice] = ()
+              ) -> tuple[list[_Slice], np.ndarray, np.ndarray, np.ndarray, float]:
+    """Sort slices; check spacing; return (sorted slices, row, col, step vector, tilt angle in degrees).
+
+    ``dropped`` are the slices :func:`_clean_series` left out: one that sat in a gap is named as the cause
+    (a slice of another matrix size is not a missing slice)."""
     o = sl[0].orientation
     row, col = o[:3] / np.linalg.norm(o[:3]), o[3:] / np.linalg.norm(o[3:])
     n = _normal(o)
@@ -361,6 +381,13 @@ def _geometry(sl: list[_Slice]) -> tuple[list[_Slice], np.ndarray, np.ndarray, n
     big = np.nonzero(gaps > 1.5 * typical)[0]
     if big.size:
         i = int(big[0])
+        for s in dropped:  # the gap holds a slice we dropped: say why it was dropped, not "missing"
+            if s.position is not None and d[i] < float(s.position @ n) < d[i + 1]:
+                raise CTInputError(
+                    f"the slice at {float(s.position @ n):.2f} mm along the slice normal has {s.dropped_because}, "
+                    f"so the series cannot be stacked (a slice re-exported or replaced at another resolution); "
+                    "re-export the series with one matrix size and orientation"
+                )
         n_missing = int(sum(max(round(g / typical) - 1, 1) for g in gaps[big]))
         raise CTInputError(
             f"slice gap of {gaps[i]:.2f} mm between positions {d[i]:.2f} and {d[i + 1]:.2f} mm along the "
@@ -398,7 +425,7 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, ReadReport]:
     groups: dict[str, list[_Slice]] = {}
     for s in slices:
         groups.setdefault(s.series_uid, []).append(s)
-    uid, chosen, notes = _choose_series(groups, folder)
+    uid, chosen, notes, dropped = _choose_series(groups, folder)
     if n_files > len(slices):
         notes.append(f"ignored {n_files - len(slices)} non-DICOM file(s) in the folder")
     if len(chosen) < 2:
@@ -412,7 +439,8 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, ReadReport]:
             "the export"
         )
     _check_size([chosen[0].cols, chosen[0].rows, len(chosen)], f"series {uid_tag(uid)}")
-    chosen, row, col, step, tilt = _geometry(chosen)
+    _check_rescale_slope(chosen, uid)
+    chosen, row, col, step, tilt = _geometry(chosen, dropped)
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([s.path for s in chosen])
@@ -444,7 +472,7 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, ReadReport]:
         img.SetDirection([float(v) for v in np.column_stack([row, col, n]).ravel()])
         img, more = _orient_lps(img)
         notes += more
-    notes += _hu_plausibility(img)
+    _check_hu(img, f"series {uid_tag(uid)}")
     report = ReadReport(
         source=str(folder),
         format="dicom",
@@ -610,14 +638,52 @@ def _resample_affine_to_axial(img: sitk.Image, m: np.ndarray, origin, spacing, p
     return out
 
 
-def _hu_plausibility(img: sitk.Image) -> list[str]:
+_BITS = {sitk.sitkInt8: (8, "signed"), sitk.sitkUInt8: (8, "unsigned")}
+
+
+def _check_rescale_slope(chosen: list[_Slice], uid: str) -> None:
+    """HU = RescaleSlope · stored value + RescaleIntercept. GDCM reads a slope of 0 as 1 and would hand us
+    stored values as if they were HU; a CT's slope is positive (normally 1)."""
+    bad = []
+    for s in chosen:
+        if not s.slope:
+            continue
+        try:
+            v = float(s.slope.split("\\")[0])
+        except ValueError:
+            v = float("nan")
+        if not (math.isfinite(v) and v > 0):
+            bad.append(s.slope)
+    if bad:
+        raise CTInputError(
+            f"RescaleSlope (0028,1053) is {bad[0]!r} in {len(bad)} of {len(chosen)} slice(s) of series "
+            f"{uid_tag(uid)}: the stored values cannot be converted to HU (HU = slope × value + intercept, and a "
+            "CT's slope is positive, normally 1); fix the rescale tags of the export"
+        )
+
+
+def _check_hu(img: sitk.Image, what: str, stored_type: int | None = None) -> None:
+    """A chest CT in HU holds air (≈ −1000 HU, outside the body and in the lungs) and soft tissue (≈ 40 HU):
+    an image without both is not HU, and every later step (lungs, map) would fail with a wrong reason."""
     f = sitk.MinimumMaximumImageFilter()
     f.Execute(img)
     lo, hi = f.GetMinimum(), f.GetMaximum()
-    if lo > -500 or hi < -200:
-        return [
-            f"intensity range [{lo:.0f}, {hi:.0f}] does not look like HU (a chest CT holds air "
-            f"near −1000 HU); "
-            "check the rescale slope/intercept of the export"
-        ]
-    return []
+    if lo <= -500 and hi >= -200:
+        return
+    if stored_type in _BITS:
+        bits, sign = _BITS[stored_type]
+        raise CTInputError(
+            f"{what} is stored as {bits}-bit {sign} integers (values {lo:.0f} to {hi:.0f}), which cannot hold CT "
+            "values in HU (air ≈ −1000, bone > 1000): the values are not HU; export the CT in HU (e.g. as 16-bit "
+            "integers or float with the rescale applied)"
+        )
+    if lo > -500:
+        raise CTInputError(
+            f"the values of {what} are not HU: they range from {lo:.0f} to {hi:.0f}, and a chest CT holds air "
+            "near −1000 HU (outside the body and in the lungs); check the rescale slope/intercept of the export, "
+            "or that this is a CT"
+        )
+    raise CTInputError(
+        f"{what} holds no body tissue: its values range from {lo:.0f} to {hi:.0f} HU (only air); pass the chest "
+        "CT itself"
+    )

@@ -289,6 +289,25 @@ def permissive_lung_mask(
     return out
 
 
+def edge_cut(strict: np.ndarray, spacing, within_mm: float = 10.0) -> tuple[str, float] | None:
+    """Do the lungs run out of the scan? ``("upper" | "lower", share)`` when the widest axial cross-section of
+    the lungs lies within ``within_mm`` of the top or bottom slice; ``share`` is the lung area on that edge
+    slice relative to the widest one. A chest CT has its widest lung sections mid-chest, far from both
+    edges, even when an apex or a costophrenic recess is clipped; an abdominal CT that shows the lung bases
+    has them on its top slice. ``None`` when the lungs do not reach an edge that way. Arrays are (z, y, x),
+    +z superior (LPS)."""
+    area = (np.asarray(strict) > 0).sum(axis=(1, 2)).astype(np.float64)
+    if area.max() <= 0:
+        return None
+    widest = int(np.argmax(area))
+    near = max(1, int(round(within_mm / float(spacing[2]))))
+    if widest >= len(area) - 1 - near:
+        return "upper", float(area[-1] / area.max())
+    if widest <= near:
+        return "lower", float(area[0] / area.max())
+    return None
+
+
 def lung_volumes_cm3(strict: np.ndarray, spacing) -> tuple[float, float]:
     """(right, left) lung volumes in cm³ of a strict mask (1 right, 2 left)."""
     voxel_cm3 = float(np.prod([float(s) for s in spacing])) / 1000.0

@@ -49,7 +49,9 @@ class PreprocessConfig:
     body_threshold_hu: float = -500.0
     bone_threshold_hu: float = 300.0
     # plausibility
+    max_input_spacing_mm: float = 10.0  # coarser voxels (on any axis): error, no lungs can be told apart
     min_lung_volume_cm3: float = 50.0  # below this: error (no usable lung)
+    max_edge_cut: float = 0.5  # lungs cut at a scan edge with this share of their widest section: error
     plausible_lung_cm3: tuple = (1000.0, 10000.0)  # outside: a note (phantoms and children are small)
     max_asymmetry: float = 2.0  # larger/smaller lung volume above this: a note
 
@@ -206,6 +208,14 @@ def preprocess_study(
     """Read, resample to the isotropic grid, mask the lungs and normalise one study."""
     img, report = read_ct(path)
     notes = list(report.notes)
+    coarse = [s for s in img.GetSpacing() if s > cfg.max_input_spacing_mm]
+    if coarse:
+        sp = " × ".join(f"{s:g}" for s in img.GetSpacing())
+        raise CTInputError(
+            f"the voxels are too coarse: {sp} mm, and lungs, vessels and lesions cannot be told apart beyond "
+            f"{cfg.max_input_spacing_mm:g} mm per axis (chest CT is reconstructed at ≤ 5 mm); pass the CT at its "
+            "original resolution, not a downsampled preview"
+        )
     iso = resample_isotropic(img, cfg.spacing_mm, cfg.pad_hu)
     del img
     size = iso.GetSize()
@@ -237,6 +247,16 @@ def preprocess_study(
             f"lungs too small or not found: {total:.0f} cm³ of air-filled lung inside the body "
             f"(< {cfg.min_lung_volume_cm3:g} cm³); this is not a chest CT, or the lungs are cut off — pass a "
             "chest CT covering the lungs (or supply a lung mask)"
+        )
+    cut = lungs.edge_cut(strict, spacing)
+    if cut is not None and cut[1] >= cfg.max_edge_cut:
+        side, frac = cut
+        part = "lower" if side == "upper" else "upper"
+        raise CTInputError(
+            f"the scan does not cover the lungs: they are cut at its {side} edge, where the {side}most slice still "
+            f"holds {100 * frac:.0f} % of their widest cross-section, so only the {part} part of the lungs "
+            f"({total:.0f} cm³) is in the image (an abdominal or neck CT, or a partial scan); CT-3DFlow screens "
+            "chest CTs that cover both lungs from apex to base, and will not call such a scan normal"
         )
     permissive = lungs.permissive_lung_mask(
         hu,

@@ -146,6 +146,46 @@ def test_missing_slice(tmp_path):
         read_ct(tmp_path)
 
 
+def test_one_slice_of_half_the_size_is_named_not_missing(tmp_path):
+    """A slice re-exported at another matrix size leaves a gap once dropped: the reason names that slice."""
+    hu = small_volume(nz=10, ny=20, nx=24)
+    uid, study = generate_uid(), generate_uid()
+    for k in range(10):
+        img = hu[k] if k != 4 else hu[k, ::2, ::2]  # 12 × 10 instead of 24 × 20
+        write_dicom_slice(img, tmp_path / f"{k}.dcm", position=(0, 0, 2.0 * k), slice_thickness=2.0,
+                          series_uid=uid, study_uid=study, instance=k + 1)
+    with pytest.raises(CTInputError, match=r"slice at 8\.00 mm .* 12×10 matrix where the other slices have "
+                                           r"24×20") as e:
+        read_ct(tmp_path)
+    assert "missing" not in str(e.value)
+
+
+@pytest.mark.parametrize("slope", ["0", "-1"])
+def test_rescale_slope_that_cannot_give_hu(tmp_path, slope):
+    import pydicom
+
+    files = write_dicom_series(small_volume(), tmp_path, spacing=(1, 1, 2.0))
+    ds = pydicom.dcmread(files[3])
+    ds.RescaleSlope = slope
+    ds.save_as(files[3])
+    with pytest.raises(CTInputError, match=rf"RescaleSlope \(0028,1053\) is '{slope}' in 1 of 12 slice.*not be "
+                                           "converted to HU"):
+        read_ct(tmp_path)
+
+
+def test_int8_volume_is_not_hu(tmp_path):
+    arr = np.random.default_rng(0).integers(-128, 127, size=(12, 20, 24)).astype(np.int8)
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "int8.nii.gz"))
+    with pytest.raises(CTInputError, match="8-bit signed integers .* the values are not HU"):
+        read_ct(tmp_path / "int8.nii.gz")
+
+
+def test_values_without_air_are_not_hu(tmp_path):
+    write_image(small_volume() + 1024.0, tmp_path / "raw.nii.gz")  # stored values, no intercept applied
+    with pytest.raises(CTInputError, match=r"not HU: they range from 24 to .*air near −1000 HU"):
+        read_ct(tmp_path / "raw.nii.gz")
+
+
 def test_uneven_spacing(tmp_path):
     hu = small_volume(nz=4)
     uid, study = generate_uid(), generate_uid()

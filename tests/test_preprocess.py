@@ -149,6 +149,32 @@ def test_no_lungs_is_an_error(tmp_path):
         preprocess_study(tmp_path / "nolung.mha")
 
 
+def test_voxels_too_coarse(tmp_path):
+    hu, _ = synthetic_torso((8, 8, 8), (50.0, 50.0, 50.0), airways=False)
+    sitk.WriteImage(to_image(hu, spacing=(50.0, 50.0, 50.0)), str(tmp_path / "coarse.nii.gz"))
+    with pytest.raises(CTInputError, match=r"voxels are too coarse: 50 × 50 × 50 mm.*beyond 10 mm per axis"):
+        preprocess_study(tmp_path / "coarse.nii.gz")
+
+
+def test_abdominal_ct_with_lung_bases_only_is_rejected(tmp_path):
+    """An abdominal CT: the lung bases in its top slices, abdomen below. Not a chest CT to call normal."""
+    from ct3dflow.phantoms import make_phantom
+
+    ph = make_phantom(3, size="demo")  # 2.5 mm slices; lungs from slice 12 up
+    bases = ph.hu[:30].astype(np.float32)  # the diaphragm and the lowest lung
+    abdomen = np.repeat(bases[:1], 50, axis=0)  # below the diaphragm: soft tissue only
+    hu = np.concatenate([abdomen, bases])
+    lung_cm3 = (ph.lung_mask[:30] > 0).sum() * np.prod(ph.spacing) / 1000
+    assert 100 < lung_cm3 < 800  # a few hundred cm³ of lung, as such a scan shows
+    sitk.WriteImage(to_image(hu, spacing=ph.spacing), str(tmp_path / "abdomen.nii.gz"))
+    with pytest.raises(CTInputError, match=r"does not cover the lungs: they are cut at its upper edge.*only the "
+                                           r"lower part of the lungs .*will not call such a scan normal"):
+        preprocess_study(tmp_path / "abdomen.nii.gz")
+    # the same phantom whole is a chest CT
+    sitk.WriteImage(to_image(ph.hu.astype(np.float32), spacing=ph.spacing), str(tmp_path / "chest.nii.gz"))
+    assert preprocess_study(tmp_path / "chest.nii.gz").lung_volume_left_cm3 > 500
+
+
 def test_asymmetry_is_noted(tmp_path):
     hu, truth = synthetic_torso((56, 64, 80), SP, airways=False)
     z = np.arange(hu.shape[0])[:, None, None]
