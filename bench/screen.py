@@ -44,7 +44,7 @@ def make_inputs(d: Path, n: int) -> Path:
     """The archive (n studies, every 4th one a DICOM series) and a tiny Glow3D (untrained: speed only)."""
     import torch
 
-    from ct3dflow.phantoms import make_phantom, write_dicom_series, write_nifti
+    from ct3dflow.synthetic import make_phantom, write_dicom_series, write_nifti
     from ct3dflow.train import TrainConfig
 
     arch = d / "archive"
@@ -96,7 +96,7 @@ import json, sys, time
 sys.path.insert(0, {str(ROOT)!r})
 import mlflow, ray
 from ct3dflow.config import load_config
-from ct3dflow.ray_screen import screen_job
+from ct3dflow.adapters.ray_screen import screen_job
 db = "sqlite:///{d}/mlflow.db"
 mlflow.MlflowClient(db).search_experiments()  # the schema exists before timing
 ray.init(num_cpus={cpus}, include_dashboard=False, log_to_driver=False)

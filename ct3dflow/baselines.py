@@ -31,13 +31,12 @@ stage's channels (``steps`` is unused).
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .flow import HU_BINS, nats_to_bits_per_dim
+from .flow.persist import SavedModule
 
 FORMAT = "ct3dflow-ae-v1"
 DEFAULT_NOISE_HU = 8.0
@@ -49,10 +48,13 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(c_in, c_out, 3, padding=1), nn.SiLU())
 
 
-class ConvAE3D(nn.Module):
+class ConvAE3D(SavedModule, nn.Module):
     """3D convolutional autoencoder with a Gaussian-decoder log-likelihood proxy (see the module doc)."""
 
     KIND = "ae"
+    FORMAT = FORMAT
+    FORMAT_FAMILY = "ct3dflow-ae"
+    FILE_WHAT = "ct3dflow autoencoder"
 
     def __init__(self, depth: int = 3, width: int = 16, patch_size: int = 48, latent_channels: int | None = None,
                  in_channels: int = 1, noise_hu: float = DEFAULT_NOISE_HU):
@@ -120,27 +122,3 @@ class ConvAE3D(nn.Module):
     def bits_per_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Same 1-HU-bin convention as the flow: ``(−log p(x) + D·log 1220) / (D·log 2)``."""
         return nats_to_bits_per_dim(self.log_prob(x), self.dim)
-
-    # ------------------------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike) -> None:
-        """Configuration + state dict (atomically: tmp file, then ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
-        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}  # loads on a CPU-only node too
-        payload = {"format": FORMAT, "config": self.config(), "dtype": dtype, "state_dict": state}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, map_location=None) -> ConvAE3D:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or not str(payload.get("format", "")).startswith("ct3dflow-ae"):
-            raise ValueError(f"{path} is not a ct3dflow autoencoder file (format {FORMAT!r} expected)")
-        model = cls(**payload["config"])
-        model.to(getattr(torch, payload.get("dtype", "float32")))
-        model.load_state_dict(payload["state_dict"])
-        if isinstance(map_location, str | torch.device):
-            model.to(map_location)
-        return model

@@ -6,7 +6,6 @@ The Ray jobs in ``jobs/`` run the same functions on a cluster; these subcommands
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ def _progress(iterable, total=None, desc=None):
 
 # ------------------------------------------------------------------------------------------ phantoms
 def cmd_phantoms(a) -> int:
-    from .phantoms import make_archive
+    from .synthetic import make_archive
 
     df = make_archive(a.out, a.normal, a.abnormal, fmt=a.format, seed=a.seed, size=a.size)
     print(f"wrote {len(df)} studies and {Path(a.out) / 'manifest.parquet'}")
@@ -97,50 +96,38 @@ def cmd_train_local(a) -> int:
 
 
 # --------------------------------------------------------------------------------------------- score
-def _load_op(path):
-    from .evaluation import load_operating_point
-
-    return load_operating_point(path) if path else None
-
-
 def cmd_score_local(a) -> int:
     import torch
 
-    from .evaluation import score_row, score_row_voxel
-    from .flow import Glow3D
+    from .config import load_config
+    from .detect import OperatingPoint, get_kind
+    from .detect.batch import ScoringPlan, entries_of_rows, score_locally
     from .models import load_patch_scorer
     from .pipeline import manifest_rows
-    from .voxel_map import VoxelOperatingPoint
+    from .preprocess import PreprocessConfig
 
     torch.set_num_threads(a.threads)
-    model = load_patch_scorer(a.model).to(a.device).eval()
-    size = int(model.config().get("patch_size", 48)) if hasattr(model, "config") else 48
-    op = _load_op(a.operating_point)
-    if op is not None and a.map == "voxel" and not isinstance(op, VoxelOperatingPoint):
-        raise SystemExit(f"{a.operating_point} is an operating point of the paper's patch map; tune one on voxel "
-                         "maps (score-local --map voxel, then tune-local) or leave out --map voxel")
-    voxel = isinstance(op, VoxelOperatingPoint) or a.map == "voxel"
-    if voxel and not isinstance(model, Glow3D):
-        raise SystemExit(f"the voxel map decomposes a flow's log-likelihood: {a.model} is a "
+    model = load_patch_scorer(a.model)
+    op = OperatingPoint.load(a.operating_point) if a.operating_point else None
+    if op is not None and a.map and a.map != op.map:
+        raise SystemExit(f"{a.operating_point} is an operating point of the {op.map} map; tune one on {a.map} maps "
+                         f"(score-local --map {a.map}, then tune-local) or leave out --map")
+    kind = get_kind(op.map if op is not None else a.map)
+    if kind.needs_flow and type(model).__name__ != "Glow3D":
+        raise SystemExit(f"the {kind.name} map decomposes a flow's log-likelihood: {a.model} is a "
                          f"{type(model).__name__}, not a Glow3D; score it with --map patch")
+    pre = load_config(a.config).preprocess_config() if a.config else PreprocessConfig()
     rows = [r for r in manifest_rows(a.manifest) if not a.split or r.get("split") in a.split]
-    if voxel:
-        stride = a.stride or 6
-
-        def score(r):
-            return score_row_voxel(model, r, a.cache, a.out, stride=stride, part=a.part, op=op,
-                                   model_uri=str(a.model), device=a.device, batch_size=a.batch_size)
-    else:
-        scoring = {"patch_size": size, "stride": a.stride or max(1, size - 10), "batch_size": a.batch_size}
-
-        def score(r):
-            return score_row(model, r, a.cache, a.out, scoring, op, model_uri=str(a.model), device=a.device)
-
-    res = pd.DataFrame([score(r) for r in _progress(rows, total=len(rows), desc="score")])
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    res.to_parquet(Path(a.out) / "results.parquet", index=False)
-    print(res[["study_id", "status", "n_patches", "log_p_mean", "abnormal_volume_cm3", "predicted_abnormal",
-               "error"]].to_string(index=False))
+    scoring = {"stride": a.stride, "part": a.part, "batch_size": a.batch_size}
+    plan = ScoringPlan.make(kind.name, scoring, int(model.config()["patch_size"]), op, str(a.model),
+                            f"file-{Path(a.model).name}", pre.to_dict(), a.cache, a.out)
+    bar = _progress(range(len(rows)), total=len(rows), desc=f"score ({kind.name} map)")
+    res, _ = score_locally(entries_of_rows(rows), plan, model, a.device, on_row=lambda i, item: bar.update(1))
+    bar.close()
+    with pd.option_context("display.width", 200, "display.max_colwidth", 80):
+        print(res[["study_id", "status", "n_patches", "log_p_mean", "abnormal_volume_cm3", "predicted_abnormal",
+                   "error"]].to_string(index=False))
+    print(f"{kind.name} map, {plan.settings}; results: {Path(a.out) / 'results.parquet'}")
     return 0
 
 
@@ -151,58 +138,62 @@ def _split_rows(manifest, split):
     return [r for r in manifest_rows(manifest) if r.get("split") == split]
 
 
-def _is_voxel(results: pd.DataFrame) -> bool:
-    return "voxel_map_path" in results.columns and bool(results["voxel_map_path"].notna().any())
+def _kind_of_results(results: pd.DataFrame):
+    from .detect import get_kind
+
+    kinds = sorted(set(results.loc[results["status"] == "ok", "map_kind"].dropna())) if "map_kind" in results else []
+    if len(kinds) != 1:
+        raise SystemExit(f"the results hold {kinds or 'no'} map scores: score the validation split with "
+                         "`ct3dflow score-local` first (one map kind)")
+    return get_kind(kinds[0])
 
 
 def cmd_tune_local(a) -> int:
-    from .evaluation import grid_search, load_tuning_studies, load_voxel_studies, voxel_search, write_json
+    from .detect.row import load_scored_studies
+    from .detect.search import grid_search, threshold_rule
 
     results = pd.read_parquet(a.results)
-    rows = _split_rows(a.manifest, "val")
+    kind = _kind_of_results(results)
+    studies = load_scored_studies(kind, _split_rows(a.manifest, "val"), results, a.cache)
     given = {k: v for k, v in {"sigma_vox": a.sigma, "tau_z": a.tau, "v_min_cm3": a.v_min}.items() if v}
-    if _is_voxel(results):  # scored with --map voxel: τ is a |z| threshold against healthy depth bands
-        studies = load_voxel_studies(rows, results, a.cache)
-        op, trials = voxel_search(studies, given)
-    else:
-        studies = load_tuning_studies(rows, results, a.cache)
-        space = {"sigma_vox": [1.0, 2.0, 4.0, 8.0], "tau_z": [-4.0, -3.0, -2.0, -1.5, -1.0, -0.5],
-                 "v_min_cm3": [0.0, 0.5, 2.0], **given}
-        op, trials = grid_search(studies, space)
-    write_json(op.to_dict(), a.out)
-    best = trials.iloc[0]
-    shown = {k: v for k, v in op.to_dict().items() if k != "reference"}
-    print(f"{len(trials)} trials on {len(studies)} validation studies; best AUROC {best['auroc']:.3f} "
-          f"F1 {best['f1']:.3f}: {json.dumps(shown)} → {a.out}")
+    rule = threshold_rule("specificity" if a.target_specificity else "best_f1", a.target_specificity)
+    op, trials = grid_search(kind, studies, given, rule)
+    op.save(a.out)
+    v = op.validation
+    print(f"{len(trials)} trials on {len(studies)} validation studies ({v['n_abnormal']} abnormal); validation "
+          f"AUROC {v['auroc']:.3f}, F1 {v['f1']:.3f}, sensitivity {v['sensitivity']:.3f}, specificity "
+          f"{v['specificity']:.3f}: {op.describe()} → {a.out}")
     return 0
 
 
 def cmd_evaluate(a) -> int:
-    from .evaluation import evaluate_test, evaluate_test_voxel, load_tuning_studies, load_voxel_studies, write_json
+    from .detect import OperatingPoint, get_kind
+    from .detect.evaluate import evaluate
+    from .detect.outputs import write_json
+    from .detect.row import load_scored_studies
     from .metrics import table1
-    from .voxel_map import VoxelOperatingPoint
 
-    op = _load_op(a.operating_point)
-    rows = _split_rows(a.manifest, a.split)
-    results = pd.read_parquet(a.results)
-    if isinstance(op, VoxelOperatingPoint):
-        ev = evaluate_test_voxel(load_voxel_studies(rows, results, a.cache), op)
-    else:
-        ev = evaluate_test(load_tuning_studies(rows, results, a.cache), op)
+    op = OperatingPoint.load(a.operating_point)
+    kind = get_kind(op.map)
+    studies = load_scored_studies(kind, _split_rows(a.manifest, a.split), pd.read_parquet(a.results), a.cache)
+    ev = evaluate(kind, op, studies)
     if a.out:
         write_json(ev, a.out)
     print(table1([(a.name, ev["metrics"], ev["ci"])]))
     m = ev["metrics"]
-    print(f"\nsensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f} "
-          f"(tp {m['tp']}, fp {m['fp']}, tn {m['tn']}, fn {m['fn']})")
-    for kind, k in ev["per_kind"].items():
-        print(f"  {kind:14s} n={k['n']:2d}  AUROC {k['auroc']:.3f}  sensitivity {k['sensitivity']:.3f}  "
+    print(f"{op.describe()}\nsensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f} "
+          f"(tp {m['tp']}, fp {m['fp']}, tn {m['tn']}, fn {m['fn']}); abnormal volume of the normal studies: median "
+          f"{ev['normal_volume_cm3']['median']:.1f} cm³, max {ev['normal_volume_cm3']['max']:.1f} cm³")
+    for kind_name, k in ev["per_kind"].items():
+        print(f"  {kind_name:14s} n={k['n']:2d}  AUROC {k['auroc']:.3f}  sensitivity {k['sensitivity']:.3f}  "
               f"median volume {k['median_abnormal_volume_cm3']:.1f} cm3")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from .detect import MAP_KINDS
+
     p = argparse.ArgumentParser(prog="ct3dflow", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -230,35 +221,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     s.set_defaults(fn=cmd_train_local)
 
-    s = sub.add_parser("score-local", help="patch log-likelihoods (and, with an operating point, decisions)")
+    s = sub.add_parser("score-local", help="score studies with a map kind (and, with an operating point, decide)")
     s.add_argument("--model", required=True, help="model.pt written by train-local")
     s.add_argument("--manifest", required=True)
     s.add_argument("--cache", required=True)
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="results folder (results.parquet, parts/, maps/)")
+    s.add_argument("--config", help="job configuration whose `preprocess` section the cache was made with")
     s.add_argument("--split", nargs="*", help="only these splits (default: all)")
-    s.add_argument("--operating-point",
-                   help="operating_point.json from tune-local (a voxel-map point implies --map voxel)")
-    s.add_argument("--map", choices=["patch", "voxel"], default="patch",
-                   help="patch: the paper's Log P map; voxel: per-voxel coarse-latent map (docs/RESULTS.md)")
-    s.add_argument("--part", choices=["top_latent", "all"], default="top_latent",
+    s.add_argument("--operating-point", help="operating_point.json from tune-local (it names its map kind)")
+    s.add_argument("--map", choices=sorted(MAP_KINDS), default=None,
+                   help="voxel (default): per-voxel coarse-latent map, beyond the paper; patch: the paper's Log P map")
+    s.add_argument("--part", choices=["top_latent", "all"], default=None,
                    help="voxel map: which local log-likelihood terms (ct3dflow.flow.local)")
     s.add_argument("--stride", type=int, default=None,
-                   help="grid stride (default: patch size − 10 for the patch map, 6 for the voxel map)")
-    s.add_argument("--batch-size", type=int, default=16)
+                   help="grid stride (default: patch size − 10 for the patch map, 12 for the voxel map)")
+    s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     s.set_defaults(fn=cmd_score_local)
 
-    s = sub.add_parser("tune-local", help="choose σ, τ, v_min, T on the validation split (grid search)")
+    s = sub.add_parser("tune-local", help="choose the operating point on the validation split (grid search)")
     s.add_argument("--manifest", required=True)
     s.add_argument("--cache", required=True)
     s.add_argument("--results", required=True, help="results.parquet of score-local over the val split")
     s.add_argument("--out", required=True, help="operating_point.json to write")
-    s.add_argument("--sigma", type=float, nargs="+",
-                   help="σ grid in voxels (default 1 2 4 8; voxel map 1 2)")
+    s.add_argument("--sigma", type=float, nargs="+", help="σ grid in voxels (default: the map kind's)")
     s.add_argument("--tau", type=float, nargs="+",
-                   help="τ grid: healthy z of the patch map (default −4 … −0.5); for the voxel map |z| (2 … 6)")
-    s.add_argument("--v-min", type=float, nargs="+", help="v_min grid in cm³ (default 0 0.5 2; voxel map 0 1 5)")
+                   help="τ grid: |z| for the voxel map (default 2 … 6); healthy sd of the patch map (−4 … −0.5)")
+    s.add_argument("--v-min", type=float, nargs="+", help="v_min grid in cm³")
+    s.add_argument("--target-specificity", type=float, default=None,
+                   help="choose T as the lowest with at least this validation specificity (default: best F1)")
     s.set_defaults(fn=cmd_tune_local)
 
     s = sub.add_parser("evaluate", help="patient-level metrics on the test split (Table 1 form)")

@@ -23,10 +23,13 @@ _DEFAULTS: dict = {
     "train": {},
     "ray": {"num_workers": 1, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 1,
             "max_failures": 1, "preprocess_concurrency": None},
-    "scoring": {"stride": 38, "batch_size": 16},
-    "operating_point": {"sigma_vox": 4.0, "tau_z": -2.0, "v_min_cm3": 0.5, "threshold_cm3": 5.0},
-    "tune": {"num_samples": 48, "sigma_vox": [2.0, 8.0], "tau_z": [-4.0, 0.0], "v_min_cm3": [0.0, 5.0],
-             "threshold_cm3": [0.5, 50.0], "seed": 0},
+    # map: voxel (the platform default, beyond the paper) or patch (the paper's Log P map); stride and batch
+    # size default per kind (voxel 12, patch: patch size - 10)
+    "scoring": {"map": "voxel", "stride": None, "batch_size": None},
+    "operating_point": {},  # a whole operating point (tune-local's JSON) for models without one
+    # the search space is the map kind's own; override per kind: tune.voxel.tau_z: {grid: [3, 4, 5]}
+    "tune": {"num_samples": 1, "threshold_cm3": None, "threshold_rule": "best_f1", "target_specificity": None,
+             "n_boot": 1000, "seed": 0},
     "mlflow": {"tracking_uri": None, "experiment": None, "registered_model": "ct3dflow-glow3d"},
 }
 
@@ -104,19 +107,42 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
             raise ValueError(f"unknown configuration section(s) {sorted(unknown)} in {p}; "
                              f"known: {sorted(_DEFAULTS)}")
     merged = _merge(_merge(_DEFAULTS, raw), overrides or {})
-    return JobConfig(**merged)
+    cfg = JobConfig(**merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: JobConfig) -> None:
+    """Fail at once, naming the setting, rather than deep inside a job: the core settings objects check
+    their own types; the scoring map must be a known kind."""
+    from .detect import MAP_KINDS
+
+    cfg.train_config()
+    cfg.preprocess_config()
+    kind = cfg.scoring.get("map")
+    if kind is not None and kind not in MAP_KINDS:
+        raise ValueError(f"setting scoring.map is {kind!r}; choose one of {sorted(MAP_KINDS)}")
+    for key in ("stride", "batch_size"):
+        v = cfg.scoring.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"setting scoring.{key} expects a positive integer, got {v!r}")
 
 
 def parse_overrides(pairs: list[str] | None) -> dict:
-    """``["train.iterations=20", "ray.num_workers=2"]`` → nested dict (values parsed as YAML)."""
+    """``["train.lr=1e-3", "ray.num_workers=2"]`` → nested dict; numbers as people write them, the rest YAML
+    (:func:`ct3dflow.settings.parse_value`)."""
+    from .settings import parse_value
+
     out: dict = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise ValueError(f"override {pair!r} must look like section.key=value")
         key, value = pair.split("=", 1)
         node = out
-        parts = key.split(".")
+        parts = key.strip().split(".")
+        if parts[0] not in _DEFAULTS:
+            raise ValueError(f"override {pair!r}: unknown section {parts[0]!r}; known: {sorted(_DEFAULTS)}")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = parse_value(value)
     return out

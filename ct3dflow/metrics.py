@@ -16,6 +16,7 @@ __all__ = [
     "bootstrap_ci",
     "choose_threshold",
     "patient_metrics",
+    "predicted_abnormal",
     "roc_curve_data",
     "stratified_resample_indices",
     "table1",
@@ -41,8 +42,14 @@ def _div(a: float, b: float) -> float:
     return float(a) / float(b) if b else float("nan")
 
 
+def predicted_abnormal(scores, threshold: float) -> np.ndarray:
+    """The patient decision's one comparison: abnormal when the score (the abnormal volume) is **strictly
+    greater** than T. Every path (decisions, metrics, thresholds) goes through here."""
+    return np.asarray(scores, dtype=np.float64) > float(threshold)
+
+
 def _confusion_metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict:
-    pred = s > threshold
+    pred = predicted_abnormal(s, threshold)
     pos = y == 1
     tp = int(np.sum(pred & pos))
     fp = int(np.sum(pred & ~pos))
@@ -128,20 +135,28 @@ def _candidate_thresholds(s: np.ndarray) -> np.ndarray:
     return np.concatenate([[u[0] - max(gap, 1e-9) / 2.0], mids, [u[-1]]])
 
 
-def choose_threshold(y_val, s_val, criterion: str = "youden") -> float:
-    """The threshold T (rule ``score > T``) maximising Youden's J (``"youden"``) or F1 (``"f1"``) on the
-    validation set only.
+def choose_threshold(y_val, s_val, criterion: str = "youden", target: float | None = None) -> float:
+    """The threshold T (rule ``score > T``) chosen on the validation set only.
 
-    Candidates lie *between* observed scores (midpoints of consecutive distinct scores, plus one below
-    the minimum and the maximum itself), so T never equals a score. Ties are broken towards the
-    **highest** threshold (fewer positive calls, higher specificity).
+    ``"youden"``: maximises Youden's J; ``"f1"``: maximises F1, ties broken towards the **highest**
+    threshold (fewer positive calls, higher specificity); ``"specificity"``: the **lowest** threshold whose
+    validation specificity is at least ``target`` (the most sensitive one a hospital's specificity target
+    allows). Candidates lie *between* observed scores (midpoints of consecutive distinct scores, plus one
+    below the minimum and the maximum itself), so T never equals a score.
     """
     y, s = _arrays(y_val, s_val)
     if not (np.any(y == 1) and np.any(y == 0)):
         raise ValueError("choose_threshold needs both normal and abnormal validation studies")
-    if criterion not in ("youden", "f1"):
-        raise ValueError(f"unknown criterion {criterion!r}: use 'youden' or 'f1'")
+    if criterion not in ("youden", "f1", "specificity"):
+        raise ValueError(f"unknown criterion {criterion!r}: use 'youden', 'f1' or 'specificity'")
     cands = _candidate_thresholds(s)
+    if criterion == "specificity":
+        if target is None or not 0.0 <= float(target) <= 1.0:
+            raise ValueError(f"a specificity target in [0, 1] is needed, got {target!r}")
+        for t in cands:  # ascending: the first that reaches the target is the most sensitive one
+            if _confusion_metrics(y, s, float(t))["specificity"] >= float(target) - 1e-12:
+                return float(t)
+        return float(cands[-1])  # the maximum: nothing is called abnormal, specificity 1
     best_t, best_v = None, -math.inf
     for t in cands:  # ascending, so ">=" keeps the highest of tied thresholds
         m = _confusion_metrics(y, s, float(t))

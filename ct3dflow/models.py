@@ -28,8 +28,9 @@ def load_patch_scorer(path: str | os.PathLike, map_location=None):
 
 
 def prepare_for_scoring(model, device, batch_size: int = 64, bf16: bool = False):
-    """The model as scoring should run it: on CUDA a Glow3D gets the fast path and CUDA graphs
-    (:mod:`ct3dflow.flow.fast`, exact in fp32); elsewhere, and for baselines, the model itself."""
+    """The model as the patch map's scorer runs it (``.log_prob``): on CUDA a Glow3D gets the fast path and
+    CUDA graphs (:mod:`ct3dflow.flow.fast`, exact in fp32); elsewhere, and for baselines, the model itself.
+    On the CPU the reference layers are the faster ones (docs/BENCHMARKS.md)."""
     model = model.to(device).eval()
     if torch.device(device).type != "cuda" or not isinstance(model, Glow3D):
         return model
@@ -37,3 +38,17 @@ def prepare_for_scoring(model, device, batch_size: int = 64, bf16: bool = False)
 
     return optimise(model, device, mode="score", compile=False, batch_size=batch_size,
                     autocast_dtype=torch.bfloat16 if bf16 else None)
+
+
+def prepare_flow_encoder(glow: Glow3D, device, force: bool = False) -> Glow3D:
+    """The flow as the voxel map's scorer runs it (``.encode``): on CUDA the fast encoder of
+    :mod:`ct3dflow.flow.fast` (channels-last, folded ActNorm, tap GEMMs; exact in fp32) without CUDA graphs,
+    whose fixed batch the per-window latent does not need; on the CPU the reference layers (``force``
+    installs the fast encoder there too, for the exactness test)."""
+    glow = glow.to(device).eval()
+    if torch.device(device).type != "cuda" and not force:
+        return glow
+    from .flow.fast import optimise
+
+    optimise(glow, device, mode="score", compile=False, cuda_graphs=False, force_cpu=force)
+    return glow

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,14 +62,13 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown PreprocessConfig field(s): {sorted(unknown)}")
+        """From a ``preprocess`` section; each value is checked against its type."""
+        from .settings import typed_dataclass
+
         d = dict(d)
-        if "plausible_lung_cm3" in d:
+        if "plausible_lung_cm3" in d and isinstance(d["plausible_lung_cm3"], list | tuple):
             d["plausible_lung_cm3"] = tuple(float(v) for v in d["plausible_lung_cm3"])
-        return cls(**d)
+        return typed_dataclass(cls, d, "preprocess")
 
     def fingerprint(self) -> str:
         payload = json.dumps({"version": PREPROCESS_VERSION, **self.to_dict()}, sort_keys=True)

@@ -73,11 +73,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
-        return cls(**d)
+        """From a ``train`` section; each value is checked against its type (errors name ``train.<key>``)."""
+        from .settings import typed_dataclass
+
+        return typed_dataclass(cls, d, "train")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

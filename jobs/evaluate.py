@@ -8,7 +8,7 @@ evaluation of the same model version is refused unless `--force`.
 
 from _common import init_ray, job_config
 
-from ct3dflow.ray_jobs import evaluate_job
+from ct3dflow.adapters.ray_jobs import evaluate_job
 
 
 def _args(p):

@@ -2,7 +2,7 @@
 
 from _common import init_ray, job_config
 
-from ct3dflow.ray_jobs import preprocess_job
+from ct3dflow.adapters.ray_jobs import preprocess_job
 
 if __name__ == "__main__":
     cfg, _ = job_config("Preprocess a manifest into the study cache on Ray CPU workers.")

@@ -7,7 +7,7 @@ the studies already scored by the same model on the same input, so a stopped job
 
 from _common import init_ray, job_config
 
-from ct3dflow.ray_screen import screen_job
+from ct3dflow.adapters.ray_screen import screen_job
 
 
 def _args(p):

@@ -8,7 +8,7 @@ split is never read.
 
 from _common import init_ray, job_config
 
-from ct3dflow.ray_jobs import tune_job
+from ct3dflow.adapters.ray_jobs import tune_job
 
 
 def _args(p):

@@ -6,7 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ct3dflow.cache import StudyCache
-from ct3dflow.phantoms import make_phantom, write_dicom_series, write_nifti
+from ct3dflow.synthetic import make_phantom, write_dicom_series, write_nifti
 from ct3dflow.preprocess import PreprocessConfig
 
 

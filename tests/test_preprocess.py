@@ -158,7 +158,7 @@ def test_voxels_too_coarse(tmp_path):
 
 def test_abdominal_ct_with_lung_bases_only_is_rejected(tmp_path):
     """An abdominal CT: the lung bases in its top slices, abdomen below. Not a chest CT to call normal."""
-    from ct3dflow.phantoms import make_phantom
+    from ct3dflow.synthetic import make_phantom
 
     ph = make_phantom(3, size="demo")  # 2.5 mm slices; lungs from slice 12 up
     bases = ph.hu[:30].astype(np.float32)  # the diaphragm and the lowest lung

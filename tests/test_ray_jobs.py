@@ -14,7 +14,7 @@ import raycli
 import yaml
 from raycli import job_logs, job_status, ray_cli
 
-from ct3dflow.phantoms import make_archive
+from ct3dflow.synthetic import make_archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
 
@@ -76,7 +76,7 @@ def _registered_model_scores_a_patch(tracking_uri: str, name: str, patch_size: i
     import mlflow
     import torch
 
-    from ct3dflow.tracking import load_patch_model
+    from ct3dflow.adapters.tracking import load_patch_model
 
     mlflow.set_tracking_uri(tracking_uri)
     loaded = load_patch_model(f"models:/{name}@champion")

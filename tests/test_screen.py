@@ -28,7 +28,7 @@ from pydicom.uid import generate_uid
 from raycli import job_logs, job_status, ray_cli
 
 from ct3dflow.discovery import discover_studies, hash_uids
-from ct3dflow.phantoms import make_phantom, write_dicom_series, write_nifti
+from ct3dflow.synthetic import make_phantom, write_dicom_series, write_nifti
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE, SPACING = (40, 64, 80), (2.5, 2.5, 3.0)  # (z, y, x) voxels, (x, y, z) mm: ≈ 60×80×100 on the 2 mm grid
@@ -42,9 +42,9 @@ SECRET_PID = "PID-SECRET-4711"
 def test_compaction_keeps_parts_of_an_older_version(tmp_path):
     """A nightly archive screened before a column was added: its parts lack the column, the study is skipped
     (already scored), and compaction still writes one row per study with every current column."""
-    from ct3dflow.ray_screen import PARTS, RESULTS_FILE, SCREEN_COLUMNS, compact_results
+    from ct3dflow.detect.batch import PARTS, RESULTS_FILE, SCREEN_COLUMNS, compact_results
 
-    old_columns = [c for c in SCREEN_COLUMNS if c != "voxel_map_path"]
+    old_columns = [c for c in SCREEN_COLUMNS if c not in ("map_kind", "score_path")]
     parts = tmp_path / PARTS
     parts.mkdir()
     entries, outcomes = [], {}
@@ -57,7 +57,7 @@ def test_compaction_keeps_parts_of_an_older_version(tmp_path):
         outcomes[f"e{i}"] = {"part": f"p{i}.parquet"}
     df = compact_results(tmp_path, entries, outcomes)
     assert list(df.columns) == SCREEN_COLUMNS and sorted(df["study_id"]) == ["s0", "s1"]
-    assert df["voxel_map_path"].isna().all() and (df["status"] == "ok").all()
+    assert df["map_kind"].isna().all() and df["score_path"].isna().all() and (df["status"] == "ok").all()
     assert pd.read_parquet(tmp_path / RESULTS_FILE)["abnormal_volume_cm3"].tolist() == [0.0, 1.0]
 
 
@@ -134,11 +134,13 @@ def one_row_per_study(work: Path, n: int) -> pd.DataFrame:
 # the model: a tiny Glow3D trained here, registered with an operating point
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, mlflow_server):
+    """A tiny Glow3D, registered with a voxel-map operating point whose healthy reference comes from the
+    voxel maps of its two (healthy) training phantoms; T is fixed, the decisions only need to exist."""
     import mlflow
 
-    from ct3dflow import tracking
+    from ct3dflow.adapters import tracking
+    from ct3dflow.detect import OperatingPoint, get_kind
     from ct3dflow.preprocess import PreprocessConfig, preprocess_study
-    from ct3dflow.scoring import healthy_reference, patch_log_likelihoods
     from ct3dflow.train import TrainConfig, patch_batches_from_arrays, train_local
 
     d = tmp_path_factory.mktemp("model")
@@ -151,18 +153,20 @@ def tiny_model(tmp_path_factory, mlflow_server):
                      warmup_steps=5, val_every=0, checkpoint_every=0, init_batches=1)
     model = train_local(tc, patch_batches_from_arrays([s.volume for s in studies], [s.strict for s in studies],
                                                       tc, 0), None, d / "train")
-    ps = [patch_log_likelihoods(model, s.volume, s.permissive, PATCH, PATCH, 64) for s in studies]
-    mean, std = healthy_reference(ps)
-    op = {"sigma_vox": 2.0, "tau_z": -2.0, "v_min_cm3": 0.5, "threshold_cm3": 5.0, "healthy_mean": mean,
-          "healthy_std": std}
+    voxel = get_kind("voxel")
+    settings = voxel.settings({"stride": PATCH}, PATCH)
+    scores = [voxel.score(model, s, settings) for s in studies]
+    params = {"sigma_vox": 1.0, "tau_z": 4.0, "v_min_cm3": 0.5}
+    ref = voxel.fit_reference(scores, [s.permissive for s in studies], params)
+    op = OperatingPoint("voxel", params, 5.0, ref, {k: settings[k] for k in ("patch_size", "stride", "part")})
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_experiment("ct3dflow-screen-test-model")
     with mlflow.start_run():
         version = tracking.log_patch_model(d / "train" / "model.pt", {"kind": "glow3d", "preprocess": pcfg.to_dict(),
                                                                         "patch_size": PATCH}, MODEL_NAME)
-    tracking.set_operating_point(MODEL_NAME, version, op)
+    tracking.set_operating_point(MODEL_NAME, version, op.to_dict())
     mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
-    return {"path": d / "train" / "model.pt", "version": version, "op": op}
+    return {"path": d / "train" / "model.pt", "version": version, "op": op.to_dict()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,6 +300,32 @@ def build_hostile_archive(a: Path) -> tuple[dict, dict]:
     for prefix in ("a", "b"):
         helper_dicom_series(small[:10], a / "dup_slices", spacing=(5.0, 5.0, 3.0), series_uid=dup_uid, prefix=prefix)
     exp["dup_slices"] = ("error", "share a position")
+    # 26 one slice re-exported at half the matrix size: named, not "missing"
+    half_uid, half_study = generate_uid(), generate_uid()
+    for k in range(12):
+        img = small[k] if k != 6 else small[k, ::2, ::2]
+        write_dicom_slice(img, a / "half_size_slice" / f"{k}.dcm", position=(0, 0, 3.0 * k),
+                          pixel_spacing=(5.0, 5.0), slice_thickness=3.0, series_uid=half_uid, study_uid=half_study,
+                          instance=k + 1)
+    exp["half_size_slice"] = ("error", "matrix where the other slices have")
+    # 27 RescaleSlope 0 (GDCM would read it as 1)
+    fs = write_dicom_series(make_phantom(17, shape=SHAPE, spacing=SPACING), a / "slope_zero")
+    for f in fs[:3]:
+        ds = pydicom.dcmread(f)
+        ds.RescaleSlope = "0"
+        ds.save_as(f)
+    exp["slope_zero"] = ("error", "RescaleSlope .* cannot be converted to HU")
+    # 28 an 8-bit volume: not HU
+    _nifti(np.clip(hu / 8.0, -128, 127).astype(np.int8), a / "int8.nii.gz", spacing=SPACING)
+    exp["int8.nii.gz"] = ("error", "8-bit signed integers.*not HU")
+    # 29 50 mm voxels: too coarse
+    _nifti(hu[::8, ::8, ::8].copy(), a / "coarse.nii.gz", spacing=(50.0, 50.0, 50.0))
+    exp["coarse.nii.gz"] = ("error", "too coarse")
+    # 30 an abdominal CT: lung bases in its top slices, abdomen below
+    demo = make_phantom(18, size="demo")
+    abdomen = np.concatenate([np.repeat(demo.hu[:1], 40, axis=0), demo.hu[:26]]).astype(np.int16)
+    _nifti(abdomen, a / "abdomen.nii.gz", spacing=demo.spacing)
+    exp["abdomen.nii.gz"] = ("error", "does not cover the lungs")
     return exp, secrets
 
 
@@ -327,6 +357,7 @@ def test_hostile_archive_one_row_per_study(hostile, tiny_model):
         else:
             assert r.error == "" and r.n_patches > 0 and Path(r.map_path).is_file() and Path(r.preview_path).is_file()
             assert r.threshold_cm3 == tiny_model["op"]["threshold_cm3"] and r.predicted_abnormal in (True, False)
+            assert r.map_kind == "voxel" and Path(r.map_path).name == "atypicality_map.nii.gz"
         assert r.model == f"models:/{MODEL_NAME}/{tiny_model['version']}"
         assert r.model_version == f"{MODEL_NAME}/{tiny_model['version']}"
     s = summary_of(hostile["logs"])

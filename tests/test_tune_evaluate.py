@@ -16,13 +16,16 @@ import pytest
 import raycli
 import yaml
 
-from ct3dflow.phantoms import make_archive
+from ct3dflow.synthetic import make_archive
 
 TINY_TRAIN = {"levels": 2, "steps": 2, "width": 8, "patch_size": 16, "batch_size": 4, "iterations": 30,
               "lr": 1e-3, "warmup_steps": 5, "val_every": 10, "n_val_patches": 8, "checkpoint_every": 10,
               "min_lung_fraction": 0.5, "seed": 0}
-TUNE = {"num_samples": 1, "sigma_vox": {"grid": [1.0, 3.0]}, "tau_z": {"grid": [-1.5, -0.5]},
-        "v_min_cm3": 0.0, "threshold_cm3": [0.0, 1.0e6], "seed": 0, "n_boot": 200}
+# exact ties on purpose: every v_min below one voxel (0.008 cm³) gives the same volumes, so the tie-break decides
+TUNE = {"num_samples": 1, "threshold_cm3": [0.0, 1.0e6], "seed": 0, "n_boot": 200,
+        "voxel": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [2.0, 3.0]}, "v_min_cm3": {"grid": [0.0, 0.0001]}},
+        "patch": {"sigma_vox": {"grid": [1.0, 3.0]}, "tau_z": {"grid": [-1.5, -0.5]},
+                  "v_min_cm3": {"grid": [0.0, 0.0001]}}}
 
 
 def _sentinel_manifest(real: Path, out: Path) -> tuple[Path, list[str]]:
@@ -38,46 +41,42 @@ def _sentinel_manifest(real: Path, out: Path) -> tuple[Path, list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ fast
-def test_best_trial_tie_break_and_param_space():
+def test_tune_param_space_is_the_kinds_own():
     pytest.importorskip("ray")
-    from ct3dflow.ray_tune import best_trial, param_space, threshold_range
+    from ct3dflow.adapters.ray_tune import param_space, threshold_range
+    from ct3dflow.detect import get_kind
 
-    trials = pd.DataFrame([
-        {"sigma_vox": 3.0, "tau_z": -1.0, "v_min_cm3": 0.0, "objective": 1.001},
-        {"sigma_vox": 1.0, "tau_z": -1.0, "v_min_cm3": 0.0, "objective": 1.001},
-        {"sigma_vox": 1.0, "tau_z": -2.0, "v_min_cm3": 0.0, "objective": 1.001},
-        {"sigma_vox": 1.0, "tau_z": -2.0, "v_min_cm3": 2.0, "objective": 1.001},
-        {"sigma_vox": 0.5, "tau_z": -2.0, "v_min_cm3": 2.0, "objective": 0.9},
-        {"sigma_vox": 0.1, "tau_z": -2.0, "v_min_cm3": 2.0, "objective": float("nan")},
-    ])
-    best = best_trial(trials.sample(frac=1.0, random_state=1))
-    assert (best["sigma_vox"], best["tau_z"], best["v_min_cm3"]) == (1.0, -2.0, 2.0)
-    space = param_space({"sigma_vox": [8.0, 2.0], "tau_z": {"grid": [-1, 0]}, "v_min_cm3": 0.5})
+    voxel, patch = get_kind("voxel"), get_kind("patch")
+    space = param_space(voxel, {})
+    assert space["tau_z"] == {"grid_search": voxel.space["tau_z"]}  # every value of the kind's grid
+    space = param_space(patch, {"patch": {"sigma_vox": [8.0, 2.0], "tau_z": {"grid": [-1, 0]}, "v_min_cm3": 0.5}})
     assert space["v_min_cm3"] == 0.5 and space["tau_z"] == {"grid_search": [-1.0, 0.0]}
     assert space["sigma_vox"].lower == 2.0 and space["sigma_vox"].upper == 8.0
     assert threshold_range({"threshold_cm3": [50, 0.5]}) == (0.5, 50.0)
-    with pytest.raises(ValueError, match="tau_z"):
-        param_space({"sigma_vox": 1.0, "v_min_cm3": 0.0})
+    with pytest.raises(ValueError, match="tune.voxel.tau_z"):
+        param_space(voxel, {"tau_z": [2, 3]})  # a flat range names no map kind
+    with pytest.raises(ValueError, match="does not search"):
+        param_space(voxel, {"voxel": {"healthy_mean": 1.0}})
 
 
-def test_validation_scoring_never_touches_the_test_split(tmp_path, monkeypatch):
-    """Every cache read/write and every preprocessed path is recorded: none belongs to a test row."""
+def test_split_scoring_never_touches_other_splits_and_never_scores_twice(tmp_path, monkeypatch):
+    """The scoring run over the rows of one split reads, preprocesses and writes nothing of another split;
+    run again, it scores nothing (the one resume rule: an ok part under the same key is kept)."""
     import torch
 
     from ct3dflow import cache as cache_mod
-    from ct3dflow import ray_jobs
+    from ct3dflow.adapters.ray_jobs import split_rows
     from ct3dflow.baselines import ConvAE3D
-    from ct3dflow.config import load_config
-    from ct3dflow.tracking import LoadedModel
+    from ct3dflow.detect import get_kind
+    from ct3dflow.detect.batch import ScoringPlan, entries_of_rows, score_locally
+    from ct3dflow.pipeline import manifest_rows
+    from ct3dflow.preprocess import PreprocessConfig
 
     real = tmp_path / "archive"
     df = make_archive(real, n_normal=4, n_abnormal=2, seed=5, splits=(0.5, 0.25, 0.25))
     test_ids = set(df.loc[df.split == "test", "study_id"])
     val_ids = list(df.loc[df.split == "val", "study_id"])
     assert test_ids and set(df.loc[df.split == "val", "label"]) == {0, 1}
-    cfg = load_config(None, {"work_dir": str(tmp_path / "work"),
-                             "data": {"manifest": str(real / "manifest.parquet"), "cache_dir": str(tmp_path / "c")},
-                             "scoring": {"stride": 16, "batch_size": 32}})
     touched: list[str] = []
     orig_load, orig_goc = cache_mod.StudyCache.load, cache_mod.StudyCache.get_or_compute
 
@@ -86,32 +85,31 @@ def test_validation_scoring_never_touches_the_test_split(tmp_path, monkeypatch):
         return orig_load(self, study_id, mmap=mmap)
 
     def get_or_compute(self, study_id, path, *a, **k):
-        touched.append(study_id)
-        touched.append(str(path))
+        touched.extend([study_id, str(path)])
         return orig_goc(self, study_id, path, *a, **k)
 
     monkeypatch.setattr(cache_mod.StudyCache, "load", load)
     monkeypatch.setattr(cache_mod.StudyCache, "get_or_compute", get_or_compute)
     torch.manual_seed(0)
-    loaded = LoadedModel(ConvAE3D(depth=2, width=4, patch_size=16).eval(), {"patch_size": 16}, "models:/m/1",
-                         "m", "1", None)
-    studies, results, rows = ray_jobs.validation_studies(cfg, loaded)
-    assert [s.study_id for s in studies] == val_ids and list(results.study_id) == val_ids
-    assert {r["split"] for r in rows} == {"val"}
+    model = ConvAE3D(depth=2, width=4, patch_size=16).eval()
+    rows = split_rows(manifest_rows(real / "manifest.parquet"), "val")
+    plan = ScoringPlan.make("patch", {"stride": 16, "batch_size": 32}, 16, None, "models:/m/1", "m/1",
+                            PreprocessConfig(patch_size=16).to_dict(), tmp_path / "c", tmp_path / "work" / "val")
+    res, outcomes = score_locally(entries_of_rows(rows), plan, model)
+    assert list(res.study_id) == val_ids and (res.status == "ok").all() and (res.map_kind == "patch").all()
     test_paths = {str(real / p) for p in df.loc[df.split == "test", "path"]}
     assert touched and not (set(touched) & (test_ids | test_paths)), touched
     assert not any(p.name in test_ids for p in (tmp_path / "work").rglob("*"))
     assert not any((tmp_path / "c" / t).exists() for t in test_ids)
-    # a second tune of the same model version does not score again
-    npz = Path(results.patch_scores_path.iloc[0])
-    mtime = npz.stat().st_mtime_ns
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "val" / "parts").glob("*.parquet")}
     scored = []
-    monkeypatch.setattr("ct3dflow.evaluation.patch_log_likelihoods",
-                        lambda *a, **k: scored.append(1) or pytest.fail("scored again"))
-    studies2, _, _ = ray_jobs.validation_studies(cfg, loaded)
-    assert not scored and npz.stat().st_mtime_ns == mtime and len(studies2) == len(studies)
+    monkeypatch.setattr(get_kind("patch"), "score", lambda *a, **k: scored.append(1) or pytest.fail("scored again"))
+    res2, outcomes2 = score_locally(entries_of_rows(rows), plan, model)
+    assert not scored and {o["action"] for o in outcomes2.values()} == {"skip"}
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "val" / "parts").glob("*.parquet")} == mtimes
+    assert res2.drop(columns="scored_at").equals(res.drop(columns="scored_at"))
     with pytest.raises(ValueError, match="no row with split 'val'"):
-        ray_jobs.split_rows([{"study_id": "a", "split": "test"}], "val")
+        split_rows([{"study_id": "a", "split": "test"}], "val")
 
 
 def test_evaluation_report_pictures(tmp_path):
@@ -150,13 +148,14 @@ def jobs_done(ray_head, mlflow_server, tmp_path_factory):
     work = tmp / "work"
     cfg = {"name": "te-glow", "work_dir": str(work),
            "data": {"manifest": str(tune_manifest), "cache_dir": str(tmp / "cache")},
-           "train": TINY_TRAIN, "scoring": {"stride": 16, "batch_size": 32}, "tune": TUNE,
+           "train": TINY_TRAIN, "scoring": {"stride": 8, "batch_size": 32}, "tune": TUNE,
            "ray": {"num_workers": 2, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5, "log_every": 5},
            "mlflow": {"experiment": "ct3dflow-te-train", "comparison_experiment": "ct3dflow-te-comparison",
                       "registered_model": "ct3dflow-glow3d-te"}}
     config = tmp / "cfg.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    ae = ("--set", "train.model=ae", "--set", "name=te-ae", "--set", "mlflow.registered_model=ct3dflow-ae-te")
+    ae = ("--set", "train.model=ae", "--set", "name=te-ae", "--set", "mlflow.registered_model=ct3dflow-ae-te",
+          "--set", "scoring.map=patch")  # the paper's AE row: an autoencoder has no flow to map per voxel
     evaluate = ("--set", f"data.manifest={real}")
     out: dict = {"tmp": tmp, "work": work, "df": df, "sentinels": sentinels, "statuses": {}}
 
@@ -187,41 +186,71 @@ def test_tuned_operating_point_is_stored_and_used_by_scoring(jobs_done, mlflow_s
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from ct3dflow.tracking import load_patch_model
+    from ct3dflow.adapters.tracking import load_patch_model
 
     mlflow.set_tracking_uri(mlflow_server)
     client = MlflowClient(mlflow_server)
     work = jobs_done["work"]
-    for name, kind in (("ct3dflow-glow3d-te", "glow3d"), ("ct3dflow-ae-te", "ae")):
+    for name, kind, map_kind in (("ct3dflow-glow3d-te", "glow3d", "voxel"), ("ct3dflow-ae-te", "ae", "patch")):
         loaded = load_patch_model(f"models:/{name}@champion")
         base = work / "scores" / name / f"v{loaded.version}"
         tuned = json.loads((base / "tune_result.json").read_text())
         op = tuned["operating_point"]
-        assert loaded.operating_point == op and tuned["model_kind"] == kind
-        assert op["sigma_vox"] in (1.0, 3.0) and op["tau_z"] in (-1.5, -0.5) and op["healthy_std"] > 0
+        assert loaded.operating_point == op and tuned["model_kind"] == kind and op["map"] == map_kind
+        space = TUNE[map_kind]
+        assert op["params"]["sigma_vox"] in space["sigma_vox"]["grid"]
+        assert op["params"]["tau_z"] in space["tau_z"]["grid"]
+        assert op["params"]["v_min_cm3"] == 0.0001  # every trial tied with v_min 0: the larger v_min wins
+        assert op["scoring"]["patch_size"] == TINY_TRAIN["patch_size"] and op["scoring"]["stride"] == 8
         # the MLflow tune run: operating point artifact, trials, best trial = the stored point
         run = client.get_run(tuned["run_id"])
         exp = client.get_experiment(run.info.experiment_id)
         assert exp.name == "ct3dflow-te-comparison" and run.info.status == "FINISHED"
         assert run.data.params["model_kind"] == kind and run.data.params["model_version"] == loaded.version
+        assert run.data.params["op_map"] == map_kind
         art = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="operating_point.json"))
         assert json.loads(art.read_text()) == op
         trials = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="trials.csv"))
-        assert len(trials) == 4 and trials.objective.iloc[0] == trials.objective.max()
-        assert (trials.sigma_vox.iloc[0], trials.tau_z.iloc[0]) == (op["sigma_vox"], op["tau_z"])
+        n_grid = np.prod([len(v["grid"]) for v in space.values()])
+        assert len(trials) == n_grid and trials.objective.iloc[0] == trials.objective.max()
+        assert (trials.sigma_vox.iloc[0], trials.tau_z.iloc[0]) == (op["params"]["sigma_vox"], op["params"]["tau_z"])
         assert run.data.metrics["val_auroc"] == pytest.approx(trials.auroc.iloc[0])
         # a scoring run (the evaluate job) picked it up: its params and every decision used the stored point
         ev = json.loads((base / "test" / "evaluate_result.json").read_text())
-        assert ev["operating_point"] == op
+        assert ev["operating_point"] == op and ev["map_kind"] == map_kind
         assert ev["comparison_view"].endswith("?viewStateShareKey=ct3dflow-comparison")
         erun = client.get_run(ev["run_id"])
         assert float(erun.data.params["op_threshold_cm3"]) == pytest.approx(op["threshold_cm3"])
         res = pd.read_parquet(base / "test" / "results.parquet")
         ok = res[res.status == "ok"]
-        assert len(ok) == len(jobs_done["df"].query("split == 'test'"))
+        assert len(ok) == len(jobs_done["df"].query("split == 'test'")) and (ok.map_kind == map_kind).all()
         assert np.allclose(ok.threshold_cm3.astype(float), op["threshold_cm3"])
         assert (ok.predicted_abnormal == (ok.abnormal_volume_cm3 > op["threshold_cm3"])).all()
-        assert all(Path(p).exists() for p in ok.preview_path)
+        assert all(Path(p).exists() for p in ok.preview_path) and all(Path(p).exists() for p in ok.map_path)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_tune_local_chooses_the_ray_tune_jobs_point(jobs_done, tmp_path):
+    """``ct3dflow tune-local`` on the Ray tune job's stored validation scores, with the same grid, writes the
+    identical operating point, for both map kinds — exact ties included."""
+    from ct3dflow.cli import main
+
+    work, tmp = jobs_done["work"], jobs_done["tmp"]
+    for name, map_kind in (("ct3dflow-glow3d-te", "voxel"), ("ct3dflow-ae-te", "patch")):
+        tuned = json.loads(next((work / "scores" / name).glob("v*/tune_result.json")).read_text())
+        val = next((work / "scores" / name).glob("v*/val/results.parquet"))
+        space = TUNE[map_kind]
+        out = tmp_path / f"{map_kind}.json"
+        argv = ["tune-local", "--manifest", str(tmp / "archive" / "manifest.parquet"), "--cache", str(tmp / "cache"),
+                "--results", str(val), "--out", str(out), "--sigma", *map(str, space["sigma_vox"]["grid"]),
+                "--tau", *map(str, space["tau_z"]["grid"]), "--v-min", *map(str, space["v_min_cm3"]["grid"])]
+        assert main(argv) == 0
+        local = json.loads(out.read_text())
+        job = dict(tuned["operating_point"])
+        assert local.pop("validation") == pytest.approx(job.pop("validation"))
+        assert local == job, map_kind
 
 
 @pytest.mark.slow

@@ -1,16 +1,19 @@
-"""Voxel-level maps: window averaging of local log-likelihood terms, depth-banded healthy reference,
-two-sided typicality volume (ct3dflow.voxel_map)."""
+"""The voxel map kind (ct3dflow.detect.voxel_map): window averaging of local log-likelihood terms, the
+top-latent predictor on the fast encoder, the depth-banded healthy reference, the two-sided decision."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 
+from ct3dflow.detect import OperatingPoint, get_kind
+from ct3dflow.detect.grid import window_grid
+from ct3dflow.detect.voxel_map import DepthReference, VoxelScore, depth_bands, smooth_in_mask, voxel_log_p_volume
 from ct3dflow.flow import Glow3D
-from ct3dflow.flow.local import local_log_prob
-from ct3dflow.voxel_map import DepthReference, depth_bands, smooth_in_mask, typicality_volume, voxel_log_p_volume
+from ct3dflow.flow.local import local_log_prob, top_latent_energy
+
+VOXEL = get_kind("voxel")
 
 torch.set_num_threads(2)
 
@@ -33,17 +36,40 @@ def test_windows_are_averaged_and_uncovered_voxels_are_nan():
     vol = (0.05 * rng.standard_normal((16, 24, 24)) - 0.3).astype(np.float32)
     mask = np.zeros(vol.shape, bool)
     mask[2:6, 2:6, 2:6] = True  # touches only the windows at the corner
-    m = voxel_log_p_volume(g, vol, mask, size=8, stride=8, part="all")
+    m = voxel_log_p_volume(g, window_grid(vol, mask, 8, 8), part="all")
     assert m.shape == vol.shape
     assert np.isfinite(m[:8, :8, :8]).all() and np.isnan(m[8:, 8:, 8:]).all()
     # stride == size: no overlap, so the first window's voxels hold exactly its own terms
     ref = local_log_prob(g, torch.from_numpy(vol[None, None, :8, :8, :8]), part="all")[0].numpy()
     assert np.allclose(m[:8, :8, :8], ref, rtol=1e-5, atol=1e-5)
     # with overlap (stride 4) a voxel is the mean of the windows that cover it
-    m4 = voxel_log_p_volume(g, vol, mask, size=8, stride=4, part="all")
+    m4 = voxel_log_p_volume(g, window_grid(vol, mask, 8, 4), part="all")
     w = [local_log_prob(g, torch.from_numpy(vol[None, None, a : a + 8, 0:8, 0:8]), part="all")[0].numpy()
          for a in (0, 4)]
     assert m4[5, 1, 1] == pytest.approx((w[0][5, 1, 1] + w[1][1, 1, 1]) / 2, rel=1e-5)
+
+
+def test_top_latent_map_equals_the_local_decomposition_and_runs_on_the_fast_encoder():
+    """The top-latent predictor reads glow.encode (the fast encoder where installed): per voxel it equals the
+    reference decomposition's top_latent part, and the fast encoder (forced on the CPU) gives the same map."""
+    from ct3dflow.models import prepare_flow_encoder
+
+    g = _glow()
+    rng = np.random.default_rng(3)
+    vol = (0.05 * rng.standard_normal((12, 16, 20)) - 0.3).astype(np.float32)
+    mask = np.ones(vol.shape, bool)
+    x = torch.from_numpy(vol[None, None, :8, :8, :8])
+    cells = top_latent_energy(g, x)
+    ref = local_log_prob(g, x, part="top_latent")
+    assert cells.shape == (1, 2, 2, 2) and torch.allclose(cells.repeat_interleave(4, 1).repeat_interleave(4, 2)
+                                                          .repeat_interleave(4, 3) / 64, ref, rtol=1e-5, atol=1e-6)
+    grid = window_grid(vol, mask, 8, 4)
+    reference = voxel_log_p_volume(g, grid, part="top_latent")
+    fast = prepare_flow_encoder(_glow(), "cpu", force=True)
+    assert fast.fast is not None
+    m = voxel_log_p_volume(fast, grid, part="top_latent", batch_size=5)
+    assert np.isfinite(reference).all() and np.abs(reference).max() > 0
+    np.testing.assert_allclose(m, reference, rtol=2e-5, atol=2e-6)
 
 
 def test_depth_reference_standardises_healthy_maps_per_band():
@@ -65,21 +91,27 @@ def test_depth_reference_standardises_healthy_maps_per_band():
     assert DepthReference.from_dict(ref.to_dict()) == ref
 
 
-def test_typicality_volume_counts_both_tails_and_drops_small_components():
+def test_two_sided_decision_counts_both_tails_and_drops_small_components():
+    """A voxel map whose z against a flat reference is −6 in one ball, +6 in another and 9 in one stray voxel:
+    |z| > τ counts both balls (ground glass can be *more* likely than lung), v_min drops the stray voxel."""
     shape = (30, 30, 30)
     mask = np.ones(shape, bool)
-    z = np.zeros(shape, np.float32)
-    z[_ball(shape, (8, 8, 8), 4)] = -6.0  # unlikely
-    z[_ball(shape, (20, 20, 20), 4)] = +6.0  # too likely (e.g. ground glass in the coarse latent)
-    z[2, 25, 2] = 9.0  # one stray voxel
+    vmap = np.zeros(shape, np.float32)
+    vmap[_ball(shape, (8, 8, 8), 4)] = -6.0
+    vmap[_ball(shape, (20, 20, 20), 4)] = +6.0
+    vmap[2, 25, 2] = 9.0
+    reference = {"bins": [0.0], "median": [0.0], "scale": [1.0]}  # one band: z = the map itself
     spacing = (2.0, 2.0, 2.0)
     n_ball = int(_ball(shape, (8, 8, 8), 4).sum())
-    vol, ab = typicality_volume(z, mask, tau=4.0, v_min_cm3=0.0, spacing=spacing)
-    assert ab.sum() == 2 * n_ball + 1 and vol == pytest.approx(ab.sum() * 0.008)
-    vol, ab = typicality_volume(z, mask, tau=4.0, v_min_cm3=0.05, spacing=spacing)
-    assert ab.sum() == 2 * n_ball
-    vol, _ = typicality_volume(z, mask, tau=7.0, v_min_cm3=0.0, spacing=spacing)
-    assert vol == pytest.approx(0.008)
+
+    def decide(tau, vmin):
+        op = OperatingPoint("voxel", {"sigma_vox": 0.0, "tau_z": tau, "v_min_cm3": vmin}, 1.0, reference)
+        return VOXEL.decide(VoxelScore(vmap, 8), mask, spacing, op)
+
+    vol, ab, atyp = decide(4.0, 0.0)
+    assert ab.sum() == 2 * n_ball + 1 and vol == pytest.approx(ab.sum() * 0.008) and atyp.max() <= 0
+    assert decide(4.0, 0.05)[1].sum() == 2 * n_ball
+    assert decide(7.0, 0.0)[0] == pytest.approx(0.008)
 
 
 def test_smoothing_stays_inside_the_mask():
@@ -89,46 +121,3 @@ def test_smoothing_stays_inside_the_mask():
     v = np.where(mask, 1.0, 100.0).astype(np.float32)  # huge values outside must not leak in
     s = smooth_in_mask(v, mask, 2.0)
     assert np.allclose(s[mask], 1.0, atol=1e-4) and np.isnan(s[~mask]).all()
-
-
-def _sphere_study(rng, lesion: bool, n=36, r=15.0):
-    """A ball-shaped 'lung' whose voxel map is smooth healthy noise, with a block of very low values if sick."""
-    zz, yy, xx = np.mgrid[:n, :n, :n]
-    mask = ((zz - n / 2) ** 2 + (yy - n / 2) ** 2 + (xx - n / 2) ** 2) < r**2
-    vmap = ndimage.gaussian_filter(rng.standard_normal((n, n, n)), 1.0).astype(np.float32)
-    if lesion:
-        c = n // 2 + int(rng.integers(-3, 4))
-        vmap[c - 3 : c + 3, c - 3 : c + 3, c - 3 : c + 3] -= 5.0
-    return vmap, mask
-
-
-def test_voxel_grid_search_separates_and_generalises():
-    """On validation maps where sick studies hold a 6³ block of low values, the search finds AUROC 1, its
-    reference comes from the healthy studies alone, and the chosen point classifies fresh studies."""
-    from ct3dflow.voxel_map import VoxelOperatingPoint, voxel_grid_search
-
-    rng = np.random.default_rng(0)
-    labels = [0] * 6 + [1] * 6
-    studies = [_sphere_study(rng, bool(y)) for y in labels]
-    maps, masks = [s[0] for s in studies], [s[1] for s in studies]
-    spacing = (2.0, 2.0, 2.0)
-    op, trials = voxel_grid_search(maps, masks, [spacing] * 12, labels,
-                                   {"sigma_vox": [1.0], "tau_z": [3.0, 4.0], "v_min_cm3": [0.0, 0.1]}, stride=8)
-    assert len(trials) == 4 and trials.iloc[0]["auroc"] == 1.0
-    assert op.stride == 8 and op.sigma_vox == 1.0 and op.threshold_cm3 >= 0
-    healthy_only = DepthReference.fit([smooth_in_mask(m, k, 1.0) for m, k in zip(maps[:6], masks[:6])], masks[:6])
-    assert op.reference.median == pytest.approx(healthy_only.median)
-    assert op.reference.scale == pytest.approx(healthy_only.scale)
-    again = VoxelOperatingPoint.from_dict(op.to_dict())
-    fresh = [(_sphere_study(rng, bool(y)), y) for y in (0, 0, 0, 1, 1, 1)]
-    calls = [again.abnormal(vm, mk, spacing)[0] > again.threshold_cm3 for (vm, mk), _ in fresh]
-    assert calls == [bool(y) for _, y in fresh]
-    from ct3dflow.evaluation import load_operating_point
-    from ct3dflow.scoring import OperatingPoint
-
-    assert isinstance(load_operating_point(op.to_dict()), VoxelOperatingPoint)
-    with pytest.raises(ValueError, match="voxel map"):  # the patch-map jobs refuse it with a reason
-        OperatingPoint.from_dict(op.to_dict())
-    with pytest.raises(ValueError, match="voxel"):
-        VoxelOperatingPoint.from_dict({"sigma_vox": 2.0, "tau_z": -2.0, "v_min_cm3": 0.0, "threshold_cm3": 1.0,
-                                       "healthy_mean": 0.0, "healthy_std": 1.0})

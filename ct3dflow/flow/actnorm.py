@@ -22,10 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _stat_dtype(t: torch.Tensor) -> torch.dtype:
-    """float64 for float64 tensors, float32 otherwise (never a half type)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from .dtypes import work_dtype as _stat_dtype
 
 
 class ActNorm3d(nn.Module):

@@ -51,14 +51,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .dtypes import work_dtype as _work_dtype
 from .invconv import caching_allowed, weight_cache_key
 
 _TAPS = [(a, b, c) for a in range(3) for b in range(3) for c in range(3)]
 CONV_IMPLS = ("cudnn", "gemm", "auto")
 
-
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -42,8 +42,6 @@ it, except for a training-mode forward of a model whose ActNorm is not initialis
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,7 +49,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .actnorm import ActNorm3d
 from .coupling import AffineCoupling3d
+from .dtypes import work_dtype
 from .invconv import InvConv3dLU
+from .persist import SavedModule
 from .squeeze import LearnedPrior3d, Split3d, squeeze3d, unsqueeze3d
 
 DEFAULT_WIDTH = 256
@@ -79,12 +79,14 @@ class FlowStep3d(nn.Module):
         return self.actnorm.reverse(self.invconv.reverse(self.coupling.reverse(y)))
 
 
-class Glow3D(nn.Module):
+class Glow3D(SavedModule, nn.Module):
     """Multi-scale 3D GLOW; ``model(x)`` is ``model.log_prob(x)`` so that DDP hooks run.
 
     Inputs are ``(B, in_channels, S, S, S)`` with ``S = patch_size`` divisible by ``2**levels``.
     """
 
+    FORMAT = FORMAT
+    FILE_WHAT = "ct3dflow Glow3D"
     gradient_checkpointing: bool = False
     # optional ``fast(glow, x) -> (eps, logdet)`` (set by ``ct3dflow.flow.fast.optimise``; None = reference)
     fast = None
@@ -182,7 +184,7 @@ class Glow3D(nn.Module):
 
     def _encode_reference(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self._param_dtype())
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dt = work_dtype(x)
         logdet = torch.zeros(x.shape[0], dtype=dt, device=x.device)
         eps_parts = []
         h = x
@@ -248,34 +250,6 @@ class Glow3D(nn.Module):
         p = next(self.parameters())
         eps = torch.randn(n, self.dim, generator=generator, device=p.device, dtype=p.dtype)
         return self.decode(eps * temperature)
-
-    # ------------------------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> None:
-        """Write configuration + state dict (atomically: tmp file, then ``os.replace``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": FORMAT,
-            "config": self.config(),
-            "dtype": str(self._param_dtype()).removeprefix("torch."),
-            # CPU tensors: a model trained on a GPU must load on a CPU-only scoring node
-            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-        }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, map_location=None) -> Glow3D:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a ct3dflow Glow3D file (format {FORMAT!r} expected)")
-        model = cls(**payload["config"])
-        model.to(getattr(torch, payload.get("dtype", "float32")))
-        model.load_state_dict(payload["state_dict"])
-        if isinstance(map_location, (str, torch.device)):
-            model.to(map_location)
-        return model
 
 
 def nats_to_bits_per_dim(log_prob: torch.Tensor, dim: int, bins: int = HU_BINS) -> torch.Tensor:

@@ -13,7 +13,9 @@ such low-level statistics (Kirichenko et al. 2020; Schirrmeister et al. 2020, wh
 latents the more semantic part); on the phantoms this term sees density changes (ground glass,
 emphysema, consolidation) that the full log-likelihood misses (docs/RESULTS.md).
 
-Runs the reference layers (not the fused fast path) and needs no gradients.
+:func:`local_log_prob` runs the reference layers. :func:`top_latent_energy` gives the ``top_latent`` part per
+cell through ``glow.encode``, so it runs on the fast encoder when one is installed (on CUDA,
+:func:`ct3dflow.models.prepare_flow_encoder`). Neither needs gradients.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 
 import torch
 
+from .dtypes import work_dtype
 from .glow import Glow3D
 from .squeeze import squeeze3d
 
@@ -39,6 +42,17 @@ def _spread(cell_map: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def top_latent_energy(glow: Glow3D, x: torch.Tensor) -> torch.Tensor:
+    """``−½‖ε_L‖²`` of the coarsest latent per cell, ``(B, s, s, s)`` with ``s = S / 2**L``: the
+    ``top_latent`` part of :func:`local_log_prob` before it is spread over each cell's voxels. It reads the
+    last level's block of ``glow.encode(x)`` (the standardised latent of the learned top prior)."""
+    c, s = glow.latent_shapes[-1][0], glow.latent_shapes[-1][1]
+    eps = glow.encode(x)[:, -c * s**3 :]
+    dt = work_dtype(eps)
+    return -0.5 * eps.to(dt).reshape(x.shape[0], c, s, s, s).pow(2).sum(1)
+
+
+@torch.no_grad()
 def local_log_prob(glow: Glow3D, x: torch.Tensor, part: str = "all") -> torch.Tensor:
     """Per-voxel log-likelihood terms ``(B, S, S, S)`` of the patches ``x`` ``(B, 1, S, S, S)``.
 
@@ -48,7 +62,7 @@ def local_log_prob(glow: Glow3D, x: torch.Tensor, part: str = "all") -> torch.Te
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     x = x.to(glow._param_dtype())
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = work_dtype(x)
     size = x.shape[-1]
     total = torch.zeros((x.shape[0], size, size, size), dtype=dt, device=x.device)
     keep_all = part == "all"

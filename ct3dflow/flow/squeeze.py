@@ -22,10 +22,7 @@ import torch
 from torch import nn
 
 from .coupling import ZeroConv3d
-
-
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from .dtypes import work_dtype as _work_dtype
 
 
 def squeeze3d(x: torch.Tensor) -> torch.Tensor:

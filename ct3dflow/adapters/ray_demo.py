@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     if a.fresh and work.exists():
         shutil.rmtree(work)
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    from .config import load_config, parse_overrides
+    from ..config import load_config, parse_overrides
 
     overrides = parse_overrides(a.set)
     overrides.setdefault("work_dir", str(work))
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     t0, total = time.time(), 7
 
     _stage(1, total, f"phantom archive: {a.normal} normal + {a.abnormal} abnormal chest CTs", t0)
-    from .phantoms import make_archive
+    from ..synthetic import make_archive
 
     if not cfg.manifest_path.exists():
         make_archive(cfg.manifest_path.parent, a.normal, a.abnormal, fmt="nifti", seed=7, size="demo")
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
 
     import ray
 
+    from ..metrics import table1
     from . import ray_data
-    from .metrics import table1
     from .ray_jobs import evaluate_job, preprocess_job, train_job, tune_job
 
     # the AE baseline (the paper's "AE" row) through the very same jobs
@@ -102,11 +102,11 @@ def main(argv=None) -> int:
     print(f"\nPhantom test split ({n} studies), operating points chosen on validation; 95 % bootstrap intervals:\n")
     print(table1(rows))
     for label, o in out.items():
-        m, op = o["eval"]["metrics"], o["tune"]["operating_point"]
+        from ..detect import OperatingPoint
+
+        m, op = o["eval"]["metrics"], OperatingPoint.from_dict(o["tune"]["operating_point"])
         print(f"\n{label}: sensitivity {m.get('test_sensitivity', float('nan')):.3f}, specificity "
-              f"{m.get('test_specificity', float('nan')):.3f}; σ = {op['sigma_vox']:.2g} voxels, "
-              f"τ = healthy mean {op['tau_z']:+.2f} sd, v_min = {op['v_min_cm3']:.2g} cm³, "
-              f"T = {op['threshold_cm3']:.3g} cm³")
+              f"{m.get('test_specificity', float('nan')):.3f}; {op.describe()}")
         kinds = sorted(k[len("test_sensitivity_"):] for k in m
                        if k.startswith("test_sensitivity_") and "_ci_" not in k)
         if kinds:

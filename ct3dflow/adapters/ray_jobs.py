@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .pipeline import cached_patches, manifest_rows, ok_study_ids
+from ..detect import OperatingPoint
+from ..pipeline import cached_patches, manifest_rows, ok_study_ids
+from .tracking import ModelRef
 
 
 def _log(msg: str) -> None:
@@ -47,11 +49,11 @@ def train_job(cfg, summary: pd.DataFrame | None = None) -> dict:
     import mlflow
     import torch
 
+    from ..manifest import manifest_fingerprint, read_manifest
+    from ..train import CHECKPOINT_NAME, FlowTrainer
     from . import tracking
-    from .manifest import manifest_fingerprint, read_manifest
     from .ray_data import training_patch_dataset
     from .ray_train import MLFLOW_RUN_FILE, fit
-    from .train import CHECKPOINT_NAME, FlowTrainer
 
     tcfg = cfg.train_config()
     if summary is None:
@@ -171,77 +173,61 @@ def scores_dir(cfg, loaded) -> Path:
     return cfg.work_path / "scores" / loaded.name / f"v{loaded.version}"
 
 
-def _scoring_settings(cfg, loaded) -> dict:
-    size = loaded.settings.get("patch_size")
-    if not size and hasattr(loaded.model, "config"):
-        size = loaded.model.config().get("patch_size")
-    return {"patch_size": int(size or 48), "stride": int(cfg.scoring.get("stride", 38)),
-            "batch_size": int(cfg.scoring.get("batch_size", 16))}
+def model_ref(cfg, loaded, tracking_uri: str | None) -> ModelRef:
+    version = f"{loaded.name}/{loaded.version}" if loaded.name else loaded.uri
+    return ModelRef(loaded.uri, loaded.uri, version, dict(loaded.settings or {}), loaded.operating_point,
+                    tracking_uri=tracking_uri)
 
 
-def score_split(cfg, loaded, rows: list[dict], split: str, op=None, write_outputs: bool = False) -> pd.DataFrame:
-    """Preprocess (cache hits when the train job did it) and score the rows of ``split`` only.
+def map_kind_for(cfg, loaded, op: OperatingPoint | None = None):
+    """The operating point's kind, else ``scoring.map``; a kind that needs a flow refuses a baseline at once."""
+    from ..detect import get_kind
 
-    Patch scores go to ``scores_dir/<split>/<study_id>/patch_scores.npz`` with ``results.parquet`` beside
-    them. Without an operating point, studies this model version already scored with the same scoring
-    settings are not scored again.
-    """
-    import torch
+    kind = get_kind(op.map if op is not None else cfg.scoring.get("map"))
+    if kind.needs_flow and type(loaded.model).__name__ != "Glow3D":
+        raise ValueError(f"{loaded.name} v{loaded.version} is a {loaded_model_kind(loaded)} model, and the "
+                         f"{kind.name} map decomposes a flow's log-likelihood: set scoring.map: patch for it "
+                         "(configs/demo-ae.yaml)")
+    return kind
 
-    from .evaluation import RESULT_COLUMNS, score_row
-    from .pipeline import preprocess_row
+
+def score_split(cfg, loaded, rows: list[dict], split: str, kind, op: OperatingPoint | None = None,
+                write_outputs: bool = False) -> pd.DataFrame:
+    """Preprocess (cache hits when the train job did it) and score the rows of ``split`` only, on Ray Data
+    actors: the scorer and the resume rule of the nightly screening (:mod:`ct3dflow.detect.batch`).
+
+    Results go to ``scores_dir/<split>/`` (``parts/``, ``results.parquet``, ``maps/``); a study this model
+    version already scored with the same settings (and operating point) is not scored again."""
+    import mlflow
+
+    from ..detect.batch import ScoringPlan, entries_of_rows
+    from .ray_score import describe_outcome, run_scoring
 
     rows = split_rows(rows, split)  # defensive: callers filter already
-    out_dir = scores_dir(cfg, loaded) / split
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scoring = _scoring_settings(cfg, loaded)
-    settings_file, results_file = out_dir / "scoring.json", out_dir / "results.parquet"
-    previous: dict = {}
-    if op is None and results_file.exists() and settings_file.exists() \
-            and json.loads(settings_file.read_text(encoding="utf-8")) == scoring:
-        prev = pd.read_parquet(results_file)
-        for r in prev[prev["status"] == "ok"].to_dict("records"):
-            if r.get("patch_scores_path") and Path(r["patch_scores_path"]).exists():
-                previous[r["study_id"]] = r
-    settings_file.write_text(json.dumps(scoring), encoding="utf-8")
-    threads = cfg.scoring.get("torch_threads")
-    if threads:
-        torch.set_num_threads(int(threads))
+    ref = model_ref(cfg, loaded, mlflow.get_tracking_uri())
     # the preprocessing the model was trained with (its settings), so that scores match its training data
-    pcfg = loaded.settings.get("preprocess") or cfg.preprocess_config().to_dict()
-    out, n_reused = [], 0
-    for row in rows:
-        sid = str(row["study_id"])
-        if sid in previous:
-            out.append(previous[sid])
-            n_reused += 1
-            continue
-        pre = preprocess_row(row, str(cfg.cache_path), pcfg)
-        if pre["status"] != "ok":
-            err = dict.fromkeys(RESULT_COLUMNS)
-            err.update(study_id=sid, path=str(row.get("path")), status="error", error=pre["error"],
-                       model=loaded.uri)
-            out.append(err)
-            continue
-        out.append(score_row(loaded.model, row, cfg.cache_path, out_dir, scoring, op, model_uri=loaded.uri,
-                             write_outputs=write_outputs))
-    df = pd.DataFrame(out, columns=RESULT_COLUMNS)
-    df.to_parquet(results_file, index=False)
+    pre = dict(loaded.settings.get("preprocess") or cfg.preprocess_config().to_dict())
+    pre["patch_size"] = ref.patch_size
+    plan = ScoringPlan.make(kind.name, cfg.scoring, ref.patch_size, op, loaded.uri, ref.version, pre,
+                            cfg.cache_path, scores_dir(cfg, loaded) / split, write_outputs=write_outputs)
+    ray_cfg = {"preprocess_workers": 2, "scoring_actors": 1, **cfg.ray}
+    df, outcomes = run_scoring(entries_of_rows(rows), plan, ref, ray_cfg,
+                               on_row=lambda i, n, r: _log(f"  [{i}/{n}] {r['study_id']}: {describe_outcome(r)}"))
     n_err = int((df["status"] == "error").sum())
-    _log(f"{split}: {len(df)} studies ({n_reused} scored before by {loaded.name} v{loaded.version}), "
-         f"{n_err} errors → {results_file}")
-    _log_errors(df)
+    n_reused = sum(1 for o in outcomes.values() if o["action"] == "skip")
+    _log(f"{split}: {len(df)} studies ({n_reused} scored before by {loaded.name} v{loaded.version}), {n_err} errors "
+         f"→ {Path(plan.results_dir) / 'results.parquet'}")
     return df
 
 
-def validation_studies(cfg, loaded):
-    """The validation split, scored once per model version, as ``TuningStudy`` objects. Returns
+def validation_studies(cfg, loaded, kind):
+    """The validation split, scored once per model version, as ``ScoredStudy`` objects. Returns
     ``(studies, results, rows)``. Rows of any other split are dropped before anything touches them."""
-    from .evaluation import load_tuning_studies
+    from ..detect.row import load_scored_studies
 
     rows = split_rows(manifest_rows(cfg.manifest_path), "val")
-    results = score_split(cfg, loaded, rows, "val", op=None)
-    return load_tuning_studies(rows, results, cfg.cache_path), results, rows
+    results = score_split(cfg, loaded, rows, "val", kind, op=None)
+    return load_scored_studies(kind, rows, results, cfg.cache_path), results, rows
 
 
 def _model_params(loaded) -> dict:
@@ -250,56 +236,56 @@ def _model_params(loaded) -> dict:
 
 
 def tune_job(cfg, model_uri: str | None = None) -> dict:
-    """Score the validation split once with a registered model, search σ, τ, v_min with Ray Tune (T from
-    the validation ROC inside each trial), store the best operating point on the model version (every
-    later scoring of that version uses it by default) and in an MLflow run of the comparison experiment."""
+    """Score the validation split once with a registered model, search the map kind's parameters with Ray
+    Tune (T from the validation ROC inside each trial), store the best operating point on the model version
+    (every later scoring of that version uses it by default) and in an MLflow run of the comparison experiment."""
     import time
 
     import mlflow
+    from mlflow.tracking import MlflowClient
 
+    from ..detect.outputs import write_json
     from . import tracking
-    from .evaluation import write_json
     from .ray_tune import run_search
 
     tracking.configure(cfg)
     uri = default_model_uri(cfg, model_uri)
     loaded = tracking.load_patch_model(uri)
+    kind = map_kind_for(cfg, loaded)
     base = scores_dir(cfg, loaded)
-    _log(f"tuning the operating point of {loaded.name} v{loaded.version} ({loaded_model_kind(loaded)}) on the "
-         "validation split only")
-    studies, results, rows = validation_studies(cfg, loaded)
+    _log(f"tuning the {kind.name}-map operating point of {loaded.name} v{loaded.version} "
+         f"({loaded_model_kind(loaded)}) on the validation split only")
+    studies, results, rows = validation_studies(cfg, loaded, kind)
     storage = Path(cfg.ray.get("storage_path") or cfg.work_path / "ray_results")
     name = f"tune-{loaded.name}-v{loaded.version}-{time.strftime('%Y%m%d-%H%M%S')}"
-    op, trials, tune_dir = run_search(studies, cfg.tune, storage, name)
+    op, trials, tune_dir = run_search(kind, studies, cfg.tune, storage, name)
     best = trials.iloc[0]
     params = _model_params(loaded)
     tags = {"ct3dflow.model_name": loaded.name, "ct3dflow.model_version": str(loaded.version),
-            "ct3dflow.model_kind": params["model_kind"]}
+            "ct3dflow.model_kind": params["model_kind"], "ct3dflow.map_kind": kind.name}
     with tracking.job_run(comparison_config(cfg), "tune", run_name=f"tune/{loaded.name}/v{loaded.version}",
                           tags=tags) as run:
-        mlflow.log_params(params)
+        mlflow.log_params({**params, **{f"op_{k}": v for k, v in op.flat().items()}})
         mlflow.log_metrics({"val_auroc": float(best["auroc"]), "val_f1": float(best["f1"]),
-                            "val_accuracy": float(best["accuracy"]), "val_objective": float(best["objective"]),
+                            "val_accuracy": float(best["accuracy"]), "val_sensitivity": float(best["sensitivity"]),
+                            "val_specificity": float(best["specificity"]), "val_objective": float(best["objective"]),
                             "n_trials": len(trials), "n_val_studies": len(studies),
-                            "n_val_abnormal": sum(s.label for s in studies),
-                            **{f"op_{k}": v for k, v in op.to_dict().items()}})
+                            "n_val_abnormal": sum(s.label for s in studies)})
         mlflow.log_dict(op.to_dict(), "operating_point.json")
         mlflow.log_text(trials.to_csv(index=False), "trials.csv")
         mlflow.log_dict({"study_ids": [s.study_id for s in studies], "scores_dir": str(base / "val"),
                          "tune_dir": tune_dir}, "validation_studies.json")
         tracking.set_operating_point(loaded.name, loaded.version, op.to_dict())
-        from mlflow.tracking import MlflowClient
-
         MlflowClient().set_model_version_tag(loaded.name, str(loaded.version), TUNE_RUN_TAG, run.info.run_id)
         out = {"run_id": run.info.run_id, "model_uri": loaded.uri, "model_name": loaded.name,
-               "model_version": str(loaded.version), "model_kind": params["model_kind"],
+               "model_version": str(loaded.version), "model_kind": params["model_kind"], "map_kind": kind.name,
                "operating_point": op.to_dict(), "val_auroc": float(best["auroc"]), "val_f1": float(best["f1"]),
                "n_trials": len(trials), "validation_study_ids": [s.study_id for s in studies],
                "tune_dir": tune_dir}
         mlflow.log_dict(out, "tune_result.json")
     write_json(out, base / "tune_result.json")
     _log(f"{len(trials)} trials on {len(studies)} validation studies: best AUROC {best['auroc']:.3f}, F1 "
-         f"{best['f1']:.3f}; operating point {json.dumps(op.to_dict())} stored on {loaded.name} v{loaded.version}")
+         f"{best['f1']:.3f}; operating point ({op.describe()}) stored on {loaded.name} v{loaded.version}")
     return out
 
 
@@ -307,8 +293,8 @@ def _comparison_table(experiment_id: str) -> str:
     """Table 1 over the latest evaluation run of every model in the comparison experiment."""
     import mlflow
 
-    from .eval_report import display_name
-    from .metrics import table1
+    from ..eval_report import display_name
+    from ..metrics import table1
 
     runs = mlflow.search_runs([experiment_id], filter_string="tags.`ct3dflow.job` = 'evaluate'",
                               order_by=["attributes.start_time DESC"], output_format="list")
@@ -326,16 +312,16 @@ def _comparison_table(experiment_id: str) -> str:
     return table1(list(reversed(rows)))
 
 
-def log_evaluation(loaded_params: dict, ev: dict, op: dict, out_dir: Path) -> dict:
+def log_evaluation(loaded_params: dict, ev: dict, op, out_dir: Path) -> dict:
     """Log one test evaluation into the active MLflow run: the same metric names for every model
     (``test_auroc``, ``test_f1``, ``test_accuracy``, ``test_sensitivity``, ``test_specificity`` and
     ``test_<metric>_ci_low/_high``), params ``model_kind``/``model_version``, the ROC and confusion-matrix
     PNGs, the per-kind breakdown and Table 1. Returns the flat metrics."""
     import mlflow
 
-    from .eval_report import confusion_png, display_name, per_kind_markdown, roc_png
-    from .evaluation import write_json
-    from .metrics import table1
+    from ..detect.outputs import write_json
+    from ..eval_report import confusion_png, display_name, per_kind_markdown, roc_png
+    from ..metrics import table1
 
     m = ev["metrics"]
     flat = {f"test_{k}": float(m[k]) for k in TEST_METRICS if m.get(k) is not None and np.isfinite(m[k])}
@@ -347,7 +333,8 @@ def log_evaluation(loaded_params: dict, ev: dict, op: dict, out_dir: Path) -> di
         for name in ("auroc", "sensitivity"):
             if k.get(name) is not None and np.isfinite(k[name]):
                 flat[f"test_{name}_{kind}"] = float(k[name])
-    mlflow.log_params({**loaded_params, **{f"op_{k}": v for k, v in op.items()}})
+    op_flat = op.flat() if hasattr(op, "flat") else dict(op)
+    mlflow.log_params({**loaded_params, **{f"op_{k}": v for k, v in op_flat.items()}})
     mlflow.log_metrics(flat)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = display_name(loaded_params["model_kind"], loaded_params.get("model_name"),
@@ -371,15 +358,18 @@ def log_evaluation(loaded_params: dict, ev: dict, op: dict, out_dir: Path) -> di
 
 
 def evaluate_job(cfg, model_uri: str | None = None, force: bool = False) -> dict:
-    """The test split, once per model version: score it with the stored operating point and log Table 1
-    metrics with bootstrap CIs, ROC and confusion-matrix pictures and the per-kind breakdown."""
+    """The test split, once per model version: score it with the stored operating point (its map kind) and
+    log Table 1 metrics with bootstrap CIs, ROC and confusion-matrix pictures and the per-kind breakdown."""
     import time
 
+    import mlflow
     from mlflow.tracking import MlflowClient
 
+    from ..detect import OperatingPoint
+    from ..detect.evaluate import evaluate
+    from ..detect.outputs import write_json
+    from ..detect.row import load_scored_studies
     from . import tracking
-    from .evaluation import evaluate_test, load_tuning_studies, write_json
-    from .scoring import OperatingPoint
 
     tracking.configure(cfg)
     uri = default_model_uri(cfg, model_uri)
@@ -394,30 +384,29 @@ def evaluate_job(cfg, model_uri: str | None = None, force: bool = False) -> dict
         raise RuntimeError(f"{loaded.name} v{loaded.version} has no operating point: run jobs/tune.py first "
                            "(the operating point is chosen on the validation split only)")
     op = OperatingPoint.from_dict(loaded.operating_point)
+    kind = map_kind_for(cfg, loaded, op)
     rows = split_rows(manifest_rows(cfg.manifest_path), "test")
-    results = score_split(cfg, loaded, rows, "test", op=op, write_outputs=True)
-    studies = load_tuning_studies(rows, results, cfg.cache_path)
-    if len({s.label for s in studies}) < 2:
-        raise ValueError("the test split needs labelled normal and abnormal studies that scored ok")
-    ev = evaluate_test(studies, op, n_boot=int(cfg.tune.get("n_boot", 1000)))
+    results = score_split(cfg, loaded, rows, "test", kind, op=op, write_outputs=True)
+    studies = load_scored_studies(kind, rows, results, cfg.cache_path)
+    ev = evaluate(kind, op, studies, n_boot=int(cfg.tune.get("n_boot", 1000)))
     ev["n_errors"] = int((results["status"] == "error").sum())
     params = _model_params(loaded)
     tags = {"ct3dflow.model_name": loaded.name, "ct3dflow.model_version": str(loaded.version),
-            "ct3dflow.model_kind": params["model_kind"], "ct3dflow.forced": str(bool(force and done))}
+            "ct3dflow.model_kind": params["model_kind"], "ct3dflow.map_kind": kind.name,
+            "ct3dflow.forced": str(bool(force and done))}
     with tracking.job_run(comparison_config(cfg), "evaluate",
                           run_name=f"evaluate/{loaded.name}/v{loaded.version}", tags=tags) as run:
-        import mlflow
-
-        flat = log_evaluation(params, ev, op.to_dict(), base / "test" / "report")
+        flat = log_evaluation(params, ev, op, base / "test" / "report")
         mlflow.log_metric("test_n_errors", ev["n_errors"])
         mlflow.log_artifact(str(base / "test" / "results.parquet"))
         stamp = json.dumps({"run_id": run.info.run_id, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         client.set_model_version_tag(loaded.name, str(loaded.version), TEST_EVALUATION_TAG, stamp)
         client.set_model_version_tag(loaded.name, str(loaded.version), "ct3dflow.test_auroc",
                                      f"{flat.get('test_auroc', float('nan')):.4f}")
-        out = {"run_id": run.info.run_id, **params, "metrics": flat, "operating_point": op.to_dict(),
-               "n_test_studies": len(studies), "n_errors": ev["n_errors"],
-               "test_study_ids": [s.study_id for s in studies]}
+        out = {"run_id": run.info.run_id, **params, "map_kind": kind.name, "metrics": flat,
+               "operating_point": op.to_dict(), "per_kind": ev["per_kind"], "n_test_studies": len(studies),
+               "n_errors": ev["n_errors"], "test_study_ids": [s.study_id for s in studies],
+               "normal_volume_cm3": ev["normal_volume_cm3"]}
     try:
         uri = mlflow.get_tracking_uri()
         view = comparison_view(run.info.experiment_id, uri if uri.startswith("http") else None)

@@ -12,9 +12,9 @@ import pandas as pd
 import ray
 from ray.data import DataContext
 
-from .cache import StudyCache
-from .patches import extract_patches, sample_patch_corners, valid_patch_corners
-from .pipeline import SUMMARY_COLUMNS, manifest_rows, preprocess_row
+from ..cache import StudyCache
+from ..patches import extract_patches, sample_patch_corners, valid_patch_corners
+from ..pipeline import SUMMARY_COLUMNS, manifest_rows, preprocess_row
 
 
 def quiet_progress() -> None:

@@ -5,6 +5,6 @@ It is imported only by MLflow when a model is logged or loaded (``mlflow.models.
 
 import mlflow
 
-from ct3dflow.tracking import PatchModelPyfunc
+from ct3dflow.adapters.tracking import PatchModelPyfunc
 
 mlflow.models.set_model(PatchModelPyfunc())

@@ -2,21 +2,24 @@ import numpy as np
 import pytest
 import torch
 
+from ct3dflow.detect import OperatingPoint, get_kind
+from ct3dflow.detect.decision import abnormal_region
+from ct3dflow.detect.grid import window_grid
+from ct3dflow.detect.outputs import preview_size, write_map_nifti, write_preview_png
+from ct3dflow.detect.patch_map import PatchScores, healthy_reference, log_p_map, patch_log_likelihoods
 from ct3dflow.errors import CTInputError
 from ct3dflow.patches import inference_grid
-from ct3dflow.scoring import (
-    OperatingPoint,
-    PatchScores,
-    abnormal_volume,
-    decide_from_patch_scores,
-    healthy_reference,
-    log_p_map,
-    patch_log_likelihoods,
-    preview_size,
-    score_study,
-    write_log_p_map_nifti,
-    write_preview_png,
-)
+
+PATCH = get_kind("patch")
+
+
+def patch_op(sigma=3.0, tau_z=-1.0, v_min=0.0, t=0.5, mean=0.0, std=1.0) -> OperatingPoint:
+    return OperatingPoint("patch", {"sigma_vox": sigma, "tau_z": tau_z, "v_min_cm3": v_min}, t,
+                          {"mean": mean, "std": std})
+
+
+def scores(model, vol, perm, size, stride, batch_size=16):
+    return patch_log_likelihoods(model, window_grid(vol, perm, size, stride), batch_size)
 
 
 class ToyModel(torch.nn.Module):
@@ -99,37 +102,35 @@ def test_log_p_map_mask_and_far_voxels():
 
 
 # ------------------------------------------------------------------------------------ abnormal volume
-def test_abnormal_volume_known_cube_and_vmin():
+def test_abnormal_region_known_cube_and_vmin():
     shape = (40, 40, 40)
     lpm = np.zeros(shape, np.float32)
     lpm[5:15, 5:15, 5:15] = -10  # 1000 voxels × 8 mm³ = 8 cm³
     lpm[30:32, 30:32, 30:32] = -10  # 8 voxels = 0.064 cm³
     mask = np.ones(shape, np.uint8)
-    vol, ab = abnormal_volume(lpm, mask, -5.0, 0.0, (2.0, 2.0, 2.0))
+    vol, ab = abnormal_region(lpm, mask, -5.0, 0.0, (2.0, 2.0, 2.0))
     assert vol == pytest.approx(8.064)
-    vol, ab = abnormal_volume(lpm, mask, -5.0, 1.0, (2.0, 2.0, 2.0))
+    vol, ab = abnormal_region(lpm, mask, -5.0, 1.0, (2.0, 2.0, 2.0))
     assert vol == pytest.approx(8.0) and ab.sum() == 1000 and ab.dtype == bool
     # outside the mask nothing counts; NaN never counts
     mask[:, :, :10] = 0
     lpm2 = lpm.copy()
     lpm2[mask == 0] = np.nan
-    vol, _ = abnormal_volume(lpm2, mask, -5.0, 0.0, (2.0, 2.0, 2.0))
+    vol, _ = abnormal_region(lpm2, mask, -5.0, 0.0, (2.0, 2.0, 2.0))
     assert vol == pytest.approx((500 + 8) * 0.008)
     # diagonal neighbours join under 26-connectivity
     d = np.zeros((5, 5, 5), np.float32)
     d[1, 1, 1] = d[2, 2, 2] = -1
-    vol, ab = abnormal_volume(d, np.ones_like(d), -0.5, 2.0, (1, 1, 1000.0))
+    vol, ab = abnormal_region(d, np.ones_like(d), -0.5, 2.0, (1, 1, 1000.0))
     assert vol == pytest.approx(2.0)
 
 
-def test_operating_point_roundtrip():
-    op = OperatingPoint(sigma_vox=4, tau_z=-2, v_min_cm3=0.5, threshold_cm3=3, healthy_mean=-10,
-                        healthy_std=2)
-    assert op.tau_abs == -14
+def test_level_and_reference():
+    op = patch_op(sigma=4, tau_z=-2, v_min=0.5, t=3, mean=-10, std=2)
+    assert PATCH.level(op.params, op.reference) == -14
     assert OperatingPoint.from_dict(op.to_dict()) == op
-    mean, std = healthy_reference([np.array([1.0, 3.0]), PatchScores(np.zeros((1, 3)), np.zeros((1, 3)),
-                                                                     np.array([2.0]))])
-    assert mean == pytest.approx(2.0) and std == pytest.approx(1.0)
+    ref = healthy_reference([np.array([1.0, 3.0]), PatchScores(np.zeros((1, 3)), np.zeros((1, 3)), np.array([2.0]))])
+    assert ref["mean"] == pytest.approx(2.0) and ref["std"] == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------------- patch scoring
@@ -146,7 +147,8 @@ def test_patch_log_likelihoods_detects_blob_and_respects_mask(tmp_path):
     vol, perm = _study()
     model = ToyModel(-0.3)
     size, stride = 16, 10
-    ps = patch_log_likelihoods(model, vol, perm, size=size, stride=stride, batch_size=7)
+    model.train()
+    ps = scores(model, vol, perm, size, stride, batch_size=7)
     assert model.calls == len(ps) and model.modes == {False} and model.training  # mode restored
     grid = inference_grid(vol.shape, size, stride)
     touching = [c for c in grid if perm[c[0]:c[0] + size, c[1]:c[1] + size, c[2]:c[2] + size].any()]
@@ -169,9 +171,7 @@ def test_patch_log_likelihoods_detects_blob_and_respects_mask(tmp_path):
     np.testing.assert_array_equal(back.log_p, ps.log_p)
     assert (back.size, back.stride, back.shape) == (16, 10, vol.shape)
     # the decision from stored scores localises the blob
-    op = OperatingPoint(sigma_vox=3.0, tau_z=-1.0, v_min_cm3=0.0, threshold_cm3=0.5, healthy_mean=0.0,
-                        healthy_std=1.0)
-    v, ab, m = decide_from_patch_scores(back, vol.shape, perm, (2.0, 2.0, 2.0), op)
+    v, ab, m = PATCH.decide(back, perm, (2.0, 2.0, 2.0), patch_op())
     assert v > 0 and ab.any() and np.isnan(m[perm == 0]).all()
     zc, yc, xc = np.argwhere(ab).mean(0)
     assert 14 < zc < 36 and 20 < yc < 44
@@ -181,46 +181,48 @@ def test_padding_small_volume_and_empty_mask():
     vol = np.full((20, 50, 50), -0.3, dtype=np.float32)
     perm = np.zeros_like(vol, dtype=np.uint8)
     perm[5:15, 10:40, 10:40] = 1
-    ps = patch_log_likelihoods(ToyModel(-0.3), vol, perm, size=24, stride=20)
+    ps = scores(ToyModel(-0.3), vol, perm, 24, 20)
     assert ps.corners[:, 0].min() == -2  # padded by 4 → 2 before, corners in original coordinates
     np.testing.assert_allclose(ps.centres[:, 0], 9.5)
     with pytest.raises(CTInputError, match="mask"):
-        patch_log_likelihoods(ToyModel(), vol, np.zeros_like(perm), size=24, stride=20)
+        scores(ToyModel(), vol, np.zeros_like(perm), 24, 20)
 
 
-def test_score_study_and_outputs(tmp_path):
+def test_score_decide_and_outputs(tmp_path):
     import SimpleITK as sitk
     from PIL import Image
 
+    from ct3dflow.detect.decision import is_abnormal
+
     vol, perm = _study()
-    op = OperatingPoint(sigma_vox=3.0, tau_z=-1.0, v_min_cm3=0.0, threshold_cm3=0.5, healthy_mean=0.0,
-                        healthy_std=1.0)
-    st = score_study(ToyModel(-0.3), vol, perm, (2.0, 2.0, 2.0), op, size=16, stride=10, batch_size=8)
-    assert st.predicted_abnormal and st.abnormal_volume_cm3 > 0.5
-    assert st.n_patches == len(st.patch_scores)
-    assert st.log_p_min < st.log_p_mean <= 0
+    op = patch_op()
+    ps = scores(ToyModel(-0.3), vol, perm, 16, 10, batch_size=8)
+    vol_cm3, abnormal, lpm = PATCH.decide(ps, perm, (2.0, 2.0, 2.0), op)
+    assert is_abnormal(vol_cm3, op.threshold_cm3) and vol_cm3 > 0.5 and not is_abnormal(0.5, 0.5)
+    summary = PATCH.summary(ps)
+    assert summary["n_patches"] == len(ps) and summary["log_p_min"] < summary["log_p_mean"] <= 0
     ref = sitk.Image([vol.shape[2], vol.shape[1], vol.shape[0]], sitk.sitkUInt8)
     ref.SetSpacing((2.0, 2.0, 2.0))
     ref.SetOrigin((-10.0, 5.0, 100.0))
-    p = write_log_p_map_nifti(st.log_p_map, ref, tmp_path / "map.nii.gz")
+    p = write_map_nifti(lpm, ref, tmp_path / "map.nii.gz")
     img = sitk.ReadImage(str(p))
     assert img.GetSize() == ref.GetSize() and img.GetSpacing() == (2.0, 2.0, 2.0)
     assert img.GetOrigin() == (-10.0, 5.0, 100.0) and img.GetPixelID() == sitk.sitkFloat32
     inside = perm > 0
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(img)[inside], st.log_p_map[inside])
-    p3 = write_log_p_map_nifti(st.log_p_map, ref, tmp_path / "map3.nii.gz", fill_value=-1e6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img)[inside], lpm[inside])
+    p3 = write_map_nifti(lpm, ref, tmp_path / "map3.nii.gz", fill_value=-1e6)
     assert np.all(sitk.GetArrayFromImage(sitk.ReadImage(str(p3)))[~inside] == -1e6)
-    p2 = write_log_p_map_nifti(st.log_p_map, ((2, 2, 2), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+    p2 = write_map_nifti(lpm, ((2, 2, 2), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
                                tmp_path / "map2.nii.gz")
     assert sitk.ReadImage(str(p2)).GetSize() == ref.GetSize()
     with pytest.raises(ValueError):
-        write_log_p_map_nifti(st.log_p_map[:-1], ref, tmp_path / "bad.nii.gz")
-    png = write_preview_png(vol, st.log_p_map, st.abnormal_mask, tmp_path / "prev.png", title="toy",
-                            tau_abs=op.tau_abs)
+        write_map_nifti(lpm[:-1], ref, tmp_path / "bad.nii.gz")
+    png = write_preview_png(vol, lpm, abnormal, tmp_path / "prev.png", title="toy",
+                            level=PATCH.level(op.params, op.reference))
     im = Image.open(png)
     assert im.size == preview_size(vol.shape) and im.mode == "RGB"
     a = np.asarray(im)
     assert a.std() > 1 and (a[..., 0].astype(int) - a[..., 1]).max() > 50  # some red overlay
     # no abnormal region, no tau: still a picture
-    png2 = write_preview_png(vol, st.log_p_map, np.zeros_like(perm), tmp_path / "prev2.png")
+    png2 = write_preview_png(vol, lpm, np.zeros_like(perm), tmp_path / "prev2.png")
     assert Image.open(png2).size == preview_size(vol.shape)

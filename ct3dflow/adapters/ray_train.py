@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .train import CHECKPOINT_NAME, FlowTrainer, TrainConfig
+from ..train import CHECKPOINT_NAME, FlowTrainer, TrainConfig
 
 MLFLOW_RUN_FILE = "mlflow_run_id"
 

@@ -1,0 +1,35 @@
+"""From a preprocessed study to a decision: one detection pipeline for every path (no Ray here).
+
+Shaped like MONAI's sliding-window inference, with the decision of the paper after it:
+
+    grid (splitter)  →  kind.score (predictor)  →  kind.atypicality (merger → map)  →  decision (v_min, T)
+    grid.py             patch_map.py / voxel_map.py                                     decision.py
+
+* :data:`MAP_KINDS` — the registry of map kinds behind one interface (:class:`MapKind`): ``voxel`` (the
+  platform default, not in the paper) and ``patch`` (the paper's Log P map).
+* :mod:`.search` — the one operating-point search (objective, T rule, tie-break); :mod:`.evaluate` — the
+  one evaluation; :mod:`.operating_point` — the one schema; :mod:`.row` — ``score_row``; :mod:`.batch` —
+  a scoring run over many studies with one resume rule (the CLI loops it, the Ray adapter distributes it).
+"""
+
+from __future__ import annotations
+
+from .kind import MapKind
+from .operating_point import OperatingPoint
+from .patch_map import PatchMap
+from .voxel_map import VoxelMap
+
+#: every map kind, by the name configurations and operating points use (``scoring.map``, ``"map"``)
+MAP_KINDS: dict[str, MapKind] = {"voxel": VoxelMap(), "patch": PatchMap()}
+DEFAULT_KIND = "voxel"
+
+
+def get_kind(name: str | None) -> MapKind:
+    """The map kind called ``name`` (``None``: the platform default)."""
+    name = name or DEFAULT_KIND
+    if name not in MAP_KINDS:
+        raise ValueError(f"unknown map kind {name!r}: choose one of {sorted(MAP_KINDS)} (scoring.map, --map)")
+    return MAP_KINDS[name]
+
+
+__all__ = ["DEFAULT_KIND", "MAP_KINDS", "MapKind", "OperatingPoint", "get_kind"]

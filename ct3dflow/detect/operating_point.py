@@ -1,0 +1,112 @@
+"""One operating-point schema for every map kind: what the CLI writes, the MLflow model version carries and
+the nightly screening applies.
+
+```json
+{"schema": "ct3dflow.operating_point/2", "map": "voxel",
+ "params": {"sigma_vox": 2.0, "tau_z": 4.0, "v_min_cm3": 0.0}, "threshold_cm3": 1.81,
+ "threshold_rule": {"rule": "best_f1"},
+ "reference": {...the kind's healthy reference, fitted on validation normals...},
+ "scoring": {"stride": 12, "patch_size": 24, "part": "top_latent"},
+ "validation": {"auroc": 0.94, "f1": 0.88, "sensitivity": 0.9, "specificity": 0.8, "n": 36, "n_abnormal": 20}}
+```
+
+``map`` names the kind (:data:`ct3dflow.detect.MAP_KINDS`); ``params`` are that kind's searched parameters;
+``scoring`` is how the scores it was chosen on were made, and a later scoring with this point uses it, so
+that the map is the one the point was chosen for. Files written before this schema (the paper map's flat
+``{sigma_vox, tau_z, v_min_cm3, threshold_cm3, healthy_mean, healthy_std}`` and the voxel map's
+``{"map": "voxel", ..., "reference": {bins, median, scale}}``) are read as well: model versions in a
+registry keep the tags they were given.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA = "ct3dflow.operating_point/2"
+THRESHOLD_RULES = ("best_f1", "specificity")
+_LEGACY_PATCH = ("sigma_vox", "tau_z", "v_min_cm3", "threshold_cm3", "healthy_mean", "healthy_std")
+
+
+@dataclass
+class OperatingPoint:
+    map: str
+    params: dict
+    threshold_cm3: float
+    reference: dict
+    scoring: dict = field(default_factory=dict)
+    threshold_rule: dict = field(default_factory=lambda: {"rule": "best_f1"})
+    validation: dict = field(default_factory=dict)
+
+    def param(self, name: str) -> float:
+        if name not in self.params:
+            raise KeyError(f"the {self.map} operating point has no parameter {name!r} (it has {sorted(self.params)})")
+        return float(self.params[name])
+
+    @property
+    def v_min_cm3(self) -> float:
+        return self.param("v_min_cm3")
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "map": self.map, "params": {k: float(v) for k, v in self.params.items()},
+                "threshold_cm3": float(self.threshold_cm3), "threshold_rule": dict(self.threshold_rule),
+                "reference": self.reference, "scoring": dict(self.scoring), "validation": dict(self.validation)}
+
+    def flat(self) -> dict:
+        """Scalars for MLflow params and metrics: ``map``, each parameter, ``threshold_cm3``, the rule."""
+        out = {"map": self.map, **{k: float(v) for k, v in self.params.items()},
+               "threshold_cm3": float(self.threshold_cm3), "threshold_rule": self.threshold_rule.get("rule", "")}
+        if "target" in self.threshold_rule:
+            out["target_specificity"] = float(self.threshold_rule["target"])
+        out.update({f"scoring_{k}": v for k, v in self.scoring.items()})
+        return out
+
+    def describe(self) -> str:
+        ps = ", ".join(f"{k} = {v:g}" for k, v in self.params.items())
+        rule = self.threshold_rule.get("rule", "best_f1")
+        if rule == "specificity":
+            rule = f"validation specificity ≥ {self.threshold_rule.get('target'):g}"
+        return f"{self.map} map: {ps}, T = {self.threshold_cm3:.3g} cm³ ({rule})"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> OperatingPoint:
+        if not isinstance(d, dict):
+            raise ValueError(f"an operating point is a JSON object, got {type(d).__name__}")
+        if d.get("schema") == SCHEMA:
+            missing = [k for k in ("map", "params", "threshold_cm3", "reference") if k not in d]
+            if missing:
+                raise ValueError(f"operating point lacks {missing}; write it with `ct3dflow tune-local` or the tune "
+                                 "job")
+            rule = dict(d.get("threshold_rule") or {"rule": "best_f1"})
+            if rule.get("rule") not in THRESHOLD_RULES:
+                raise ValueError(f"unknown threshold rule {rule.get('rule')!r}; known: {THRESHOLD_RULES}")
+            return cls(str(d["map"]), {k: float(v) for k, v in d["params"].items()}, float(d["threshold_cm3"]),
+                       d["reference"], dict(d.get("scoring") or {}), rule, dict(d.get("validation") or {}))
+        if d.get("map") == "voxel":  # session 3's voxel-map files
+            params = {k: float(d[k]) for k in ("sigma_vox", "tau_z", "v_min_cm3")}
+            return cls("voxel", params, float(d["threshold_cm3"]), d["reference"],
+                       {"stride": int(d.get("stride", 6)), "part": str(d.get("part", "top_latent"))})
+        missing = [k for k in _LEGACY_PATCH if d.get(k) is None]
+        if missing:
+            raise ValueError(f"operating point lacks {missing}; write it with `ct3dflow tune-local` or the tune job")
+        params = {k: float(d[k]) for k in ("sigma_vox", "tau_z", "v_min_cm3")}
+        return cls("patch", params, float(d["threshold_cm3"]),
+                   {"mean": float(d["healthy_mean"]), "std": float(d["healthy_std"])})
+
+    @classmethod
+    def load(cls, path_or_dict) -> OperatingPoint:
+        if isinstance(path_or_dict, OperatingPoint):
+            return path_or_dict
+        if isinstance(path_or_dict, dict):
+            return cls.from_dict(path_or_dict)
+        p = Path(path_or_dict)
+        if not p.is_file():
+            raise FileNotFoundError(f"operating point {p} not found: write one with `ct3dflow tune-local`")
+        return cls.from_dict(json.loads(p.read_text(encoding="utf-8")))
+
+    def save(self, path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
+        return p
