@@ -1,17 +1,21 @@
-"""Studies/min of the screening job (Ray Data, in-process ``ray.init``) against a plain sequential loop.
+"""The nightly screening on realistic studies: seconds per study, and the Ray job against a sequential loop.
 
-    .venv/bin/python bench/screen.py [--studies 20] [--write-docs]
+    .venv/bin/python bench/screen.py [--studies 4] [--model work/experiments/detection/model/model.pt]
+                                     [--strides 12 6] [--write-docs]
 
-One phantom archive (NIfTI and DICOM studies) and one tiny Glow3D are made once; then, each from a cold
-cache and an empty results folder:
+Inputs, made once: ``--studies`` chest phantoms written as DICOM series of 512 × 512 × 300 slices
+(0.7 × 0.7 × 1.0 mm, as a thin-slice chest CT; ≈ 150 × 179 × 179 voxels on the 2 mm grid), and the detection
+model of ``experiments/detection.py`` (L=3, K=8, width 64, 24³) when it exists, else the same architecture
+freshly initialised (the speed is the same; say which in the output). Then, in one run, on this machine:
 
-- ``sequential``: ``pipeline.preprocess_row`` then ``evaluation.score_row`` per study, one process;
-- ``ray, N CPU``: ``ray_screen.screen_job`` in a fresh process with ``ray.init(num_cpus=N)``, N = 1, 2;
-- ``ray re-run``: the same job again on the 2-CPU results: every study is skipped (already scored).
+1. **scoring alone**: the voxel map of each study through the core scorer (:class:`ct3dflow.detect.batch.Scorer`,
+   the one the Ray actors run), at each ``--strides`` (the default first), 2 torch threads;
+2. **the whole row, sequentially**: :func:`ct3dflow.detect.batch.score_locally` (hash, read, resample, masks,
+   cache, voxel map, decision, NIfTI + PNG) from a cold cache, with 1 and with 2 torch threads;
+3. **the Ray job**: :func:`ct3dflow.adapters.ray_screen.screen_job` in a fresh process on ``ray.init(num_cpus=2)``
+   from a cold cache, with 1 and with 2 scoring actors, the MLflow run on a local SQLite store made beforehand.
 
-The Ray rows time the whole ``screen_job`` call (discovery, the MLflow run on a local SQLite store made
-beforehand, Ray Data start-up, actor start, compaction), so they include fixed costs the loop has not.
-``--write-docs`` appends (or replaces) this benchmark's section of docs/BENCHMARKS.md.
+``--write-docs`` replaces this benchmark's section of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import os
 import platform as _platform  # the standard library's, not the repository's platform/ folder
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,64 +38,113 @@ from _machine import cpu_model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPE, SPACING = (48, 80, 96), (2.5, 2.5, 3.0)
-PATCH, STRIDE = 16, 8
-SECTION = "## Archive screening job (`bench/screen.py`)"
+SHAPE, SPACING = (300, 512, 512), (0.7, 0.7, 1.0)  # (z, y, x) slices, (x, y, z) mm
+DETECTION_MODEL = ROOT / "work" / "experiments" / "detection" / "model" / "model.pt"
+SECTION = "## Archive screening on realistic studies (`bench/screen.py`)"
 
 
-
-
-def make_inputs(d: Path, n: int) -> Path:
-    """The archive (n studies, every 4th one a DICOM series) and a tiny Glow3D (untrained: speed only)."""
+def make_inputs(d: Path, n: int, model_path: Path | None) -> tuple[Path, Path, str, dict]:
+    """The archive (n DICOM studies, 2 of every 3 abnormal), the model and an operating point for it."""
     import torch
 
-    from ct3dflow.synthetic import make_phantom, write_dicom_series, write_nifti
+    from ct3dflow.detect import OperatingPoint, get_kind
+    from ct3dflow.models import load_patch_scorer
+    from ct3dflow.preprocess import PreprocessConfig, preprocess_study
+    from ct3dflow.synthetic import PATHOLOGIES, make_phantom, write_dicom_series
     from ct3dflow.train import TrainConfig
 
     arch = d / "archive"
+    t0 = time.time()
     for i in range(n):
-        ph = make_phantom(9000 + i, shape=SHAPE, spacing=SPACING)
-        if i % 4 == 3:
-            write_dicom_series(ph, arch / f"dicom{i:02d}")
-        else:
-            write_nifti(ph, arch / f"study{i:02d}.nii.gz")
-    torch.manual_seed(0)
-    model = TrainConfig(levels=2, steps=2, width=8, patch_size=PATCH).build_model()
-    model.eval()
-    model.save(d / "model.pt")
-    return arch
+        kind = None if i % 3 == 0 else PATHOLOGIES[i % len(PATHOLOGIES)]
+        write_dicom_series(make_phantom(7000 + i, kind, shape=SHAPE, spacing=SPACING), arch / f"study{i:02d}")
+    print(f"archive: {n} DICOM series of {SHAPE[2]}×{SHAPE[1]}×{SHAPE[0]} in {time.time() - t0:.0f} s", flush=True)
+    if model_path and model_path.exists():
+        shutil.copy(model_path, d / "model.pt")
+        which = f"the detection model ({model_path})"
+    else:
+        from ct3dflow.patches import extract_patches, sample_patch_corners
+
+        torch.manual_seed(0)
+        model = TrainConfig(levels=3, steps=8, width=64, patch_size=24).build_model()
+        st = preprocess_study(arch / "study00")
+        x = extract_patches(st.volume, sample_patch_corners(st.strict, 24, 64, 0.5, 0), 24)[:, None]
+        model.initialize(torch.from_numpy(x))
+        model.eval().save(d / "model.pt")
+        which = "an initialised, untrained model of the detection architecture (no detection model on disk)"
+    # an operating point whose reference comes from one healthy study (speed only: the numbers are not tuned)
+    model = load_patch_scorer(d / "model.pt")
+    voxel = get_kind("voxel")
+    healthy = preprocess_study(arch / "study00", PreprocessConfig())
+    settings = voxel.settings({}, model.patch_size)
+    score = voxel.score(voxel.prepare(model, "cpu"), healthy, settings)
+    params = {"sigma_vox": 2.0, "tau_z": 4.0, "v_min_cm3": 1.0}
+    ref = voxel.fit_reference([score], [healthy.permissive], params)
+    op = OperatingPoint("voxel", params, 5.0, ref, {k: settings[k] for k in ("patch_size", "stride", "part")})
+    op.save(d / "op.json")
+    return arch, d / "model.pt", which, {"grid": list(healthy.volume.shape), "windows": score.n_windows}
 
 
-def run_sequential(d: Path, arch: Path) -> dict:
+def run_scoring_alone(d: Path, arch: Path, model_path: Path, strides: list[int]) -> list[dict]:
+    """The voxel map of every (preprocessed) study through the core Scorer, per stride."""
     import torch
 
-    from ct3dflow.discovery import discover_studies
-    from ct3dflow.evaluation import score_row
+    from ct3dflow.cache import StudyCache
+    from ct3dflow.detect import get_kind
     from ct3dflow.models import load_patch_scorer
-    from ct3dflow.pipeline import preprocess_row
-    from ct3dflow.scoring import OperatingPoint
+    from ct3dflow.preprocess import PreprocessConfig
 
-    torch.set_num_threads(1)
-    model = load_patch_scorer(d / "model.pt", map_location="cpu")
-    op = OperatingPoint(4.0, -2.0, 0.5, 5.0, -5000.0, 100.0)
-    cache, out = d / "seq" / "cache", d / "seq" / "maps"
+    torch.set_num_threads(2)
+    cache = StudyCache(d / "pre-cache")
+    studies = sorted(p for p in arch.iterdir())
+    for p in studies:
+        cache.get_or_compute(p.name, p, PreprocessConfig())
+    model = load_patch_scorer(model_path)
+    kind = get_kind("voxel")
+    predictor = kind.prepare(model, "cpu")
+    rows = []
+    for stride in strides:
+        settings = kind.settings({"stride": stride}, model.patch_size)
+        secs, windows = [], []
+        for p in studies:
+            st = cache.load(p.name)
+            t0 = time.time()
+            score = kind.score(predictor, st, settings)
+            secs.append(time.time() - t0)
+            windows.append(score.n_windows)
+        rows.append({"mode": f"voxel map only, stride {stride} (core scorer, 2 threads)", "studies": len(studies),
+                     "seconds_per_study": sum(secs) / len(secs), "windows": sum(windows) / len(windows)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def run_sequential(d: Path, arch: Path, model_path: Path, threads: int) -> dict:
+    import torch
+
+    from ct3dflow.detect.batch import ScoringPlan, score_locally
+    from ct3dflow.discovery import discover_studies
+    from ct3dflow.models import load_patch_scorer
+    from ct3dflow.preprocess import PreprocessConfig
+
+    torch.set_num_threads(threads)
+    model = load_patch_scorer(model_path)
+    tag = f"seq{threads}"
+    plan = ScoringPlan.make("voxel", {}, model.patch_size, json.loads((d / "op.json").read_text()), str(model_path),
+                            "bench/1", PreprocessConfig(patch_size=model.patch_size).to_dict(), d / tag / "cache",
+                            d / tag / "results")
     t0 = time.time()
-    entries = discover_studies(arch)
-    ok = 0
-    for e in entries:
-        r = preprocess_row({"study_id": e["study_id"], "path": e["path"]}, str(cache), {"patch_size": PATCH})
-        if r["status"] == "ok":
-            with torch.no_grad():
-                s = score_row(model, e, cache, out, {"patch_size": PATCH, "stride": STRIDE, "batch_size": 64}, op)
-            ok += s["status"] == "ok"
+    res, _ = score_locally(discover_studies(arch), plan, model)
     dt = time.time() - t0
-    return {"mode": "sequential loop (1 process, 1 thread)", "studies": len(entries), "ok": ok, "seconds": dt}
+    row = {"mode": f"sequential loop, whole row ({threads} torch thread{'s' if threads > 1 else ''})",
+           "studies": len(res), "ok": int((res.status == "ok").sum()), "seconds": dt,
+           "seconds_per_study": dt / len(res)}
+    print(row, flush=True)
+    return row
 
 
-def run_ray_child(d: Path, arch: Path, cpus: int, label: str, tag: str, results: str | None = None) -> dict:
-    """In a fresh process (one ray.init per process): the screening job on a ``cpus``-CPU local Ray."""
-    work = d / tag
-    results = results or str(work / "results")
+def run_ray_child(d: Path, arch: Path, model_path: Path, actors: int) -> dict:
+    """In a fresh process (one ray.init per process): the screening job on a 2-CPU local Ray."""
+    work = d / f"ray{actors}"
     code = f"""
 import json, sys, time
 sys.path.insert(0, {str(ROOT)!r})
@@ -99,28 +153,30 @@ from ct3dflow.config import load_config
 from ct3dflow.adapters.ray_screen import screen_job
 db = "sqlite:///{d}/mlflow.db"
 mlflow.MlflowClient(db).search_experiments()  # the schema exists before timing
-ray.init(num_cpus={cpus}, include_dashboard=False, log_to_driver=False)
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 cfg = load_config({str(ROOT / "configs" / "screen.yaml")!r}, {{
-    "work_dir": {str(work)!r}, "data": {{"cache_dir": {str(work / "cache")!r}, "results_dir": {results!r}}},
-    "scoring": {{"stride": {STRIDE}, "batch_size": 64}},
-    "operating_point": {{"healthy_mean": -5000.0, "healthy_std": 100.0}},
-    "ray": {{"preprocess_workers": {cpus}, "scoring_actors": 1, "preprocess_cpus": 1, "scoring_cpus": 1}},
+    "work_dir": {str(work)!r}, "data": {{"cache_dir": {str(work / "cache")!r}}},
+    "operating_point": json.load(open({str(d / "op.json")!r})),
+    "ray": {{"preprocess_workers": 2, "scoring_actors": {actors}, "preprocess_cpus": 1, "scoring_cpus": 1}},
     "mlflow": {{"tracking_uri": db, "system_metrics": False}}}})
 t0 = time.time()
-s = screen_job(cfg, {str(arch)!r}, model={str(d / "model.pt")!r})
+s = screen_job(cfg, {str(arch)!r}, model={str(model_path)!r})
 s["seconds"] = time.time() - t0
 print("BENCH " + json.dumps(s))
 """
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
     env.pop("RAY_ADDRESS", None)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace", env=env,
-                       timeout=1800)
+                       timeout=3600)
     m = re.search(r"^BENCH (.*)$", r.stdout, re.M)
     if not m:
-        raise RuntimeError(f"ray run {label} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"ray run with {actors} actor(s) failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     s = json.loads(m.group(1))
-    return {"mode": label, "studies": s["found"], "ok": s["ok"], "scored": s["scored"], "skipped": s["skipped"],
-            "seconds": s["seconds"]}
+    row = {"mode": f"Ray job, 2 CPUs, {actors} scoring actor{'s' if actors > 1 else ''} (whole row)",
+           "studies": s["found"], "ok": s["ok"], "seconds": s["seconds"],
+           "seconds_per_study": s["seconds"] / s["found"]}
+    print(row, flush=True)
+    return row
 
 
 def load_average() -> str:
@@ -132,40 +188,40 @@ def load_average() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--studies", type=int, default=20)
+    ap.add_argument("--studies", type=int, default=4)
+    ap.add_argument("--model", default=str(DETECTION_MODEL))
+    ap.add_argument("--strides", type=int, nargs="+", default=[12, 6])
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     started = datetime.now().isoformat(timespec="seconds")
     load_before = load_average()
-    rows = []
     with tempfile.TemporaryDirectory(prefix="ct3dflow-bench-screen-") as tmp:
         d = Path(tmp)
-        arch = make_inputs(d, args.studies)
-        rows.append(run_sequential(d, arch))
-        rows.append(run_ray_child(d, arch, 1, "ray job, 1 CPU worker (preprocessing task and actor 0.5 CPU each)",
-                                  "ray1"))
-        rows.append(run_ray_child(d, arch, 2, "ray job, 2 CPU workers (preprocessing task and actor 1 CPU each)",
-                                  "ray2"))
-        rows.append(run_ray_child(d, arch, 2, "ray job re-run, 2 CPUs (every study already scored: skipped)",
-                                  "ray2", results=str(d / "ray2" / "results")))
-    load_after = load_average()
-    cmd = "python bench/screen.py " + " ".join(sys.argv[1:])
+        arch, model_path, which, info = make_inputs(d, args.studies, Path(args.model))
+        alone = run_scoring_alone(d, arch, model_path, args.strides)
+        seq = [run_sequential(d, arch, model_path, t) for t in (1, 2)]
+        ray_rows = [run_ray_child(d, arch, model_path, n) for n in (1, 2)]
+    best_seq = min(r["seconds"] for r in seq)
     lines = [
         SECTION, "",
-        f"- date: {started}",
-        f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); Python {_platform.python_version()}",
-        f"- command: `{cmd.strip()}`",
-        f"- load average (1, 5, 15 min) before: {load_before}; after: {load_after}",
-        f"- input: {args.studies} phantom studies {SHAPE[::-1]} voxels (x, y, z) of {SPACING} mm, every 4th a "
-        f"DICOM series, the rest NIfTI; an untrained tiny Glow3D (L=2, K=2, width 8, {PATCH}³ patches), grid "
-        f"stride {STRIDE}; cold cache for every row except the re-run",
+        f"- date: {started}; CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); Python {_platform.python_version()}",
+        f"- command: `python bench/screen.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
+        f"- load average (1, 5, 15 min) before: {load_before}; after: {load_average()}",
+        f"- input: {args.studies} phantom chest CTs as DICOM series of {SHAPE[2]} × {SHAPE[1]} × {SHAPE[0]} voxels "
+        f"({SPACING[0]} × {SPACING[1]} × {SPACING[2]} mm), {info['grid'][2]} × {info['grid'][1]} × "
+        f"{info['grid'][0]} on the 2 mm grid, {info['windows']} windows of 24³ at stride {args.strides[0]}; "
+        f"model: {which}",
         "",
-        "| mode | studies | ok | seconds | studies/min |",
-        "|---|---|---|---|---|",
+        "| mode | studies | s per study | windows per study |",
+        "|---|---|---|---|",
     ]
-    for r in rows:
+    lines += [f"| {r['mode']} | {r['studies']} | {r['seconds_per_study']:.1f} | {r['windows']:.0f} |" for r in alone]
+    lines += ["", "| mode | studies | ok | seconds | s per study | studies/min | vs the best sequential loop |",
+              "|---|---|---|---|---|---|---|"]
+    for r in seq + ray_rows:
         lines.append(f"| {r['mode']} | {r['studies']} | {r['ok']} | {r['seconds']:.1f} | "
-                     f"{60 * r['studies'] / r['seconds']:.1f} |")
+                     f"{r['seconds_per_study']:.1f} | {60 * r['studies'] / r['seconds']:.2f} | "
+                     f"{best_seq / r['seconds']:.2f}× |")
     lines.append("")
     text = "\n".join(lines)
     print(text)

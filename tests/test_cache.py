@@ -6,8 +6,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from ct3dflow.cache import StudyCache
-from ct3dflow.synthetic import make_phantom, write_dicom_series, write_nifti
 from ct3dflow.preprocess import PreprocessConfig
+from ct3dflow.synthetic import make_phantom, write_dicom_series, write_nifti
 
 
 def test_hit_then_recompute_on_changed_content_or_setting(tmp_path):

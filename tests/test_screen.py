@@ -302,6 +302,7 @@ def build_hostile_archive(a: Path) -> tuple[dict, dict]:
     exp["dup_slices"] = ("error", "share a position")
     # 26 one slice re-exported at half the matrix size: named, not "missing"
     half_uid, half_study = generate_uid(), generate_uid()
+    (a / "half_size_slice").mkdir()
     for k in range(12):
         img = small[k] if k != 6 else small[k, ::2, ::2]
         write_dicom_slice(img, a / "half_size_slice" / f"{k}.dcm", position=(0, 0, 3.0 * k),

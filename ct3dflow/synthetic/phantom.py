@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from . import family_a
+from . import family_a, family_b
 from .geometry import Grid
 from .lesions import PATHOLOGIES, add_lesion
 
@@ -33,7 +33,7 @@ HU_MIN, HU_MAX = -1024, 3071
 
 #: phantom families: name → ``anatomy(rng, rng_tex, grid) -> (hu, lung_mask, info)``; each may also define
 #: ``noise(rng_noise, hu, sigma)`` (default: Gaussian-filtered noise, σ 0.6 voxels) and ``NOISE_HU``
-FAMILIES: dict[str, object] = {"a": family_a}
+FAMILIES: dict[str, object] = {"a": family_a, "b": family_b}
 
 
 @dataclass
