@@ -31,6 +31,8 @@ _DEFAULTS: dict = {
     "tune": {"num_samples": 1, "threshold_cm3": None, "threshold_rule": "best_f1", "target_specificity": None,
              "n_boot": 1000, "seed": 0},
     "mlflow": {"tracking_uri": None, "experiment": None, "registered_model": "ct3dflow-glow3d"},
+    # a PACS to screen (docs/PACS.md): url, credentials_file or username_env/password_env, lookback_days
+    "source": {},
 }
 
 
@@ -62,6 +64,7 @@ class JobConfig:
     operating_point: dict = field(default_factory=dict)
     tune: dict = field(default_factory=dict)
     mlflow: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
 
     # -- paths ---------------------------------------------------------------------------------
     @property

@@ -1,6 +1,7 @@
 """`ray job submit --working-dir . -- python jobs/screen.py --config configs/screen.yaml --archive PATH`
 
-Screens an archive (a folder tree of DICOM series / image files, or a manifest) with the champion model
+Screens an archive (a folder tree of DICOM series / image files, a manifest, or a PACS over DICOMweb) with the
+champion model
 (or ``--model models:/NAME/3`` or ``--model path/to/model.pt``); see docs/SCREENING.md. Re-running skips
 the studies already scored by the same model on the same input, so a stopped job resumes.
 """
@@ -11,7 +12,10 @@ from ct3dflow.adapters.ray_screen import screen_job
 
 
 def _args(p):
-    p.add_argument("--archive", required=True, help="archive folder or manifest (.parquet/.csv)")
+    p.add_argument("--archive", default=None,
+                   help="archive folder, manifest (.parquet/.csv), or a PACS: dicomweb+http://HOST:PORT/dicom-web "
+                        "(credentials from source.credentials_file or the environment, docs/PACS.md); default: "
+                        "the config's source.url")
     p.add_argument("--model", default=None,
                    help="models:/NAME@champion (default: the config's registered model), models:/NAME/VERSION, "
                         "or a Glow3D .pt file")
@@ -19,6 +23,13 @@ def _args(p):
 
 
 if __name__ == "__main__":
-    cfg, args = job_config("Screen an archive: one result row, Log P map and preview per study.", _args)
+    cfg, args = job_config("Screen an archive: one result row, map and preview per study.", _args)
+    if not args.archive and not (cfg.source or {}).get("url"):
+        raise SystemExit("give --archive (a folder, a manifest or dicomweb+http://…) or the config's source.url")
+    from ct3dflow.adapters.dicomweb import PacsError
+
     init_ray()
-    screen_job(cfg, args.archive, model=args.model, run_name=args.run_name)
+    try:
+        screen_job(cfg, args.archive, model=args.model, run_name=args.run_name)
+    except PacsError as exc:  # unreachable or unauthorised PACS: a clear message, a non-zero exit, nothing written
+        raise SystemExit(f"[ct3dflow] the screening did not start: {exc}") from None

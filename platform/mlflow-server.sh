@@ -20,7 +20,9 @@ case "${1:-}" in
     if healthy; then echo "MLflow already serving at $MLFLOW_TRACKING_URI"; exit 0; fi
     # create the schema once, in this process, before the server's workers race on it
     "$VENV_BIN/python" -c "import mlflow; mlflow.tracking.MlflowClient('sqlite:///$MLFLOW_DIR/mlflow.db').search_experiments()" >/dev/null 2>&1
-    setsid nohup "$VENV_BIN/mlflow" server --backend-store-uri "sqlite:///$MLFLOW_DIR/mlflow.db" \
+    # MLflow 3's job runner (a dozen huey consumers, ~240 MB each) serves GenAI features we do not use
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
+      setsid nohup "$VENV_BIN/mlflow" server --backend-store-uri "sqlite:///$MLFLOW_DIR/mlflow.db" \
       --artifacts-destination "$MLFLOW_DIR/artifacts" --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" -w 1 \
       >"$CT3DFLOW_STATE/mlflow.log" 2>&1 &
     echo $! > "$PIDFILE"

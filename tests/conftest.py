@@ -63,3 +63,12 @@ def mlflow_server(platform_env):
         yield platform_env["MLFLOW_TRACKING_URI"]
     finally:
         _run("mlflow-server.sh", "stop", platform_env, 60)
+
+
+@pytest.fixture(scope="session")
+def jobs_done(ray_head, mlflow_server, tmp_path_factory):
+    """The platform's chain with `ray job submit`, once per session (tests/chain.py): train → tune → evaluate →
+    screen, CT-3DFlow on the voxel map and the AE on the paper's patch map."""
+    from chain import run_chain
+
+    return run_chain(ray_head, tmp_path_factory.mktemp("chain"))

@@ -12,15 +12,12 @@ import pandas as pd
 import pytest
 import raycli
 import yaml
+from chain import TINY_TRAIN
 from raycli import job_logs, job_status, ray_cli
 
 from ct3dflow.synthetic import make_archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
-
-TINY_TRAIN = {"levels": 2, "steps": 2, "width": 8, "patch_size": 16, "batch_size": 4, "iterations": 30,
-              "lr": 1e-3, "warmup_steps": 5, "val_every": 10, "n_val_patches": 8, "checkpoint_every": 10,
-              "min_lung_fraction": 0.5, "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +84,15 @@ def _registered_model_scores_a_patch(tracking_uri: str, name: str, patch_size: i
     return float(lp)
 
 
-def test_train_job_submit_logs_and_registers(ray_head, mlflow_server, archive, tmp_path):
+def test_train_job_submit_logs_and_registers(jobs_done, mlflow_server):
+    """The session chain's train job (tests/chain.py): its MLflow run, metric history, system metrics and the
+    registered model that scores a patch."""
+    from chain import GLOW, TINY_TRAIN
     from mlflow.tracking import MlflowClient
 
-    work = tmp_path / "work"
-    cfg = write_config(tmp_path / "cfg.yaml", work, archive, "train-test")
-    r = submit(ray_head, "test-train", "jobs/train.py", cfg)
-    assert job_status(ray_head, "test-train") == "SUCCEEDED", r.stdout[-3000:] + r.stderr[-3000:]
-    result = json.loads((work / "ray_results" / "train-test" / "train_result.json").read_text())
+    status, log = jobs_done["statuses"]["te-train-glow"]
+    assert status == "SUCCEEDED", log
+    result = json.loads((jobs_done["work"] / "ray_results" / "te-glow" / "train_result.json").read_text())
     assert result["steps"] == TINY_TRAIN["iterations"]
     client = MlflowClient(mlflow_server)
     run = client.get_run(result["run_id"])
@@ -105,7 +103,7 @@ def test_train_job_submit_logs_and_registers(ray_head, mlflow_server, archive, t
     assert len(hist) >= 3 and max(m.step for m in hist) == TINY_TRAIN["iterations"]
     assert client.get_metric_history(result["run_id"], "val_bits_per_dim")
     assert any(k.startswith("system/") for k in run.data.metrics), "system metrics missing"
-    _registered_model_scores_a_patch(mlflow_server, "ct3dflow-glow3d-test", TINY_TRAIN["patch_size"])
+    _registered_model_scores_a_patch(mlflow_server, GLOW, TINY_TRAIN["patch_size"])
 
 
 def test_killed_training_job_resumes_from_checkpoint(ray_head, mlflow_server, archive, tmp_path):

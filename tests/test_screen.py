@@ -22,6 +22,7 @@ import pytest
 import raycli
 import SimpleITK as sitk
 import yaml
+from chain import GLOW
 from dicom_helpers import write_dicom_series as helper_dicom_series
 from dicom_helpers import write_dicom_slice
 from pydicom.uid import generate_uid
@@ -33,7 +34,7 @@ from ct3dflow.synthetic import make_phantom, write_dicom_series, write_nifti
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE, SPACING = (40, 64, 80), (2.5, 2.5, 3.0)  # (z, y, x) voxels, (x, y, z) mm: ≈ 60×80×100 on the 2 mm grid
 PATCH = 16
-MODEL_NAME = "ct3dflow-glow3d-screen-test"
+MODEL_NAME = GLOW  # the session chain's CT-3DFlow (tests/chain.py)
 SECRET_PID = "PID-SECRET-4711"
 
 
@@ -133,40 +134,17 @@ def one_row_per_study(work: Path, n: int) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------
 # the model: a tiny Glow3D trained here, registered with an operating point
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, mlflow_server):
-    """A tiny Glow3D, registered with a voxel-map operating point whose healthy reference comes from the
-    voxel maps of its two (healthy) training phantoms; T is fixed, the decisions only need to exist."""
+def tiny_model(jobs_done, mlflow_server):
+    """The session chain's CT-3DFlow champion (tests/chain.py), with its voxel-map operating point, and its
+    model file (without one: studies get scores, no decision)."""
     import mlflow
 
-    from ct3dflow.adapters import tracking
-    from ct3dflow.detect import OperatingPoint, get_kind
-    from ct3dflow.preprocess import PreprocessConfig, preprocess_study
-    from ct3dflow.train import TrainConfig, patch_batches_from_arrays, train_local
+    from ct3dflow.adapters.tracking import load_patch_model
 
-    d = tmp_path_factory.mktemp("model")
-    pcfg = PreprocessConfig(patch_size=PATCH)
-    studies = []
-    for seed in (101, 102):
-        write_nifti(make_phantom(seed, shape=SHAPE, spacing=SPACING), d / f"{seed}.nii.gz")
-        studies.append(preprocess_study(d / f"{seed}.nii.gz", pcfg))
-    tc = TrainConfig(levels=2, steps=2, width=8, patch_size=PATCH, batch_size=4, iterations=30, lr=1e-3,
-                     warmup_steps=5, val_every=0, checkpoint_every=0, init_batches=1)
-    model = train_local(tc, patch_batches_from_arrays([s.volume for s in studies], [s.strict for s in studies],
-                                                      tc, 0), None, d / "train")
-    voxel = get_kind("voxel")
-    settings = voxel.settings({"stride": PATCH}, PATCH)
-    scores = [voxel.score(model, s, settings) for s in studies]
-    params = {"sigma_vox": 1.0, "tau_z": 4.0, "v_min_cm3": 0.5}
-    ref = voxel.fit_reference(scores, [s.permissive for s in studies], params)
-    op = OperatingPoint("voxel", params, 5.0, ref, {k: settings[k] for k in ("patch_size", "stride", "part")})
     mlflow.set_tracking_uri(mlflow_server)
-    mlflow.set_experiment("ct3dflow-screen-test-model")
-    with mlflow.start_run():
-        version = tracking.log_patch_model(d / "train" / "model.pt", {"kind": "glow3d", "preprocess": pcfg.to_dict(),
-                                                                        "patch_size": PATCH}, MODEL_NAME)
-    tracking.set_operating_point(MODEL_NAME, version, op.to_dict())
-    mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", version)
-    return {"path": d / "train" / "model.pt", "version": version, "op": op.to_dict()}
+    loaded = load_patch_model(f"models:/{MODEL_NAME}@champion")
+    assert loaded.operating_point["map"] == "voxel"
+    return {"path": jobs_done["model_file"], "version": loaded.version, "op": loaded.operating_point}
 
 
 # ---------------------------------------------------------------------------------------------------

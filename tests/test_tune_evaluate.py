@@ -1,8 +1,9 @@
-"""Operating-point tuning (validation only) and the test evaluation, for the flow and the AE baseline.
+"""Operating-point tuning (validation only), the test evaluation and the screening, for the flow (voxel map)
+and the AE baseline (the paper's patch map).
 
-Fast tests check the split guard in-process (every cache access is recorded) and the tie-break; the slow
-one runs the real jobs with `ray job submit` against the session's Ray head and MLflow server: train both
-models, tune both, evaluate both, and a refused second evaluation.
+Fast tests check the split guard and the resume rule in-process and the Tune space; the slow ones read the
+session's chain (tests/chain.py: train, tune, evaluate and screen both models with `ray job submit` against
+the real Ray head and MLflow server) and refuse a second evaluation.
 """
 
 from __future__ import annotations
@@ -13,31 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import raycli
-import yaml
+from chain import AE, GLOW, TINY_TRAIN, TUNE
 
 from ct3dflow.synthetic import make_archive
-
-TINY_TRAIN = {"levels": 2, "steps": 2, "width": 8, "patch_size": 16, "batch_size": 4, "iterations": 30,
-              "lr": 1e-3, "warmup_steps": 5, "val_every": 10, "n_val_patches": 8, "checkpoint_every": 10,
-              "min_lung_fraction": 0.5, "seed": 0}
-# exact ties on purpose: every v_min below one voxel (0.008 cm³) gives the same volumes, so the tie-break decides
-TUNE = {"num_samples": 1, "threshold_cm3": [0.0, 1.0e6], "seed": 0, "n_boot": 200,
-        "voxel": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [2.0, 3.0]}, "v_min_cm3": {"grid": [0.0, 0.0001]}},
-        "patch": {"sigma_vox": {"grid": [1.0, 3.0]}, "tau_z": {"grid": [-1.5, -0.5]},
-                  "v_min_cm3": {"grid": [0.0, 0.0001]}}}
-
-
-def _sentinel_manifest(real: Path, out: Path) -> tuple[Path, list[str]]:
-    """The real manifest with every test row replaced by a sentinel whose file does not exist."""
-    df = pd.read_parquet(real)
-    df["path"] = [str(real.parent / p) for p in df["path"]]
-    test = df["split"] == "test"
-    sentinels = [f"sentinel-test-{i}" for i in range(int(test.sum()))]
-    df.loc[test, "study_id"] = sentinels
-    df.loc[test, "path"] = [str(out.parent / "does-not-exist" / f"{s}.nii.gz") for s in sentinels]
-    df.to_parquet(out)
-    return out, sentinels
 
 
 # ------------------------------------------------------------------------------------------ fast
@@ -133,52 +112,6 @@ def test_evaluation_report_pictures(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ slow
-def _submit(env, sid: str, script: str, config: Path, *extra: str) -> tuple[str, str]:
-    r = raycli.submit(env, sid, ["python", script, "--config", str(config), *extra])
-    return raycli.job_status(env, sid), r.stdout[-6000:] + r.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def jobs_done(ray_head, mlflow_server, tmp_path_factory):
-    """Train, tune and evaluate the tiny flow and the tiny AE with the project's jobs."""
-    tmp = tmp_path_factory.mktemp("tune_eval")
-    df = make_archive(tmp / "archive", n_normal=6, n_abnormal=4, seed=3, splits=(0.5, 0.25, 0.25))
-    real = tmp / "archive" / "manifest.parquet"
-    tune_manifest, sentinels = _sentinel_manifest(real, tmp / "tune_manifest.parquet")
-    work = tmp / "work"
-    cfg = {"name": "te-glow", "work_dir": str(work),
-           "data": {"manifest": str(tune_manifest), "cache_dir": str(tmp / "cache")},
-           "train": TINY_TRAIN, "scoring": {"stride": 8, "batch_size": 32}, "tune": TUNE,
-           "ray": {"num_workers": 2, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5, "log_every": 5},
-           "mlflow": {"experiment": "ct3dflow-te-train", "comparison_experiment": "ct3dflow-te-comparison",
-                      "registered_model": "ct3dflow-glow3d-te"}}
-    config = tmp / "cfg.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    ae = ("--set", "train.model=ae", "--set", "name=te-ae", "--set", "mlflow.registered_model=ct3dflow-ae-te",
-          "--set", "scoring.map=patch")  # the paper's AE row: an autoencoder has no flow to map per voxel
-    evaluate = ("--set", f"data.manifest={real}")
-    out: dict = {"tmp": tmp, "work": work, "df": df, "sentinels": sentinels, "statuses": {}}
-
-    def run(sid, script, *extra):
-        status, log = _submit(ray_head, sid, script, config, *extra)
-        out["statuses"][sid] = (status, log)
-        return status, log
-
-    for sid, script, extra in [("te-train-glow", "jobs/train.py", ()), ("te-train-ae", "jobs/train.py", ae),
-                               ("te-tune-glow", "jobs/tune.py", ()), ("te-tune-ae", "jobs/tune.py", ae)]:
-        status, log = run(sid, script, *extra)
-        assert status == "SUCCEEDED", f"{sid}: {log}"
-    # snapshot before the test split is ever used
-    out["after_tune_files"] = [str(p) for p in work.rglob("*")] + [str(p) for p in (tmp / "cache").rglob("*")]
-    for sid, extra in [("te-eval-glow", evaluate), ("te-eval-ae", evaluate + ae)]:
-        status, log = run(sid, "jobs/evaluate.py", *extra)
-        assert status == "SUCCEEDED", f"{sid}: {log}"
-    out["again"] = run("te-eval-glow-again", "jobs/evaluate.py", *evaluate)
-    return out
-
-
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.mlflow
@@ -191,7 +124,7 @@ def test_tuned_operating_point_is_stored_and_used_by_scoring(jobs_done, mlflow_s
     mlflow.set_tracking_uri(mlflow_server)
     client = MlflowClient(mlflow_server)
     work = jobs_done["work"]
-    for name, kind, map_kind in (("ct3dflow-glow3d-te", "glow3d", "voxel"), ("ct3dflow-ae-te", "ae", "patch")):
+    for name, kind, map_kind in ((GLOW, "glow3d", "voxel"), (AE, "ae", "patch")):
         loaded = load_patch_model(f"models:/{name}@champion")
         base = work / "scores" / name / f"v{loaded.version}"
         tuned = json.loads((base / "tune_result.json").read_text())
@@ -238,7 +171,7 @@ def test_tune_local_chooses_the_ray_tune_jobs_point(jobs_done, tmp_path):
     from ct3dflow.cli import main
 
     work, tmp = jobs_done["work"], jobs_done["tmp"]
-    for name, map_kind in (("ct3dflow-glow3d-te", "voxel"), ("ct3dflow-ae-te", "patch")):
+    for name, map_kind in ((GLOW, "voxel"), (AE, "patch")):
         tuned = json.loads(next((work / "scores" / name).glob("v*/tune_result.json")).read_text())
         val = next((work / "scores" / name).glob("v*/val/results.parquet"))
         space = TUNE[map_kind]
@@ -268,7 +201,7 @@ def test_tune_never_reads_the_test_split(jobs_done, mlflow_server):
     assert not [p for p in before if any(t in p for t in forbidden)], "a test study was touched before evaluate"
     client = MlflowClient(mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
-    for name in ("ct3dflow-glow3d-te", "ct3dflow-ae-te"):
+    for name in (GLOW, AE):
         version = client.get_model_version_by_alias(name, "champion").version
         val = pd.read_parquet(work / "scores" / name / f"v{version}" / "val" / "results.parquet")
         assert set(val.study_id) == val_ids and (val.status == "ok").all()
@@ -307,5 +240,40 @@ def test_evaluations_side_by_side_and_once_per_version(jobs_done, mlflow_server)
     table = mlflow.artifacts.load_text(f"runs:/{last.info.run_id}/table1.md")
     assert table.startswith("| Method | AUROC | F1 | Accuracy |")
     assert "CT-3DFlow (ct3dflow-glow3d-te" in table and "AE (ct3dflow-ae-te" in table
-    status, log = jobs_done["again"]
-    assert status == "FAILED" and "already evaluated on the test split" in log and "--force" in log
+    # a second evaluation of the same version is refused before anything is read or scored
+    from ct3dflow.adapters.ray_jobs import evaluate_job
+    from ct3dflow.config import load_config
+
+    real = jobs_done["tmp"] / "archive" / "manifest.parquet"
+    cfg = load_config(jobs_done["config"], {"data": {"manifest": str(real)}, "mlflow": {"tracking_uri": mlflow_server}})
+    before = sorted(p.stat().st_mtime_ns for p in (jobs_done["work"] / "scores").rglob("*") if p.is_file())
+    with pytest.raises(RuntimeError, match="already evaluated on the test split.*--force"):
+        evaluate_job(cfg, f"models:/{GLOW}@champion")
+    assert sorted(p.stat().st_mtime_ns for p in (jobs_done["work"] / "scores").rglob("*") if p.is_file()) == before
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_screening_follows_each_champions_map_kind(jobs_done):
+    """The screening job with each champion: CT-3DFlow's rows carry the voxel map, the AE's the paper's patch
+    map, every study of tonight's archive is decided with the model version's operating point, and the flow
+    flags the abnormal phantoms (large lesions) above the normal ones."""
+    import json as _json
+
+    from chain import TONIGHT
+
+    for label, kind in (("glow", "voxel"), ("ae", "patch")):
+        res = pd.read_parquet(jobs_done[f"screen_{label}"] / "results.parquet")
+        assert len(res) == len(TONIGHT) and (res.status == "ok").all(), res[["path", "error"]]
+        assert (res.map_kind == kind).all() and res.predicted_abnormal.notna().all()
+        tuned = _json.loads(next((jobs_done["work"] / "scores" / (GLOW if label == "glow" else AE)).glob(
+            "v*/tune_result.json")).read_text())
+        assert (res.threshold_cm3 == tuned["operating_point"]["threshold_cm3"]).all()
+        assert all(Path(p).exists() for p in res.map_path) and (jobs_done[f"screen_{label}"] / "report.html").exists()
+    res = pd.read_parquet(jobs_done["screen_glow"] / "results.parquet")
+    truth = jobs_done["tonight"]
+    sick = res[[truth[p] is not None for p in res.path]]
+    normal = res[[truth[p] is None for p in res.path]]
+    assert sick.predicted_abnormal.any(), res[["path", "abnormal_volume_cm3", "threshold_cm3"]]
+    assert sick.abnormal_volume_cm3.max() > normal.abnormal_volume_cm3.max()

@@ -66,9 +66,11 @@ def gpu_plan(ray_cfg: dict) -> tuple[bool, float]:
 
 
 def run_scoring(entries: list[dict], plan: ScoringPlan, ref: ModelRef, ray_cfg: dict,
-                on_row: Callable[[int, int, dict], None] | None = None) -> tuple[pd.DataFrame, dict[str, dict]]:
+                on_row: Callable[[int, int, dict], None] | None = None, before=None, after=None
+                ) -> tuple[pd.DataFrame, dict[str, dict]]:
     """Prepare and score ``entries`` on the cluster; returns ``(results, outcomes by entry)`` (results are
-    also written to ``plan.results_dir``)."""
+    also written to ``plan.results_dir``). ``before`` / ``after`` are ``(fn, kwargs)`` of an extra Ray Data
+    task stage before the preparation (e.g. a PACS retrieval) and after the scoring (e.g. the write-back)."""
     from .ray_data import quiet_progress
 
     outcomes: dict[str, dict] = {}
@@ -89,8 +91,10 @@ def run_scoring(entries: list[dict], plan: ScoringPlan, ref: ModelRef, ray_cfg: 
             f"{plan.kind} map {plan.settings}")
         quiet_progress()
         ds = ray.data.from_items(entries, override_num_blocks=len(entries))
-        ds = ds.map(prepare_item, fn_kwargs={"plan": plan.to_dict()}, num_cpus=pre_cpus,
-                    compute=ray.data.TaskPoolStrategy(size=n_pre))
+        tasks = {"num_cpus": pre_cpus, "compute": ray.data.TaskPoolStrategy(size=n_pre)}
+        if before:
+            ds = ds.map(before[0], fn_kwargs=before[1], **tasks)
+        ds = ds.map(prepare_item, fn_kwargs={"plan": plan.to_dict()}, **tasks)
         ds = ds.map_batches(
             ScoringActor, batch_format="pandas", batch_size=int(ray_cfg.get("studies_per_batch", 1)),
             fn_constructor_kwargs={"ref": ref.to_dict(), "plan": plan.to_dict(), "use_gpu": use_gpu},
@@ -98,6 +102,8 @@ def run_scoring(entries: list[dict], plan: ScoringPlan, ref: ModelRef, ray_cfg: 
             max_restarts=int(ray_cfg.get("actor_max_restarts", -1)),
             max_task_retries=int(ray_cfg.get("actor_max_task_retries", -1)),
         )
+        if after:
+            ds = ds.map(after[0], fn_kwargs=after[1], **tasks)
         for i, row in enumerate(ds.iter_rows(), 1):
             outcomes[row["entry"]] = row
             if on_row:

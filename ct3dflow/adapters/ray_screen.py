@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +23,7 @@ import pandas as pd
 from ..detect import OperatingPoint, get_kind
 from ..detect.batch import RESULTS_FILE, SCREEN_COLUMNS, ScoringPlan
 from ..discovery import discover_studies
+from . import dicomweb
 from .ray_score import describe_outcome, log, run_scoring
 from .tracking import ModelRef, resolve_model
 
@@ -47,7 +48,8 @@ def choose_operating_point(ref: ModelRef, cfg) -> OperatingPoint | None:
 
 
 def screen_job(cfg, archive, model: str | None = None, run_name: str | None = None) -> dict:
-    """Screen ``archive`` (a folder tree or a manifest) with ``model``; return the run's summary."""
+    """Screen ``archive`` (a folder tree, a manifest, or ``dicomweb+http(s)://…`` / ``cfg.source``: a PACS)
+    with ``model``; return the run's summary."""
     import mlflow
 
     from ..config import resolve_path
@@ -56,7 +58,15 @@ def screen_job(cfg, archive, model: str | None = None, run_name: str | None = No
     from . import tracking
 
     t0 = time.time()
-    archive = resolve_path(archive)
+    started = datetime.now(timezone.utc)
+    source = None
+    if str(archive).startswith(dicomweb.PREFIX) or (cfg.source or {}).get("url"):
+        source = dicomweb.DicomWebSource.from_config(str(archive) if archive else None, cfg.source)
+        source.check()  # unreachable or unauthorised: fail now, before anything is written
+        where = f"PACS {source.url}"
+    else:
+        archive = resolve_path(archive)
+        where = str(archive)
     tracking_uri = tracking.configure(cfg)
     spec = model or f"models:/{cfg.mlflow.get('registered_model') or 'ct3dflow-glow3d'}@champion"
     ref, loaded = resolve_model(spec, tracking_uri)
@@ -71,23 +81,32 @@ def screen_job(cfg, archive, model: str | None = None, run_name: str | None = No
     results_dir = resolve_path(cfg.data.get("results_dir")) or cfg.work_path / "results"
     plan = ScoringPlan.make(kind.name, cfg.scoring, ref.patch_size, op, ref.uri, ref.version, pre_cfg.to_dict(),
                             cfg.cache_path, results_dir, write_outputs=True)
-    for d in (plan.parts_dir, plan.maps_dir, cfg.cache_path):
-        d.mkdir(parents=True, exist_ok=True)
     log(f"model {ref.version} ({ref.uri}); {kind.name} map; operating point from {ref.op_source}"
         f"{': ' + op.describe() if op else ''}; preprocessing {pre_cfg.fingerprint()}; scoring key {plan.scoring_key}")
-
-    entries, notes = discover_studies(archive, with_notes=True)
-    for n in notes:
-        log(f"discovery: {n}")
-    log(f"discovered {len(entries)} studies under {archive} ({sum(1 for e in entries if e['error'])} with "
-        "discovery errors)")
+    before = after = None
+    if source is not None:
+        entries = dicomweb.plan_entries(source, results_dir, log)
+        before = (dicomweb.retrieve_item, {"source": source.to_dict(), "plan": plan.to_dict()})
+        after = (dicomweb.writeback_item, {"source": source.to_dict(), "plan": plan.to_dict()})
+    else:
+        entries, notes = discover_studies(archive, with_notes=True)
+        for n in notes:
+            log(f"discovery: {n}")
+        log(f"discovered {len(entries)} studies under {archive} ({sum(1 for e in entries if e['error'])} with "
+            "discovery errors)")
+    for d in (plan.parts_dir, plan.maps_dir, cfg.cache_path):
+        d.mkdir(parents=True, exist_ok=True)
     run_name = run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     tags = {"ct3dflow.model": ref.uri, "ct3dflow.model_version": ref.version, "ct3dflow.map_kind": kind.name,
-            "ct3dflow.operating_point_source": ref.op_source, "ct3dflow.archive": str(archive)}
+            "ct3dflow.operating_point_source": ref.op_source,
+            "ct3dflow.archive": source.name if source else str(archive)}
     with tracking.job_run(cfg, "screen", run_name=run_name, tags=tags,
                           system_metrics=bool(cfg.mlflow.get("system_metrics", True))) as run:
-        results, outcomes = run_scoring(entries, plan, ref, cfg.ray,
+        results, outcomes = run_scoring(entries, plan, ref, cfg.ray, before=before, after=after,
                                         on_row=lambda i, n, r: log(f"[{i}/{n}] {r['study_id']}: {describe_outcome(r)}"))
+        if source is not None:
+            old = dicomweb.read_watermark(results_dir, source)["studies"]
+            dicomweb.write_watermark(results_dir, source, {**old, **dicomweb.watermark_of(outcomes)}, started)
         elapsed = time.time() - t0
         acts = [o["action"] for o in outcomes.values()]
         skipped = acts.count("skip")
@@ -104,7 +123,8 @@ def screen_job(cfg, archive, model: str | None = None, run_name: str | None = No
             "studies_per_min": round(60.0 * processed / elapsed, 3) if elapsed > 0 else 0.0,
             "model": ref.uri, "model_version": ref.version, "map_kind": kind.name,
             "operating_point_source": ref.op_source, "operating_point": op.to_dict() if op else None,
-            "results": str(results_dir / RESULTS_FILE), "mlflow_run_id": run.info.run_id,
+            "source": where, "results": str(results_dir / RESULTS_FILE), "mlflow_run_id": run.info.run_id,
+            "stored_to_pacs": int(results["sr_uid"].notna().sum()) if source is not None else 0,
             "run_name": run_name, "finished_at": datetime.now().astimezone().isoformat(timespec="seconds"),
         }
         report = write_screening_report(results_dir, results, summary)

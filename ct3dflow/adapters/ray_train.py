@@ -113,7 +113,8 @@ def fit(job_cfg, train_ds, init_patches: str, val_patches: str | None, mlflow_ru
             "train": job_cfg.train_config().to_dict(), "init_patches": init_patches,
             "val_patches": val_patches, "mlflow_run_id": mlflow_run_id,
             "mlflow_tracking_uri": mlflow_tracking_uri, "log_every": r.get("log_every", 10),
-            "torch_threads": max(1, int(float(r.get("cpus_per_worker", 1)))),
+            # ray.torch_threads, else one per CPU the worker holds (N workers sharing a node: no oversubscription)
+            "torch_threads": int(r.get("torch_threads") or max(1, int(float(r.get("cpus_per_worker", 1))))),
         },
         scaling_config=ScalingConfig(
             num_workers=int(r.get("num_workers", 1)), use_gpu=use_gpu,

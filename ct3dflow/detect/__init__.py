@@ -6,7 +6,9 @@ Shaped like MONAI's sliding-window inference, with the decision of the paper aft
     grid.py             patch_map.py / voxel_map.py                                     decision.py
 
 * :data:`MAP_KINDS` — the registry of map kinds behind one interface (:class:`MapKind`): ``voxel`` (the
-  platform default, not in the paper) and ``patch`` (the paper's Log P map).
+  coarse-latent voxel map against a depth-banded healthy reference; not in the paper), ``anatomy`` (the same
+  map against an anatomy-aware, quantile-calibrated reference; not in the paper) and ``patch`` (the paper's
+  Log P map).
 * :mod:`.search` — the one operating-point search (objective, T rule, tie-break); :mod:`.evaluate` — the
   one evaluation; :mod:`.operating_point` — the one schema; :mod:`.row` — ``score_row``; :mod:`.batch` —
   a scoring run over many studies with one resume rule (the CLI loops it, the Ray adapter distributes it).
@@ -14,13 +16,14 @@ Shaped like MONAI's sliding-window inference, with the decision of the paper aft
 
 from __future__ import annotations
 
+from .anatomy_map import AnatomyMap
 from .kind import MapKind
 from .operating_point import OperatingPoint
 from .patch_map import PatchMap
 from .voxel_map import VoxelMap
 
 #: every map kind, by the name configurations and operating points use (``scoring.map``, ``"map"``)
-MAP_KINDS: dict[str, MapKind] = {"voxel": VoxelMap(), "patch": PatchMap()}
+MAP_KINDS: dict[str, MapKind] = {"voxel": VoxelMap(), "anatomy": AnatomyMap(), "patch": PatchMap()}
 DEFAULT_KIND = "voxel"
 
 

@@ -42,12 +42,12 @@ from ..discovery import hash_uids
 from .operating_point import OperatingPoint
 from .row import RESULT_COLUMNS, now, resolve_settings, score_row
 
-SCREEN_COLUMNS = [*RESULT_COLUMNS, "model_version", "input_key", "scoring_key"]
+SCREEN_COLUMNS = [*RESULT_COLUMNS, "model_version", "input_key", "scoring_key", "sr_uid", "seg_uid"]
 PARTS = "parts"
 MAPS = "maps"
 RESULTS_FILE = "results.parquet"
 STREAM_KEYS = ("entry", "study_id", "path", "action", "part", "status", "error", "model_version", "input_key",
-               "predicted_abnormal", "abnormal_volume_cm3")
+               "predicted_abnormal", "abnormal_volume_cm3", "dicomweb")
 
 
 def sha(*parts: str, n: int = 32) -> str:
@@ -151,7 +151,7 @@ def _usable_part(path: Path) -> bool:
 def stream_row(item: dict, **over) -> dict:
     """The small row each stage passes on (strings only: Ray Data blocks stay simple)."""
     out = {k: "" for k in STREAM_KEYS}
-    out.update({k: item.get(k, "") for k in ("entry", "study_id", "path", "model_version", "input_key")})
+    out.update({k: item.get(k, "") for k in ("entry", "study_id", "path", "model_version", "input_key", "dicomweb")})
     out.update(over)
     return {k: "" if v is None else str(v) for k, v in out.items()}
 
@@ -167,34 +167,47 @@ def _error_part(item: dict, plan: ScoringPlan, reason: str, input_key: str = "")
                       model_version=plan.model_version)
 
 
+def usable_part_name(item: dict, plan: ScoringPlan, input_key: str) -> str | None:
+    """The part of this item under this plan and input, if a usable one exists (the one resume rule)."""
+    name = part_name(item["entry"], plan.model_version, plan.scoring_key, input_key)
+    return name if (plan.parts_dir / name).exists() and _usable_part(plan.parts_dir / name) else None
+
+
 def prepare_item(item: dict, plan: dict | ScoringPlan) -> dict:
-    """Stage 1 (CPU): skip what this plan already scored, else preprocess into the cache. Never raises."""
+    """Stage 1 (CPU): skip what this plan already scored, else preprocess into the cache. Never raises.
+
+    An item may come with its ``input_key`` already known (a PACS study's fingerprint, so that a study scored
+    before is skipped without being retrieved) or already decided (``action`` ``skip``)."""
     from ..cache import StudyCache, cache_key
     from ..pipeline import error_reason, preprocess_row
     from ..preprocess import PreprocessConfig
 
     plan = plan if isinstance(plan, ScoringPlan) else ScoringPlan(**plan)
     try:
+        if item.get("action") == "skip":
+            return stream_row(item, action="skip", part=item["part"], status="ok", model_version=plan.model_version)
         if item.get("error"):
-            return _error_part(item, plan, item["error"])
+            return _error_part(item, plan, item["error"], item.get("input_key") or "")
         cfg = PreprocessConfig.from_dict(plan.preprocess)
         mask = item.get("mask_path") or None
+        given = item.get("input_key") or ""
         try:
-            key = cache_key(item["path"], cfg, mask)
+            key = given or cache_key(item["path"], cfg, mask)
         except Exception as exc:  # noqa: BLE001 - unreadable input: an error row
             if isinstance(exc, PermissionError):
                 return _error_part(item, plan, f"permission denied reading {exc.filename or item['path']}; give "
                                                "the scoring job's user read access")
             return _error_part(item, plan, error_reason(exc))
-        name = part_name(item["entry"], plan.model_version, plan.scoring_key, key)
-        if (plan.parts_dir / name).exists() and _usable_part(plan.parts_dir / name):
-            return stream_row(item, action="skip", part=name, status="ok", input_key=key,
+        done = usable_part_name(item, plan, key)
+        if done:
+            return stream_row(item, action="skip", part=done, status="ok", input_key=key,
                               model_version=plan.model_version)
         res = preprocess_row({"study_id": item["study_id"], "path": item["path"], "mask_path": mask},
                              plan.cache_dir, cfg)
         if res["status"] != "ok":
             return _error_part(item, plan, res["error"], key)
-        key = (StudyCache(plan.cache_dir).meta(item["study_id"]) or {}).get("key") or key  # what was preprocessed
+        if not given:  # the key of what was actually preprocessed
+            key = (StudyCache(plan.cache_dir).meta(item["study_id"]) or {}).get("key") or key
         name = part_name(item["entry"], plan.model_version, plan.scoring_key, key)
         return stream_row(item, action="score", part=name, status="pending", input_key=key,
                           model_version=plan.model_version)

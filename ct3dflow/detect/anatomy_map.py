@@ -1,0 +1,167 @@
+"""The voxel map against a healthy reference that knows the anatomy (issue 16; not in the paper).
+
+The depth-banded reference of :mod:`.voxel_map` asks only how deep into the lung a voxel lies. Around the
+hilum the lung holds the airways and the large vessels, whose coarse-latent values differ from peripheral
+lung at the same depth, and a hospital's patients and scanners draw them differently from a training
+archive: with one median and MAD per depth band those normal structures become "abnormal" (hundreds of cm³
+per normal study on a foreign phantom family). This kind keeps the predictor and the merger of the voxel map
+and changes the reference:
+
+* **Anatomical bands** — each permissive-lung voxel gets three coordinates read off the lung mask alone (no
+  intensities, so a lesion cannot move them): the depth into the mask (as before), the medial–lateral position
+  within its lung (0 at the mediastinal edge of its axial slice, 1 at the chest wall) and the cranio-caudal
+  position within its lung (0 at the base, 1 at the apex). Bands: the depth bands × ``lateral`` × ``vertical``
+  equal parts; the medial, mid-height band is the hilum.
+* **Quantile calibration** (``calibration="quantile"``) — per band, the healthy values' empirical
+  distribution mapped to a standard normal (``z = Φ⁻¹(F(v))``, linear beyond the extreme healthy quantiles
+  with the band's robust scale), so that τ means the same tail probability in every band however
+  heavy-tailed the healthy values are (normal vessels make them heavy-tailed). ``"mad"`` keeps median and
+  1.4826·MAD.
+* A band with too few healthy voxels falls back to its depth band.
+
+Everything else — σ-smoothing in the mask, ``|z| > τ``, components ≥ v_min, T — is the voxel map's. The
+reference is fitted on the healthy *validation* studies (the hospital's own), never on test studies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from scipy.special import ndtr
+
+from .voxel_map import DEFAULT_DEPTH_BINS, VoxelMap, smooth_in_mask
+
+MIN_BAND_VOXELS = 200
+_Z_GRID = np.linspace(-3.9, 3.9, 53)  # quantiles stored at these standard-normal positions (p = 5e-5 … 1 − 5e-5)
+
+
+def anatomy_coordinates(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(depth in voxels, medial→lateral 0…1, base→apex 0…1) of every voxel of ``mask`` (z, y, x; LPS: the
+    patient's right at small x). The two sides are split at the mask's midline; in each axial slice the
+    medial edge of a side is its voxel nearest the midline, the lateral edge the farthest."""
+    m = np.asarray(mask) != 0
+    depth = ndimage.distance_transform_edt(m)
+    lateral = np.zeros(m.shape, np.float32)
+    vertical = np.zeros(m.shape, np.float32)
+    if not m.any():
+        return depth, lateral, vertical
+    xs = np.nonzero(m.any(axis=(0, 1)))[0]
+    x_mid = 0.5 * (xs[0] + xs[-1])
+    x = np.arange(m.shape[2], dtype=np.float32)
+    for right in (True, False):
+        side = m & ((x < x_mid) if right else (x >= x_mid))[None, None, :]
+        if not side.any():
+            continue
+        big = float(m.shape[2])
+        lo = np.where(side, x[None, None, :], big).min(axis=(1, 2), keepdims=True)  # per axial slice
+        hi = np.where(side, x[None, None, :], -1.0).max(axis=(1, 2), keepdims=True)
+        span = np.maximum(hi - lo, 1.0)
+        u = (hi - x[None, None, :]) / span if right else (x[None, None, :] - lo) / span
+        lateral = np.where(side, np.clip(u, 0, 1), lateral)
+        zs = np.nonzero(side.any(axis=(1, 2)))[0]
+        w = (np.arange(m.shape[0], dtype=np.float32) - zs[0]) / max(zs[-1] - zs[0], 1)
+        vertical = np.where(side, np.clip(w, 0, 1)[:, None, None], vertical)
+    return depth, lateral, vertical
+
+
+def band_index(mask: np.ndarray, bins, lateral: int, vertical: int) -> tuple[np.ndarray, np.ndarray]:
+    """(anatomy band, depth band) per voxel (−1 outside the mask)."""
+    m = np.asarray(mask) != 0
+    depth, lat, ver = anatomy_coordinates(m)
+    d = np.digitize(depth, np.asarray(bins, dtype=np.float64)[1:])
+    li = np.minimum((lat * lateral).astype(np.int64), lateral - 1)
+    vi = np.minimum((ver * vertical).astype(np.int64), vertical - 1)
+    full = (d * lateral + li) * vertical + vi
+    return np.where(m, full, -1), np.where(m, d, -1)
+
+
+def _stats(vals: np.ndarray, calibration: str) -> dict:
+    mu = float(np.median(vals))
+    sd = float(1.4826 * np.median(np.abs(vals - mu)))
+    sd = sd if sd > 0 else float(vals.std() or 1.0)
+    out = {"median": mu, "scale": sd, "n": int(vals.size)}
+    if calibration == "quantile":
+        out["quantiles"] = np.quantile(vals, ndtr(_Z_GRID)).tolist()
+    return out
+
+
+def fit_anatomy_reference(maps, masks, bins=DEFAULT_DEPTH_BINS, lateral: int = 3, vertical: int = 3,
+                          calibration: str = "quantile") -> dict:
+    """From the smoothed maps and permissive masks of healthy validation studies."""
+    n_full = len(bins) * lateral * vertical
+    full_vals: list[list[np.ndarray]] = [[] for _ in range(n_full)]
+    depth_vals: list[list[np.ndarray]] = [[] for _ in bins]
+    for v, m in zip(maps, masks, strict=True):
+        full, depth = band_index(m, bins, lateral, vertical)
+        ok = np.isfinite(v) & (full >= 0)
+        fv, dv, vv = full[ok], depth[ok], np.asarray(v[ok], dtype=np.float64)
+        order = np.argsort(fv, kind="stable")
+        bounds = np.searchsorted(fv[order], np.arange(n_full + 1))
+        for b in range(n_full):
+            full_vals[b].append(vv[order[bounds[b]:bounds[b + 1]]])
+        for b in range(len(bins)):
+            depth_vals[b].append(vv[dv == b])
+    depth_stats = []
+    for b, parts in enumerate(depth_vals):
+        vals = np.concatenate(parts)
+        if vals.size < 10:
+            raise ValueError(f"depth band {b} has {vals.size} healthy voxels; need more healthy validation studies")
+        depth_stats.append(_stats(vals, calibration))
+    bands = []
+    for b, parts in enumerate(full_vals):
+        vals = np.concatenate(parts)
+        bands.append(_stats(vals, calibration) if vals.size >= MIN_BAND_VOXELS else
+                     {**depth_stats[b // (lateral * vertical)], "fallback": True})
+    return {"type": "anatomy", "bins": [float(v) for v in bins], "lateral": int(lateral), "vertical": int(vertical),
+            "calibration": calibration, "bands": bands, "depth_bands": depth_stats}
+
+
+def anatomy_z(reference: dict, smoothed: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """z of every voxel against its anatomical band (NaN outside ``mask``)."""
+    full, _ = band_index(mask, reference["bins"], reference["lateral"], reference["vertical"])
+    z = np.full(np.shape(smoothed), np.nan, dtype=np.float32)
+    inside = full >= 0
+    fv, vv = full[inside], np.asarray(smoothed, dtype=np.float64)[inside]
+    out = np.full(fv.shape, np.nan)
+    for b, st in enumerate(reference["bands"]):
+        sel = fv == b
+        if not sel.any():
+            continue
+        v = vv[sel]
+        if reference["calibration"] == "quantile":
+            q = np.asarray(st["quantiles"])
+            zb = np.interp(v, q, _Z_GRID)
+            # beyond the healthy extremes: continue linearly with the band's robust scale
+            zb = np.where(v < q[0], _Z_GRID[0] - (q[0] - v) / st["scale"], zb)
+            zb = np.where(v > q[-1], _Z_GRID[-1] + (v - q[-1]) / st["scale"], zb)
+            out[sel] = zb
+        else:
+            out[sel] = (v - st["median"]) / st["scale"]
+    z[inside] = out
+    return z
+
+
+class AnatomyMap(VoxelMap):
+    """The voxel map (predictor, merger, decision) with the anatomy-aware, quantile-calibrated reference."""
+
+    name = "anatomy"
+    title = ("coarse-latent voxel map against a reference per depth × medial-lateral × cranio-caudal band, "
+             "quantile-calibrated (not in the paper)")
+
+    def __init__(self, lateral: int = 3, vertical: int = 3, calibration: str = "quantile", bins=DEFAULT_DEPTH_BINS):
+        if calibration not in ("quantile", "mad"):
+            raise ValueError(f"calibration must be 'quantile' or 'mad', got {calibration!r}")
+        self.lateral, self.vertical, self.calibration, self.bins = int(lateral), int(vertical), calibration, bins
+
+    def fit_reference(self, scores, masks, params) -> dict:
+        sigma = float(params["sigma_vox"])
+        smoothed = [smooth_in_mask(s.voxel_map, m, sigma) for s, m in zip(scores, masks, strict=True)]
+        return fit_anatomy_reference(smoothed, masks, self.bins, self.lateral, self.vertical, self.calibration)
+
+    def atypicality(self, score, mask, params, reference) -> np.ndarray:
+        return -np.abs(anatomy_z(reference, smooth_in_mask(score.voxel_map, mask, float(params["sigma_vox"])), mask))
+
+    def __repr__(self) -> str:
+        return (f"<map kind {self.name!r}: {self.lateral}×{self.vertical} anatomical bands per depth band, "
+                f"{self.calibration} calibration>")
+

@@ -1,0 +1,103 @@
+"""The platform's chain, run once per test session with `ray job submit` against the session's real Ray head
+and MLflow server (conftest's ``jobs_done``): train → tune → evaluate → screen, for CT-3DFlow on the voxel
+map (the platform default) and for the AE baseline on the paper's patch map. Several test modules read it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import raycli
+import yaml
+
+from ct3dflow.synthetic import make_archive, make_phantom, write_dicom_series, write_nifti
+
+TINY_TRAIN = {"levels": 2, "steps": 2, "width": 8, "patch_size": 16, "batch_size": 4, "iterations": 40,
+              "lr": 2e-3, "warmup_steps": 5, "val_every": 20, "n_val_patches": 8, "checkpoint_every": 20,
+              "min_lung_fraction": 0.5, "seed": 0}
+# exact ties on purpose: every v_min below one voxel (0.008 cm³) gives the same volumes, so the tie-break decides
+TUNE = {"num_samples": 1, "threshold_cm3": [0.0, 1.0e6], "seed": 0, "n_boot": 200,
+        "voxel": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [2.0, 3.0]}, "v_min_cm3": {"grid": [0.0, 0.0001]}},
+        "patch": {"sigma_vox": {"grid": [1.0, 3.0]}, "tau_z": {"grid": [-1.5, -0.5]},
+                  "v_min_cm3": {"grid": [0.0, 0.0001]}}}
+GLOW, AE = "ct3dflow-glow3d-te", "ct3dflow-ae-te"
+AE_ARGS = ("--set", "train.model=ae", "--set", "name=te-ae", "--set", f"mlflow.registered_model={AE}",
+           "--set", "scoring.map=patch")  # the paper's AE row: an autoencoder has no flow to map per voxel
+TONIGHT = [("normal-a", None), ("consolidation", "consolidation"), ("normal-b", None), ("emphysema", "emphysema")]
+
+
+def sentinel_manifest(real: Path, out: Path) -> tuple[Path, list[str]]:
+    """The real manifest with every test row replaced by a sentinel whose file does not exist."""
+    df = pd.read_parquet(real)
+    df["path"] = [str(real.parent / p) for p in df["path"]]
+    test = df["split"] == "test"
+    sentinels = [f"sentinel-test-{i}" for i in range(int(test.sum()))]
+    df.loc[test, "study_id"] = sentinels
+    df.loc[test, "path"] = [str(out.parent / "does-not-exist" / f"{s}.nii.gz") for s in sentinels]
+    df.to_parquet(out)
+    return out, sentinels
+
+
+def tonight_archive(folder: Path) -> dict[str, str | None]:
+    """Four new studies for the screening step, two with large lesions; DICOM and NIfTI. Returns path → kind."""
+    truth = {}
+    for i, (name, kind) in enumerate(TONIGHT):
+        ph = make_phantom(600 + i, kind, size="small")
+        if kind and ph.lesion_volume_cm3 < 15:  # the chain's models are tiny: show them something plain
+            ph = max((make_phantom(600 + i + 100 * j, kind, size="small") for j in range(1, 6)),
+                     key=lambda p: p.lesion_volume_cm3)
+        path = folder / (f"{name}.nii.gz" if i % 2 else name)
+        write_nifti(ph, path) if i % 2 else write_dicom_series(ph, path)
+        truth[str(path)] = kind
+    return truth
+
+
+def run_chain(env: dict, tmp: Path) -> dict:
+    df = make_archive(tmp / "archive", n_normal=6, n_abnormal=4, seed=3, splits=(0.5, 0.25, 0.25))
+    real = tmp / "archive" / "manifest.parquet"
+    tune_manifest, sentinels = sentinel_manifest(real, tmp / "tune_manifest.parquet")
+    work = tmp / "work"
+    cfg = {"name": "te-glow", "work_dir": str(work),
+           "data": {"manifest": str(tune_manifest), "cache_dir": str(tmp / "cache")},
+           "train": TINY_TRAIN, "scoring": {"stride": 8, "batch_size": 32}, "tune": TUNE,
+           "ray": {"num_workers": 2, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5, "log_every": 5,
+                   "preprocess_workers": 2, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5},
+           "mlflow": {"experiment": "ct3dflow-te-train", "comparison_experiment": "ct3dflow-te-comparison",
+                      "registered_model": GLOW}}
+    config = tmp / "cfg.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    evaluate = ("--set", f"data.manifest={real}")
+    out: dict = {"tmp": tmp, "work": work, "df": df, "sentinels": sentinels, "statuses": {}, "config": config}
+
+    def run(sid, script, *extra):
+        r = raycli.submit(env, sid, ["python", script, "--config", str(config), *extra])
+        status, log = raycli.job_status(env, sid), r.stdout[-8000:] + r.stderr[-3000:]
+        out["statuses"][sid] = (status, log)
+        assert status == "SUCCEEDED", f"{sid}: {log}"
+        return log
+
+    for sid, script, extra in [("te-train-glow", "jobs/train.py", ()), ("te-train-ae", "jobs/train.py", AE_ARGS),
+                               ("te-tune-glow", "jobs/tune.py", ()), ("te-tune-ae", "jobs/tune.py", AE_ARGS)]:
+        run(sid, script, *extra)
+    # snapshot before the test split is ever used
+    out["after_tune_files"] = [str(p) for p in work.rglob("*")] + [str(p) for p in (tmp / "cache").rglob("*")]
+    for sid, extra in [("te-eval-glow", evaluate), ("te-eval-ae", evaluate + AE_ARGS)]:
+        run(sid, "jobs/evaluate.py", *extra)
+    # the nightly screening with each champion, following its operating point's map kind
+    out["tonight"] = tonight_archive(tmp / "tonight")
+    for label, model in (("glow", GLOW), ("ae", AE)):
+        sc = {"name": f"te-screen-{label}", "work_dir": str(tmp / f"screen-{label}"),
+              "data": {"cache_dir": str(tmp / f"screen-{label}" / "cache")},
+              "ray": {"preprocess_workers": 2, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5},
+              "mlflow": {"registered_model": model, "experiment": "ct3dflow-te-screen", "system_metrics": False}}
+        (tmp / f"screen-{label}.yaml").write_text(yaml.safe_dump(sc))
+        r = raycli.submit(env, f"te-screen-{label}", ["python", "jobs/screen.py", "--config",
+                                                       str(tmp / f"screen-{label}.yaml"), "--archive",
+                                                       str(tmp / "tonight")])
+        status = raycli.job_status(env, f"te-screen-{label}")
+        out["statuses"][f"te-screen-{label}"] = (status, r.stdout[-8000:] + r.stderr[-3000:])
+        assert status == "SUCCEEDED", r.stdout[-6000:] + r.stderr[-3000:]
+        out[f"screen_{label}"] = tmp / f"screen-{label}" / "results"
+    out["model_file"] = next((work / "ray_results").glob("te-glow/model.pt"))
+    return out

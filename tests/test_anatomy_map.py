@@ -1,0 +1,93 @@
+"""The anatomy-aware reference (ct3dflow.detect.anatomy_map): bands read off the lung mask, quantile
+calibration, and the point of it — normal hilar structure stops being flagged, a lesion still is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ct3dflow.detect import OperatingPoint, get_kind
+from ct3dflow.detect.anatomy_map import AnatomyMap, anatomy_coordinates, band_index
+from ct3dflow.detect.search import ScoredStudy, grid_search
+from ct3dflow.detect.voxel_map import VoxelScore
+
+SP = (2.0, 2.0, 2.0)
+
+
+def _lungs(shape=(44, 56, 80)):
+    """Two box-shaped lungs either side of a 'mediastinum' gap (LPS: the right lung at small x)."""
+    m = np.zeros(shape, bool)
+    m[4:40, 6:50, 4:36] = True
+    m[4:40, 6:50, 44:76] = True
+    return m
+
+
+def test_coordinates_follow_the_lungs():
+    m = _lungs()
+    depth, lat, ver = anatomy_coordinates(m)
+    assert lat[20, 20, 35] == 0.0 and lat[20, 20, 4] == 1.0  # right lung: medial edge at large x
+    assert lat[20, 20, 44] == 0.0 and lat[20, 20, 75] == 1.0  # left lung: medial edge at small x
+    assert ver[4, 20, 10] == 0.0 and ver[39, 20, 10] == 1.0  # base to apex
+    assert depth[20, 20, 4] == 1.0 and (depth[~m] == 0).all()
+    full, d = band_index(m, (0.0, 2.0, 4.0), 3, 3)
+    assert full.max() == 3 * 3 * 3 - 1 and (full[~m] == -1).all() and (d[m] >= 0).all()
+
+
+def _healthy_map(rng, m, hilum_boost=6.0):
+    """Smooth noise, plus bright normal 'vessels' near each lung's medial edge at mid-height (the hilum)."""
+    v = ndimage.gaussian_filter(rng.standard_normal(m.shape), 1.0)
+    _, lat, ver = anatomy_coordinates(m)
+    hilum = m & (lat < 0.25) & (np.abs(ver - 0.5) < 0.2)
+    v[hilum] += hilum_boost * (rng.random(hilum.sum()) < 0.5)
+    return v.astype(np.float32)
+
+
+def _studies(rng, labels):
+    m = _lungs()
+    out = []
+    for i, y in enumerate(labels):
+        v = _healthy_map(rng, m)
+        if y:  # a lesion in the periphery: low values in a 5³ block
+            z, yy, x = 20 + int(rng.integers(-4, 4)), 24, 10
+            v[z - 2:z + 3, yy - 2:yy + 3, x - 2:x + 3] -= 6.0
+        out.append(ScoredStudy(f"s{i}", y, "nodule" if y else None, m.astype(np.uint8), SP, VoxelScore(v, 8, size=8)))
+    return out
+
+
+def test_hilar_structure_is_absorbed_and_the_lesion_is_still_found():
+    rng = np.random.default_rng(0)
+    val = _studies(rng, [0] * 6 + [1] * 6)
+    space = {"sigma_vox": [0.0], "tau_z": [4.0], "v_min_cm3": [0.0]}
+    depth_op, _ = grid_search(get_kind("voxel"), val, space)
+    anat_op, _ = grid_search(AnatomyMap(), val, space)
+    fresh = _studies(rng, [0, 0, 0, 1, 1, 1])
+    normal = [s for s in fresh if s.label == 0]
+
+    def volumes(kind, op, studies):
+        return np.array([kind.decide(s.score, s.permissive, SP, op)[0] for s in studies])
+
+    depth_normal = volumes(get_kind("voxel"), depth_op, normal)
+    anat_normal = volumes(AnatomyMap(), anat_op, normal)
+    assert np.median(depth_normal) > 5.0, "the depth reference should flag the hilar 'vessels' of normal studies"
+    assert np.median(anat_normal) < 0.2 * np.median(depth_normal)
+    sick = volumes(AnatomyMap(), anat_op, [s for s in fresh if s.label == 1])
+    assert sick.min() > anat_normal.max(), (sick, anat_normal)
+    again = OperatingPoint.from_dict(anat_op.to_dict())
+    assert again.reference["type"] == "anatomy" and again.reference["calibration"] == "quantile"
+
+
+def test_quantile_calibration_makes_healthy_z_standard_normal_per_band():
+    rng = np.random.default_rng(1)
+    m = _lungs()
+    heavy = [np.where(m, rng.standard_t(2, m.shape), np.nan).astype(np.float32) for _ in range(4)]  # heavy tails
+    kind = AnatomyMap(lateral=1, vertical=1)
+    ref = kind.fit_reference([VoxelScore(h, 8) for h in heavy], [m] * 4, {"sigma_vox": 0.0})
+    z = -kind.atypicality(VoxelScore(np.where(m, rng.standard_t(2, m.shape), np.nan).astype(np.float32), 8), m,
+                          {"sigma_vox": 0.0}, ref)
+    share = np.mean(z[m] > 3.0)
+    assert share == pytest.approx(2 * (1 - 0.99865), rel=0.35)  # |z| > 3 as often as for a normal distribution
+    mad = AnatomyMap(lateral=1, vertical=1, calibration="mad")
+    ref_mad = mad.fit_reference([VoxelScore(h, 8) for h in heavy], [m] * 4, {"sigma_vox": 0.0})
+    z_mad = -mad.atypicality(VoxelScore(heavy[0], 8), m, {"sigma_vox": 0.0}, ref_mad)
+    assert np.mean(z_mad[m] > 3.0) > 3 * share  # MAD z of a heavy-tailed healthy distribution flags far more
