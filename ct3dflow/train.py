@@ -318,12 +318,14 @@ def train_local(
 
 
 def patch_batches_from_arrays(
-    volumes: list[np.ndarray], stricts: list[np.ndarray], cfg: TrainConfig, seed: int
+    volumes: list[np.ndarray], stricts: list[np.ndarray], cfg: TrainConfig, seed: int,
+    exclude: list[np.ndarray | None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Endless ``(B, 1, S, S, S)`` float32 batches of random patches with enough strict lung.
 
     Each patch picks a volume uniformly among those with at least one valid window, then a window
-    uniformly among its valid ones (:mod:`ct3dflow.patches`).
+    uniformly among its valid ones (:mod:`ct3dflow.patches`). ``exclude`` (one mask or None per volume): no
+    window touching it is ever sampled (a lesion and its margin in an otherwise healthy study).
     """
     from . import patches as P
 
@@ -331,6 +333,9 @@ def patch_batches_from_arrays(
         raise ValueError("volumes and stricts must have the same length")
     size = cfg.patch_size
     valid = [P.valid_patch_corners(s, size, cfg.min_lung_fraction) for s in stricts]
+    for i, ex in enumerate(exclude or []):
+        if ex is not None and len(valid[i]):
+            valid[i] = valid[i][P.box_sums(P.integral_image(ex), valid[i], size) == 0]
     usable = [i for i, v in enumerate(valid) if len(v)]
     if not usable:
         raise ValueError(

@@ -26,10 +26,11 @@ if __name__ == "__main__":
     cfg, args = job_config("Screen an archive: one result row, map and preview per study.", _args)
     if not args.archive and not (cfg.source or {}).get("url"):
         raise SystemExit("give --archive (a folder, a manifest or dicomweb+http://…) or the config's source.url")
-    from ct3dflow.adapters.dicomweb import PacsError
+    from ct3dflow.adapters.dicomweb import PacsError, preflight
 
-    init_ray()
-    try:
+    try:  # an unreachable or unauthorised PACS: a clear message and a non-zero exit, before Ray or any write
+        preflight(cfg, args.archive)
+        init_ray()
         screen_job(cfg, args.archive, model=args.model, run_name=args.run_name)
-    except PacsError as exc:  # unreachable or unauthorised PACS: a clear message, a non-zero exit, nothing written
+    except PacsError as exc:
         raise SystemExit(f"[ct3dflow] the screening did not start: {exc}") from None

@@ -39,6 +39,20 @@ def sentinel_manifest(real: Path, out: Path) -> tuple[Path, list[str]]:
     return out, sentinels
 
 
+def add_broken_rows(manifest: Path, folder: Path, dup_id: str, dup_path: str) -> dict[str, str]:
+    """Rows the train job's preprocessing must turn into error rows (no split: tune and evaluate never see
+    them): a missing file, an empty folder, a folder without DICOM, a duplicate study id. Returns id → reason."""
+    (folder / "empty").mkdir(parents=True)
+    (folder / "notdicom").mkdir()
+    (folder / "notdicom" / "a.txt").write_text("hello")
+    bad = pd.DataFrame([{"study_id": "missing", "path": str(folder / "nope.nii.gz")},
+                        {"study_id": "empty", "path": str(folder / "empty")},
+                        {"study_id": "notdicom", "path": str(folder / "notdicom")},
+                        {"study_id": dup_id, "path": dup_path}])
+    pd.concat([pd.read_parquet(manifest), bad], ignore_index=True).to_parquet(manifest)
+    return {"missing": "not found", "empty": "empty", "notdicom": "none is DICOM", dup_id: "duplicate"}
+
+
 def tonight_archive(folder: Path) -> dict[str, str | None]:
     """Four new studies for the screening step, two with large lesions; DICOM and NIfTI. Returns path → kind."""
     truth = {}
@@ -57,6 +71,8 @@ def run_chain(env: dict, tmp: Path) -> dict:
     df = make_archive(tmp / "archive", n_normal=6, n_abnormal=4, seed=3, splits=(0.5, 0.25, 0.25))
     real = tmp / "archive" / "manifest.parquet"
     tune_manifest, sentinels = sentinel_manifest(real, tmp / "tune_manifest.parquet")
+    broken = add_broken_rows(tune_manifest, tmp / "broken", str(df.study_id.iloc[0]),
+                             str(real.parent / df.path.iloc[0]))
     work = tmp / "work"
     cfg = {"name": "te-glow", "work_dir": str(work),
            "data": {"manifest": str(tune_manifest), "cache_dir": str(tmp / "cache")},
@@ -68,7 +84,8 @@ def run_chain(env: dict, tmp: Path) -> dict:
     config = tmp / "cfg.yaml"
     config.write_text(yaml.safe_dump(cfg))
     evaluate = ("--set", f"data.manifest={real}")
-    out: dict = {"tmp": tmp, "work": work, "df": df, "sentinels": sentinels, "statuses": {}, "config": config}
+    out: dict = {"tmp": tmp, "work": work, "df": df, "sentinels": sentinels, "statuses": {}, "config": config,
+                 "broken": broken}
 
     def run(sid, script, *extra):
         r = raycli.submit(env, sid, ["python", script, "--config", str(config), *extra])

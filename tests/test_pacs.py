@@ -6,6 +6,7 @@ stores back read over DICOMweb with highdicom and pydicom.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -232,19 +233,24 @@ def test_privacy_of_the_pacs_path(screened, mlflow_server):
             assert secret not in text, f"{secret!r} leaked into {where}"
 
 
-def test_unreachable_or_unauthorised_pacs_fails_at_once_and_writes_nothing(ray_head, mlflow_server, jobs_done, pacs,
-                                                                             tmp_path):
+def _screen_process(config) -> subprocess.CompletedProcess:
+    """The job's entrypoint as a plain process: a PACS that cannot be used stops it before Ray starts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    return subprocess.run([str(Path(os.sys.executable)), "jobs/screen.py", "--config", str(config)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_unreachable_or_unauthorised_pacs_fails_at_once_and_writes_nothing(mlflow_server, pacs, tmp_path):
     bad = tmp_path / "wrong.json"
     bad.write_text(json.dumps({"username": "ct3dflow", "password": "not-the-password"}))
     bad.chmod(0o600)
     work = tmp_path / "w1"
-    status, logs = _screen(ray_head, "test-pacs-wrong-password", _config(tmp_path / "a.yaml", work, pacs,
-                                                                          mlflow_server, credentials=bad))
-    assert status == "FAILED" and "refused the credentials (HTTP 401)" in logs, logs[-3000:]
-    assert not (work / "results").exists()
+    r = _screen_process(_config(tmp_path / "a.yaml", work, pacs, mlflow_server, credentials=bad))
+    assert r.returncode != 0 and "refused the credentials (HTTP 401)" in r.stderr, r.stderr[-3000:]
+    assert not (work / "results").exists() and not (work / "cache").exists()
     r = _orthanc("stop", pacs["env"])  # the last test of the module: the PACS goes away
     assert r.returncode == 0, r.stderr
     work = tmp_path / "w2"
-    status, logs = _screen(ray_head, "test-pacs-unreachable", _config(tmp_path / "b.yaml", work, pacs, mlflow_server))
-    assert status == "FAILED" and "cannot reach the PACS" in logs, logs[-3000:]
-    assert not (work / "results").exists()
+    r = _screen_process(_config(tmp_path / "b.yaml", work, pacs, mlflow_server))
+    assert r.returncode != 0 and "cannot reach the PACS" in r.stderr, r.stderr[-3000:]
+    assert not (work / "results").exists() and not (work / "cache").exists()

@@ -143,6 +143,19 @@ class DicomWebSource:
             offset += page
 
 
+def is_pacs(cfg, archive) -> bool:
+    return bool(str(archive or "").startswith(PREFIX) or (cfg.source or {}).get("url"))
+
+
+def preflight(cfg, archive) -> DicomWebSource | None:
+    """The job's PACS, checked (:meth:`DicomWebSource.check`), or None for a folder or manifest archive."""
+    if not is_pacs(cfg, archive):
+        return None
+    source = DicomWebSource.from_config(str(archive) if archive else None, cfg.source)
+    source.check()
+    return source
+
+
 def _with_timeout(request, timeout):
     def call(*a, **k):
         k.setdefault("timeout", timeout)
@@ -205,7 +218,7 @@ def plan_entries(source: DicomWebSource, results_dir: Path, log=print) -> list[d
         n_new += not same
         entries.append({"entry": sid, "study_id": sid, "path": str(Path(results_dir) / "staging" / sid),
                         "mask_path": "", "error": "", "input_key": known.get("input_key", "") if same else "",
-                        "dicomweb": json.dumps({"study_uid": uid, "fingerprint": fp})})
+                        "action": "", "part": "", "dicomweb": json.dumps({"study_uid": uid, "fingerprint": fp})})
     log(f"the PACS lists {len(studies)} studies{f' dated {since} or later' if since else ''}; {n_new} new or "
         "changed since the last successful run")
     return entries
@@ -266,11 +279,11 @@ def retrieve_item(item: dict, source: dict, plan: dict) -> dict:
     from ..discovery import hash_uids
     from ..pipeline import error_reason
 
+    out = {"action": "", "part": "", **item}  # one schema for every row of the stage
     if item.get("error") or not item.get("dicomweb"):
-        return item
+        return out
     plan_ = ScoringPlan(**plan)
     info = json.loads(item["dicomweb"])
-    out = dict(item)
     if item.get("input_key"):
         done = usable_part_name(item, plan_, item["input_key"])
         if done:
@@ -319,20 +332,21 @@ def writeback_item(item: dict, source: dict, plan: dict) -> dict:
     from ..discovery import hash_uids
 
     staging = Path(item["path"])
+    base = {**item, "sr_uid": "", "seg_uid": ""}  # one schema for every row of the stage
     try:
         if item.get("action") != "score" or item.get("status") != "ok" or not item.get("dicomweb"):
-            return item
+            return base
         plan_ = ScoringPlan(**plan)
         part = plan_.parts_dir / item["part"]
         row = pd.read_parquet(part).iloc[0].to_dict()
         if row.get("predicted_abnormal") is None or pd.isna(row.get("predicted_abnormal")):
-            return item  # scored without an operating point: nothing to report
+            return base  # scored without an operating point: nothing to report
         info = json.loads(item["dicomweb"])
         source_ds = [pydicom.dcmread(f) for f in sorted(staging.glob("*.dcm"))]
         uids = store_results(DicomWebSource(**source), source_ds, row, plan_, info)
         row.update(uids)
         write_part(plan_.parts_dir, item["part"], row)
-        return {**item, "sr_uid": uids["sr_uid"], "seg_uid": uids.get("seg_uid") or ""}
+        return {**base, "sr_uid": uids["sr_uid"], "seg_uid": uids.get("seg_uid") or ""}
     except Exception as exc:  # noqa: BLE001 - the study's row says what failed; the run goes on
         reason = hash_uids(f"writing the results back to the PACS failed: {exc}"[:400])
         try:
@@ -343,7 +357,7 @@ def writeback_item(item: dict, source: dict, plan: dict) -> dict:
             write_part(plan_.parts_dir, item["part"], row)
         except Exception:  # noqa: BLE001
             pass
-        return {**item, "status": "error", "error": reason}
+        return {**base, "status": "error", "error": reason}
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

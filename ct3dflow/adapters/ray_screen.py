@@ -59,10 +59,8 @@ def screen_job(cfg, archive, model: str | None = None, run_name: str | None = No
 
     t0 = time.time()
     started = datetime.now(timezone.utc)
-    source = None
-    if str(archive).startswith(dicomweb.PREFIX) or (cfg.source or {}).get("url"):
-        source = dicomweb.DicomWebSource.from_config(str(archive) if archive else None, cfg.source)
-        source.check()  # unreachable or unauthorised: fail now, before anything is written
+    source = dicomweb.preflight(cfg, archive)  # an unreachable or unauthorised PACS fails now, nothing written
+    if source is not None:
         where = f"PACS {source.url}"
     else:
         archive = resolve_path(archive)

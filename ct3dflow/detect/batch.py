@@ -84,7 +84,8 @@ class ScoringPlan:
 
     @property
     def scoring_key(self) -> str:
-        made = {k: v for k, v in self.settings.items() if k != "batch_size"}  # batching changes no number
+        # batching changes no number; precision only rounding (docs/BENCHMARKS.md: the same decisions)
+        made = {k: v for k, v in self.settings.items() if k not in ("batch_size", "precision")}
         return sha(json.dumps({"kind": self.kind, "settings": made, "op": self.operating_point}, sort_keys=True), n=12)
 
     @property

@@ -31,7 +31,9 @@ from .grid import WindowGrid, window_grid
 from .kind import MapKind
 
 DEFAULT_DEPTH_BINS = (0.0, 2.0, 4.0, 6.0, 9.0, 13.0)  # voxels from the permissive-mask border
-DEFAULT_STRIDE = 12  # docs/RESULTS.md: as good on validation as stride 6 at an eighth of the windows
+DEFAULT_STRIDE = 12
+DEFAULT_PHASES = 1
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware runs it natively (bf16_available)
 PARTS = ("top_latent", "all")
 
 
@@ -44,13 +46,14 @@ class VoxelScore:
     part: str = "top_latent"
     size: int = 0  # the window (patch) size; 0 in files written before it was recorded
     n_windows: int = 0
+    phases: int = 1  # interleaved grids (detect.grid.window_grid)
 
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             np.savez(f, voxel_map=self.voxel_map, stride=np.int64(self.stride), part=np.str_(self.part),
-                     size=np.int64(self.size), n_windows=np.int64(self.n_windows))
+                     size=np.int64(self.size), n_windows=np.int64(self.n_windows), phases=np.int64(self.phases))
         return path
 
     @classmethod
@@ -58,13 +61,32 @@ class VoxelScore:
         with np.load(Path(path), allow_pickle=False) as f:
             get = lambda k, d: f[k] if k in f.files else d  # noqa: E731 - files of session 3 lack size/n_windows
             return cls(f["voxel_map"], int(f["stride"]), str(f["part"]), int(get("size", 0)),
-                       int(get("n_windows", 0)))
+                       int(get("n_windows", 0)), int(get("phases", 1)))
+
+
+def bf16_available(device="cpu") -> bool:
+    """Whether bf16 runs natively: a CUDA GPU, or a CPU with AMX tiles or AVX-512 BF16 (else it is emulated,
+    and slower than float32)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return True
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+                or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def use_bf16(precision: str, device="cpu") -> bool:
+    if precision not in PRECISIONS:
+        raise ValueError(f"scoring.precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and bf16_available(device))
 
 
 def voxel_log_p_volume(glow, grid: WindowGrid, part: str = "top_latent", batch_size: int = 32,
-                       device="cpu") -> np.ndarray:
+                       device="cpu", bf16: bool = False) -> np.ndarray:
     """Per-voxel local log-likelihood terms on the study's grid (float32, NaN where no window reaches): the
-    mean over the windows of ``grid`` that cover each voxel, accumulated on ``device``."""
+    mean over the windows of ``grid`` that cover each voxel, accumulated on ``device``. ``bf16``: the coupling
+    networks under bf16 autocast (the flow keeps its main stream, log-dets and latent in float32)."""
     import torch
 
     from ..flow.local import local_log_prob, top_latent_energy
@@ -75,7 +97,8 @@ def voxel_log_p_volume(glow, grid: WindowGrid, part: str = "top_latent", batch_s
     size = grid.size
     total = torch.zeros(grid.padded.shape, dtype=torch.float64, device=device)
     count = torch.zeros(grid.padded.shape, dtype=torch.float32, device=device)
-    with torch.no_grad():
+    dev_type = torch.device(device).type
+    with torch.no_grad(), torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bool(bf16)):
         for corners, x in grid.batches(batch_size):
             xt = torch.from_numpy(x).to(device)
             if part == "top_latent":
@@ -168,7 +191,9 @@ class VoxelMap(MapKind):
         if part not in PARTS:
             raise ValueError(f"scoring.part must be one of {PARTS}, got {part!r}")
         return {"patch_size": int(patch_size), "stride": int(scoring.get("stride") or DEFAULT_STRIDE),
-                "part": part, "batch_size": int(scoring.get("batch_size") or 32)}
+                "phases": int(scoring.get("phases") or DEFAULT_PHASES), "part": part,
+                "precision": str(scoring.get("precision") or "fp32"),
+                "batch_size": int(scoring.get("batch_size") or 32)}
 
     def prepare(self, model, device):
         from ..flow import Glow3D
@@ -180,10 +205,12 @@ class VoxelMap(MapKind):
         return prepare_flow_encoder(model, device)
 
     def score(self, predictor, study, settings: dict, device="cpu") -> VoxelScore:
-        grid = window_grid(study.volume, study.permissive, settings["patch_size"], settings["stride"])
+        phases = int(settings.get("phases", 1))
+        grid = window_grid(study.volume, study.permissive, settings["patch_size"], settings["stride"], phases)
         vmap = voxel_log_p_volume(predictor, grid, settings.get("part", "top_latent"),
-                                  settings.get("batch_size", 32), device)
-        return VoxelScore(vmap, grid.stride, settings.get("part", "top_latent"), grid.size, len(grid))
+                                  settings.get("batch_size", 32), device,
+                                  use_bf16(settings.get("precision", "fp32"), device))
+        return VoxelScore(vmap, grid.stride, settings.get("part", "top_latent"), grid.size, len(grid), phases)
 
     def load_score(self, path) -> VoxelScore:
         return VoxelScore.load(path)
@@ -195,6 +222,8 @@ class VoxelMap(MapKind):
 
     def score_settings(self, score: VoxelScore) -> dict:
         out = {"stride": int(score.stride), "part": str(score.part)}
+        if score.phases > 1:
+            out["phases"] = int(score.phases)
         if score.size:
             out["patch_size"] = int(score.size)
         return out

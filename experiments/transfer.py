@@ -1,0 +1,189 @@
+"""Detection that transfers (issue 16): models trained on one phantom family, screened on the other.
+
+    .venv/bin/python experiments/detection.py --out work/experiments/detection              # family A (model A)
+    .venv/bin/python experiments/detection.py --out work/experiments/detection-b --family b # family B (model B)
+    .venv/bin/python experiments/transfer.py --a work/experiments/detection --b work/experiments/detection-b
+
+For each direction — A→A, A→B, B→B, B→A (model → the validation and test split of a family's archive) — the
+voxel map of every validation and test study is computed once (the core scorer, stride 12), then each
+candidate healthy reference is searched on **validation only**:
+
+* ``depth`` — the voxel kind (median, MAD per depth band; the platform's reference before issue 16);
+* ``depth-quantile`` — quantile calibration per depth band;
+* ``anatomy-mad`` — depth × 3 medial–lateral × 3 cranio-caudal bands, median and MAD;
+* ``anatomy-quantile`` — the same bands, quantile-calibrated (the ``anatomy`` map kind).
+
+The candidate with the best validation objective (AUROC + 1e-3·F1; ties: the simpler, earlier one) is tested
+once, with T by best validation F1 and with T for a validation specificity of 0.9; the old default
+(``depth``) is tested beside it for comparison. The reference is always fitted on the healthy validation
+studies of the family screened (the hospital's own normals), never on test studies. Writes
+``<out>/transfer.json`` and ``<out>/transfer.md``, and previews of the test studies each direction gets wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ct3dflow.cache import StudyCache  # noqa: E402
+from ct3dflow.detect import get_kind  # noqa: E402
+from ct3dflow.detect.anatomy_map import AnatomyMap  # noqa: E402
+from ct3dflow.detect.batch import ScoringPlan, entries_of_rows, score_locally  # noqa: E402
+from ct3dflow.detect.evaluate import evaluate  # noqa: E402
+from ct3dflow.detect.outputs import write_json  # noqa: E402
+from ct3dflow.detect.row import load_scored_studies, write_outputs_of  # noqa: E402
+from ct3dflow.detect.search import grid_search, threshold_rule  # noqa: E402
+from ct3dflow.pipeline import manifest_rows  # noqa: E402
+from ct3dflow.preprocess import PreprocessConfig  # noqa: E402
+
+CANDIDATES = {
+    "depth": get_kind("voxel"),
+    "depth-quantile": AnatomyMap(lateral=1, vertical=1, calibration="quantile"),
+    "anatomy-mad": AnatomyMap(lateral=3, vertical=3, calibration="mad"),
+    "anatomy-quantile": AnatomyMap(lateral=3, vertical=3, calibration="quantile"),
+}
+SPACE = {"sigma_vox": [1.0, 2.0], "tau_z": [2.0, 3.0, 4.0, 5.0, 6.0], "v_min_cm3": [0.0, 1.0, 5.0]}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def scores_for(model_run: Path, data_run: Path, out: Path, stride: int, threads: int):
+    """Voxel-map results of ``data_run``'s val and test studies with ``model_run``'s model (resumable)."""
+    import torch
+
+    from ct3dflow.models import load_patch_scorer
+
+    torch.set_num_threads(threads)
+    model = load_patch_scorer(model_run / "model" / "model.pt")
+    rows = manifest_rows(data_run / "archive" / "manifest.parquet")
+    res = {}
+    for split in ("val", "test"):
+        todo = [r for r in rows if r["split"] == split]
+        plan = ScoringPlan.make("voxel", {"stride": stride, "batch_size": 32}, model.patch_size, None,
+                                str(model_run / "model" / "model.pt"), model_run.name, PreprocessConfig().to_dict(),
+                                data_run / "cache", out / split)
+        t = time.time()
+        res[split], _ = score_locally(entries_of_rows(todo), plan, model)
+        log(f"  {model_run.name} → {data_run.name} {split}: {len(todo)} studies, {time.time() - t:.0f} s")
+    return rows, res
+
+
+def summarise(ev: dict) -> dict:
+    m = ev["metrics"]
+    return {"auroc": m["auroc"], "auroc_ci": ev["ci"]["auroc"], "f1": m["f1"], "sensitivity": m["sensitivity"],
+            "specificity": m["specificity"], "normal_volume_median_cm3": ev["normal_volume_cm3"]["median"],
+            "per_kind_auroc": {k: v["auroc"] for k, v in ev["per_kind"].items()},
+            "per_kind_sensitivity": {k: v["sensitivity"] for k, v in ev["per_kind"].items()}}
+
+
+def direction(name: str, model_run: Path, data_run: Path, out: Path, a) -> dict:
+    log(f"{name}: model {model_run.name}, studies of {data_run.name}")
+    rows, res = scores_for(model_run, data_run, out / name, a.stride, a.threads)
+    cache = data_run / "cache"
+    voxel = get_kind("voxel")
+    val = load_scored_studies(voxel, [r for r in rows if r["split"] == "val"], res["val"], cache)
+    test = load_scored_studies(voxel, [r for r in rows if r["split"] == "test"], res["test"], cache)
+    record = {"validation": {}, "test": {}}
+    best = None
+    for cname, kind in CANDIDATES.items():  # validation only
+        t = time.time()
+        op, trials = grid_search(kind, val, SPACE)
+        obj = float(trials.iloc[0]["objective"])
+        vols = [kind.decide(s.score, s.permissive, s.spacing, op)[0] for s in val if s.label == 0]
+        record["validation"][cname] = {**op.validation, "objective": obj, "params": op.params,
+                                       "threshold_cm3": op.threshold_cm3,
+                                       "normal_volume_median_cm3": float(np.median(vols))}
+        log(f"  val [{cname}]: AUROC {op.validation['auroc']:.3f} F1 {op.validation['f1']:.3f}, normal volume median "
+            f"{np.median(vols):.1f} cm³ ({time.time() - t:.0f} s) — {op.describe()}")
+        if best is None or obj > best[0] + 1e-9:
+            best = (obj, cname, op)
+    _, chosen, op = best
+    kind = CANDIDATES[chosen]
+    record["chosen"] = chosen
+    op90, _ = grid_search(kind, val, {k: [op.params[k]] for k in SPACE}, threshold_rule("specificity", 0.9))
+    for label, k, o in (("chosen, best F1", kind, op), ("chosen, specificity 0.9", kind, op90)):
+        record["test"][label] = summarise(evaluate(k, o, test, n_boot=2000))
+    if chosen != "depth":
+        dop, _ = grid_search(voxel, val, SPACE)
+        record["test"]["depth (before), best F1"] = summarise(evaluate(voxel, dop, test, n_boot=2000))
+    # previews of what the chosen point gets wrong on test
+    c = StudyCache(cache)
+    wrong = []
+    for s in test:
+        st = c.load(s.study_id)
+        vol, ab, atyp = kind.decide(s.score, st.permissive, st.spacing, op)
+        flagged = vol > op.threshold_cm3
+        if flagged != bool(s.label):
+            write_outputs_of(f"{s.study_id} {s.pathology or 'normal'}", st, kind, op, atyp, ab, vol, flagged,
+                             out / name / "wrong" / s.study_id)
+            wrong.append({"study_id": s.study_id, "truth": s.pathology or "normal", "volume_cm3": vol})
+    record["wrong"] = wrong
+    record["operating_point"] = op.to_dict()
+    t1 = record["test"]["chosen, best F1"]
+    log(f"  test [{chosen}]: AUROC {t1['auroc']:.3f} {t1['auroc_ci']}, specificity {t1['specificity']:.3f}, normal "
+        f"volume median {t1['normal_volume_median_cm3']:.1f} cm³; per kind {t1['per_kind_auroc']}")
+    return record
+
+
+def markdown(results: dict) -> str:
+    lines = ["| direction | reference (chosen on validation) | val AUROC | test AUROC (95 % CI) | "
+             "per kind (test AUROC) | normal test studies: median abnormal volume | specificity at best-F1 T | "
+             "at the spec-0.9 T: specificity / sensitivity |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        t, t90 = r["test"]["chosen, best F1"], r["test"]["chosen, specificity 0.9"]
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in t["per_kind_auroc"].items())
+        lo, hi = t["auroc_ci"]
+        lines.append(f"| {name} | {r['chosen']} | {r['validation'][r['chosen']]['auroc']:.3f} | {t['auroc']:.3f} "
+                     f"({lo:.2f}–{hi:.2f}) | {kinds} | {t['normal_volume_median_cm3']:.1f} cm³ | "
+                     f"{t['specificity']:.3f} | {t90['specificity']:.3f} / {t90['sensitivity']:.3f} |")
+        if "depth (before), best F1" in r["test"]:
+            d = r["test"]["depth (before), best F1"]
+            lo, hi = d["auroc_ci"]
+            kinds = ", ".join(f"{k} {v:.2f}" for k, v in d["per_kind_auroc"].items())
+            lines.append(f"| {name} | depth (before) | {r['validation']['depth']['auroc']:.3f} | {d['auroc']:.3f} "
+                         f"({lo:.2f}–{hi:.2f}) | {kinds} | {d['normal_volume_median_cm3']:.1f} cm³ | "
+                         f"{d['specificity']:.3f} | — |")
+    lines += ["", "Validation, every candidate (AUROC / F1 / median abnormal volume of the normal validation "
+              "studies):", "",
+              "| direction | " + " | ".join(CANDIDATES) + " |", "|---|" + "---|" * len(CANDIDATES)]
+    for name, r in results.items():
+        cells = [f"{v['auroc']:.3f} / {v['f1']:.3f} / {v['normal_volume_median_cm3']:.1f} cm³"
+                 for v in r["validation"].values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--a", default=str(ROOT / "work" / "experiments" / "detection"))
+    p.add_argument("--b", default=str(ROOT / "work" / "experiments" / "detection-b"))
+    p.add_argument("--out", default=str(ROOT / "work" / "experiments" / "transfer"))
+    p.add_argument("--stride", type=int, default=12)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--directions", nargs="+", default=["A->A", "A->B", "B->B", "B->A"])
+    a = p.parse_args(argv)
+    np.seterr(all="ignore")
+    runs = {"A": Path(a.a), "B": Path(a.b)}
+    out = Path(a.out)
+    t0 = time.time()
+    results = {}
+    for d in a.directions:
+        m, s = d.split("->")
+        results[d] = direction(d, runs[m], runs[s], out, a)
+        write_json(results, out / "transfer.json")
+    (out / "transfer.md").write_text(markdown(results), encoding="utf-8")
+    log(f"done in {(time.time() - t0) / 60:.1f} min\n{markdown(results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
