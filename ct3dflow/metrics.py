@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
 
 __all__ = [
     "bootstrap_ci",
@@ -56,6 +55,8 @@ def _confusion_metrics(y: np.ndarray, s: np.ndarray, threshold: float) -> dict:
     fn = int(np.sum(~pred & pos))
     tn = int(np.sum(~pred & ~pos))
     n_pos, n_neg = tp + fn, tn + fp
+    from sklearn.metrics import roc_auc_score  # here: sklearn costs every Ray worker that imports the core ~1 s
+
     auroc = float(roc_auc_score(y, s)) if n_pos and n_neg else float("nan")
     return {
         "auroc": auroc,
@@ -123,6 +124,8 @@ def bootstrap_ci(y_true, scores, threshold: float, n_boot: int = 1000, alpha: fl
 def roc_curve_data(y, s) -> dict:
     """``{"fpr", "tpr", "thresholds"}`` lists (sklearn's ``roc_curve``; its rule is ``score ≥ t``)."""
     y, s = _arrays(y, s)
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, thr = roc_curve(y, s)
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thr.tolist()}
 

@@ -101,7 +101,7 @@ def stage_train(a, rows, cache: Path, mdir: Path) -> Path:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     cfg = TrainConfig(levels=a.levels, steps=a.steps, width=a.width, patch_size=a.patch_size,
-                      batch_size=a.batch_size, iterations=a.max_iterations, lr=a.lr, weight_decay=1e-5,
+                      batch_size=a.batch_size, iterations=a.iterations or a.max_iterations, lr=a.lr, weight_decay=1e-5,
                       warmup_steps=a.warmup, grad_clip=50.0, min_lung_fraction=0.5, seed=a.seed,
                       fast=False)  # eager layers on every device: the experiment measures the method, not speed
     c = StudyCache(cache)
@@ -116,18 +116,26 @@ def stage_train(a, rows, cache: Path, mdir: Path) -> Path:
     trainer.initialise(torch.cat([next(batches) for _ in range(4)]))
     hist = [{"step": 0, "wall_s": 0.0, "train_bpd": float("nan"), "val_bpd": trainer.validate(val)}]
     log(f"train: {len(train_ids)} healthy studies, L={a.levels} K={a.steps} width={a.width} {a.patch_size}^3 "
-        f"batch {a.batch_size}, {model.num_parameters():,} parameters, budget {a.train_minutes:g} min; held-out "
+        f"batch {a.batch_size}, {model.num_parameters():,} parameters, budget "
+        f"{f'{a.iterations} steps' if a.iterations else f'{a.train_minutes:g} min'}; held-out "
         f"healthy {hist[0]['val_bpd']:.3f} bits/dim after ActNorm init")
     budget, run, decayed = 60.0 * a.train_minutes, [], False
+    if a.iterations:  # a step budget: the wall clock no longer decides how far the model gets
+        budget = float("inf")
     while trainer.step < cfg.iterations:
         el = time.time() - t0
         if el > budget:
             break
-        if not decayed and el > a.decay_at * budget:  # the last part of the budget at lr/10
+        used = max(el / budget, trainer.step / cfg.iterations)
+        if not decayed and used > a.decay_at:  # the last part of the budget at lr/10
             trainer.cfg = dataclasses.replace(trainer.cfg, lr=a.lr / 10)
             decayed = True
         m = trainer.train_step(next(batches))
         run.append(m["bits_per_dim"])
+        if trainer.step in a.snapshots:
+            mdir.mkdir(parents=True, exist_ok=True)
+            trainer.glow.save(mdir / f"model-step{trainer.step}.pt")
+            log(f"  snapshot at step {trainer.step} ({time.time() - t0:.0f} s of training)")
         if trainer.step % a.val_every == 0 and not m["skipped"]:
             hist.append({"step": trainer.step, "wall_s": time.time() - t0,
                          "train_bpd": float(np.mean(run[-a.val_every:])), "val_bpd": trainer.validate(val)})
@@ -313,6 +321,10 @@ def parse_args(argv=None):
     p.add_argument("--decay-at", type=float, default=0.8, help="fraction of the budget after which lr/10")
     p.add_argument("--train-minutes", type=float, default=14.0)
     p.add_argument("--max-iterations", type=int, default=1_000_000)
+    p.add_argument("--snapshots", type=int, nargs="*", default=[],
+                   help="also save the model at these steps (model-step<N>.pt: minutes of training against AUROC)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="a step budget instead of the wall-clock one (same results on a faster or slower machine)")
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--n-val-patches", type=int, default=64)
     p.add_argument("--threads", type=int, default=2,

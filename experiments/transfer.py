@@ -56,20 +56,21 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def scores_for(model_run: Path, data_run: Path, out: Path, stride: int, threads: int):
-    """Voxel-map results of ``data_run``'s val and test studies with ``model_run``'s model (resumable)."""
+def scores_for(model_file: Path, data_run: Path, out: Path, stride: int, threads: int):
+    """Voxel-map results of ``data_run``'s val and test studies with the model in ``model_file`` (resumable)."""
     import torch
 
     from ct3dflow.models import load_patch_scorer
 
     torch.set_num_threads(threads)
-    model = load_patch_scorer(model_run / "model" / "model.pt")
+    model_run = model_file.parent.parent
+    model = load_patch_scorer(model_file)
     rows = manifest_rows(data_run / "archive" / "manifest.parquet")
     res = {}
     for split in ("val", "test"):
         todo = [r for r in rows if r["split"] == split]
         plan = ScoringPlan.make("voxel", {"stride": stride, "batch_size": 32}, model.patch_size, None,
-                                str(model_run / "model" / "model.pt"), model_run.name, PreprocessConfig().to_dict(),
+                                str(model_file), model_run.name, PreprocessConfig().to_dict(),
                                 data_run / "cache", out / split)
         t = time.time()
         res[split], _ = score_locally(entries_of_rows(todo), plan, model)
@@ -85,9 +86,9 @@ def summarise(ev: dict) -> dict:
             "per_kind_sensitivity": {k: v["sensitivity"] for k, v in ev["per_kind"].items()}}
 
 
-def direction(name: str, model_run: Path, data_run: Path, out: Path, a) -> dict:
-    log(f"{name}: model {model_run.name}, studies of {data_run.name}")
-    rows, res = scores_for(model_run, data_run, out / name, a.stride, a.threads)
+def direction(name: str, model_file: Path, data_run: Path, out: Path, a) -> dict:
+    log(f"{name}: model {model_file}, studies of {data_run.name}")
+    rows, res = scores_for(model_file, data_run, out / name, a.stride, a.threads)
     cache = data_run / "cache"
     voxel = get_kind("voxel")
     val = load_scored_studies(voxel, [r for r in rows if r["split"] == "val"], res["val"], cache)
@@ -167,6 +168,8 @@ def main(argv=None) -> int:
     p.add_argument("--a", default=str(ROOT / "work" / "experiments" / "detection"))
     p.add_argument("--b", default=str(ROOT / "work" / "experiments" / "detection-b"))
     p.add_argument("--out", default=str(ROOT / "work" / "experiments" / "transfer"))
+    p.add_argument("--a-model", default=None, help="model file of A (default <a>/model/model.pt; e.g. a snapshot)")
+    p.add_argument("--b-model", default=None, help="model file of B (default <b>/model/model.pt)")
     p.add_argument("--stride", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--directions", nargs="+", default=["A->A", "A->B", "B->B", "B->A"])
@@ -178,7 +181,8 @@ def main(argv=None) -> int:
     results = {}
     for d in a.directions:
         m, s = d.split("->")
-        results[d] = direction(d, runs[m], runs[s], out, a)
+        model_file = Path(getattr(a, f"{m.lower()}_model") or runs[m] / "model" / "model.pt")
+        results[d] = direction(d, model_file, runs[s], out, a)
         write_json(results, out / "transfer.json")
     (out / "transfer.md").write_text(markdown(results), encoding="utf-8")
     log(f"done in {(time.time() - t0) / 60:.1f} min\n{markdown(results)}")

@@ -7,7 +7,9 @@ source "$(dirname "$0")/env.sh"
 PGIDFILE="$CT3DFLOW_STATE/ray-head-$RAY_HEAD_PORT.pgid"
 case "${1:-}" in
   start)
-    if "$VENV_BIN/ray" status --address "127.0.0.1:$RAY_HEAD_PORT" >/dev/null 2>&1; then
+    # `ray status` against a port where nothing listens retries for ~40 s: ask it only when something does
+    if (: </dev/tcp/127.0.0.1/"$RAY_HEAD_PORT") 2>/dev/null && \
+       "$VENV_BIN/ray" status --address "127.0.0.1:$RAY_HEAD_PORT" >/dev/null 2>&1; then
       echo "Ray head already running at 127.0.0.1:$RAY_HEAD_PORT"; exit 0
     fi
     # its own session, so the head's process group is not the caller's (stop kills that group)
@@ -35,7 +37,8 @@ case "${1:-}" in
     pgid=$(cat "$PGIDFILE" 2>/dev/null || true)
     [ -n "$pgid" ] && kill -TERM -- "-$pgid" 2>/dev/null || true
     pkill -TERM -f -- "$mine" 2>/dev/null || true
-    for _ in $(seq 30); do
+    # a few seconds' grace to exit cleanly (Ray's own `ray stop` does the same), then the kill
+    for _ in $(seq 10); do
       { [ -n "$pgid" ] && kill -0 -- "-$pgid" 2>/dev/null; } || pgrep -f -- "$mine" >/dev/null || break
       sleep 0.5
     done

@@ -1,10 +1,14 @@
 """The platform's chain, run once per test session with `ray job submit` against the session's real Ray head
-and MLflow server (conftest's ``jobs_done``): train → tune → evaluate → screen, for CT-3DFlow on the voxel
-map (the platform default) and for the AE baseline on the paper's patch map. Several test modules read it.
+and MLflow server (conftest's ``jobs_done``): for CT-3DFlow on the voxel map (the platform default) train
+(stopped after its first checkpoint, then resumed) → tune → evaluate → the nightly screening; for the AE
+baseline on the paper's patch map train → tune → evaluate. Several test modules read it; conftest starts it
+in the background when the session starts, while the tests that do not need it run.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -13,14 +17,16 @@ import yaml
 
 from ct3dflow.synthetic import make_archive, make_phantom, write_dicom_series, write_nifti
 
-TINY_TRAIN = {"levels": 2, "steps": 2, "width": 8, "patch_size": 16, "batch_size": 4, "iterations": 40,
-              "lr": 2e-3, "warmup_steps": 5, "val_every": 20, "n_val_patches": 8, "checkpoint_every": 20,
+# 60 steps with a checkpoint every 10: the first train job is stopped after its first checkpoint, well before
+# it could finish, and the second submission resumes it (test_ray_jobs)
+TINY_TRAIN = {"levels": 2, "steps": 2, "width": 8, "patch_size": 16, "batch_size": 4, "iterations": 60,
+              "lr": 2e-3, "warmup_steps": 5, "val_every": 30, "n_val_patches": 8, "checkpoint_every": 10,
               "min_lung_fraction": 0.5, "seed": 0}
 # exact ties on purpose: every v_min below one voxel (0.008 cm³) gives the same volumes, so the tie-break decides
+# (two trials per kind: one round of Ray Tune trials on two CPUs)
 TUNE = {"num_samples": 1, "threshold_cm3": [0.0, 1.0e6], "seed": 0, "n_boot": 200,
-        "voxel": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [2.0, 3.0]}, "v_min_cm3": {"grid": [0.0, 0.0001]}},
-        "patch": {"sigma_vox": {"grid": [1.0, 3.0]}, "tau_z": {"grid": [-1.5, -0.5]},
-                  "v_min_cm3": {"grid": [0.0, 0.0001]}}}
+        "voxel": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [2.0]}, "v_min_cm3": {"grid": [0.0, 0.0001]}},
+        "patch": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [-1.0]}, "v_min_cm3": {"grid": [0.0, 0.0001]}}}
 GLOW, AE = "ct3dflow-glow3d-te", "ct3dflow-ae-te"
 AE_ARGS = ("--set", "train.model=ae", "--set", "name=te-ae", "--set", f"mlflow.registered_model={AE}",
            "--set", "scoring.map=patch")  # the paper's AE row: an autoencoder has no flow to map per voxel
@@ -67,18 +73,41 @@ def tonight_archive(folder: Path) -> dict[str, str | None]:
     return truth
 
 
+def train_stopped_then_resumed(env: dict, config: Path, run_dir: Path, run) -> dict:
+    """The CT-3DFlow train job is submitted, stopped (`ray job stop`) once its first checkpoint is on disk, and
+    submitted again with the same name: the second submission resumes it and gives the chain its model."""
+    r = raycli.submit(env, "te-train-glow-stopped", ["python", "jobs/train.py", "--config", str(config)], wait=False)
+    assert r.returncode == 0, r.stderr
+    deadline = time.time() + 400
+    while not (ckpts := sorted(run_dir.glob("checkpoint_*/metrics.json"))):
+        status = raycli.job_status(env, "te-train-glow-stopped")
+        assert status in ("PENDING", "RUNNING"), raycli.job_logs(env, "te-train-glow-stopped")[-3000:]
+        assert time.time() < deadline, "no checkpoint within 400 s"
+        time.sleep(0.2)
+    first_seen = json.loads(ckpts[0].read_text())["step"]
+    time.sleep(1.0)  # let Ray Train register it before the stop
+    raycli.ray_cli(env, "job", "stop", "te-train-glow-stopped", timeout=120)
+    status = raycli.job_status(env, "te-train-glow-stopped")
+    assert status == "STOPPED", f"the first train job was not stopped mid-run ({status}): raise train.iterations"
+    out = {"first_seen": first_seen, "status": status,
+           "on_disk": sorted({json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/metrics.json")}),
+           "first_run_id": (run_dir / "mlflow_run_id").read_text().strip()}
+    out["log"] = run("te-train-glow", "jobs/train.py")
+    return out
+
+
 def run_chain(env: dict, tmp: Path) -> dict:
     df = make_archive(tmp / "archive", n_normal=6, n_abnormal=4, seed=3, splits=(0.5, 0.25, 0.25))
     real = tmp / "archive" / "manifest.parquet"
     tune_manifest, sentinels = sentinel_manifest(real, tmp / "tune_manifest.parquet")
-    broken = add_broken_rows(tune_manifest, tmp / "broken", str(df.study_id.iloc[0]),
-                             str(real.parent / df.path.iloc[0]))
+    dup = df[df.split != "test"].iloc[0]  # a duplicate of a test study would bring the test split back in
+    broken = add_broken_rows(tune_manifest, tmp / "broken", str(dup.study_id), str(real.parent / dup.path))
     work = tmp / "work"
     cfg = {"name": "te-glow", "work_dir": str(work),
            "data": {"manifest": str(tune_manifest), "cache_dir": str(tmp / "cache")},
            "train": TINY_TRAIN, "scoring": {"stride": 8, "batch_size": 32}, "tune": TUNE,
            "ray": {"num_workers": 2, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5, "log_every": 5,
-                   "preprocess_workers": 2, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5},
+                   "preprocess_workers": 1, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5},
            "mlflow": {"experiment": "ct3dflow-te-train", "comparison_experiment": "ct3dflow-te-comparison",
                       "registered_model": GLOW}}
     config = tmp / "cfg.yaml"
@@ -87,34 +116,34 @@ def run_chain(env: dict, tmp: Path) -> dict:
     out: dict = {"tmp": tmp, "work": work, "df": df, "sentinels": sentinels, "statuses": {}, "config": config,
                  "broken": broken}
 
-    def run(sid, script, *extra):
+    timings = out["timings"] = {}
+
+    def run(sid, script, *extra, config=config):
+        t = time.time()
         r = raycli.submit(env, sid, ["python", script, "--config", str(config), *extra])
-        status, log = raycli.job_status(env, sid), r.stdout[-8000:] + r.stderr[-3000:]
+        timings[sid] = round(time.time() - t, 1)
+        status, log = raycli.job_status(env, sid), r.stdout[-12000:] + r.stderr[-3000:]
         out["statuses"][sid] = (status, log)
         assert status == "SUCCEEDED", f"{sid}: {log}"
-        return log
+        return r.stdout
 
-    for sid, script, extra in [("te-train-glow", "jobs/train.py", ()), ("te-train-ae", "jobs/train.py", AE_ARGS),
-                               ("te-tune-glow", "jobs/tune.py", ()), ("te-tune-ae", "jobs/tune.py", AE_ARGS)]:
+    out["resume"] = train_stopped_then_resumed(env, config, work / "ray_results" / "te-glow", run)
+    for sid, script, extra in [("te-train-ae", "jobs/train.py", AE_ARGS), ("te-tune-glow", "jobs/tune.py", ()),
+                               ("te-tune-ae", "jobs/tune.py", AE_ARGS)]:
         run(sid, script, *extra)
     # snapshot before the test split is ever used
     out["after_tune_files"] = [str(p) for p in work.rglob("*")] + [str(p) for p in (tmp / "cache").rglob("*")]
     for sid, extra in [("te-eval-glow", evaluate), ("te-eval-ae", evaluate + AE_ARGS)]:
         run(sid, "jobs/evaluate.py", *extra)
-    # the nightly screening with each champion, following its operating point's map kind
+    # the nightly screening with the CT-3DFlow champion, following its operating point's map kind
     out["tonight"] = tonight_archive(tmp / "tonight")
-    for label, model in (("glow", GLOW), ("ae", AE)):
-        sc = {"name": f"te-screen-{label}", "work_dir": str(tmp / f"screen-{label}"),
-              "data": {"cache_dir": str(tmp / f"screen-{label}" / "cache")},
-              "ray": {"preprocess_workers": 2, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5},
-              "mlflow": {"registered_model": model, "experiment": "ct3dflow-te-screen", "system_metrics": False}}
-        (tmp / f"screen-{label}.yaml").write_text(yaml.safe_dump(sc))
-        r = raycli.submit(env, f"te-screen-{label}", ["python", "jobs/screen.py", "--config",
-                                                       str(tmp / f"screen-{label}.yaml"), "--archive",
-                                                       str(tmp / "tonight")])
-        status = raycli.job_status(env, f"te-screen-{label}")
-        out["statuses"][f"te-screen-{label}"] = (status, r.stdout[-8000:] + r.stderr[-3000:])
-        assert status == "SUCCEEDED", r.stdout[-6000:] + r.stderr[-3000:]
-        out[f"screen_{label}"] = tmp / f"screen-{label}" / "results"
+    sc = {"name": "te-screen-glow", "work_dir": str(tmp / "screen-glow"),
+          "data": {"cache_dir": str(tmp / "screen-glow" / "cache")},
+          "ray": {"preprocess_workers": 1, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5},
+          "mlflow": {"registered_model": GLOW, "experiment": "ct3dflow-te-screen", "system_metrics": False}}
+    (tmp / "screen-glow.yaml").write_text(yaml.safe_dump(sc))
+    run("te-screen-glow", "jobs/screen.py", "--archive", str(tmp / "tonight"), config=tmp / "screen-glow.yaml")
+    out["screen_glow"] = tmp / "screen-glow" / "results"
     out["model_file"] = next((work / "ray_results").glob("te-glow/model.pt"))
+    (tmp / "timings.json").write_text(json.dumps(timings, indent=1))  # seconds per job, to keep the suite short
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -65,10 +66,38 @@ def mlflow_server(platform_env):
         _run("mlflow-server.sh", "stop", platform_env, 60)
 
 
-@pytest.fixture(scope="session")
-def jobs_done(ray_head, mlflow_server, tmp_path_factory):
-    """The platform's chain with `ray job submit`, once per session (tests/chain.py): train → tune → evaluate →
-    screen, CT-3DFlow on the voxel map and the AE on the paper's patch map."""
+def _reads_chain(item) -> bool:
+    return "jobs_done" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules that read the platform chain run last (whole modules, so module fixtures are set up once): the
+    chain's Ray jobs run in the background while the rest of the suite uses the other core."""
+    late = {item.module.__name__ for item in items if _reads_chain(item)}
+    items.sort(key=lambda item: item.module.__name__ in late)  # stable: each group keeps its order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _chain_in_background(request, tmp_path_factory):
+    """Starts the platform chain (tests/chain.py) in a thread at the start of the session when any selected
+    test reads it; ``jobs_done`` waits for it."""
+    if not any(_reads_chain(item) for item in request.session.items):
+        yield None
+        return
     from chain import run_chain
 
-    return run_chain(ray_head, tmp_path_factory.mktemp("chain"))
+    env = request.getfixturevalue("ray_head")
+    request.getfixturevalue("mlflow_server")
+    pool = ThreadPoolExecutor(1, thread_name_prefix="chain")
+    future = pool.submit(run_chain, env, tmp_path_factory.mktemp("chain"))
+    try:
+        yield future
+    finally:
+        pool.shutdown(wait=True)  # never stop the Ray head under a running job
+
+
+@pytest.fixture(scope="session")
+def jobs_done(_chain_in_background):
+    """The platform's chain with `ray job submit`, once per session (tests/chain.py): train (stopped, then
+    resumed) → tune → evaluate → screen, CT-3DFlow on the voxel map and the AE on the paper's patch map."""
+    return _chain_in_background.result()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,27 +25,48 @@ def ray_cli(env, *args, timeout=600, check=True) -> subprocess.CompletedProcess:
 
 
 def submit(env, sid: str, entrypoint: list[str], wait=True, timeout=900) -> subprocess.CompletedProcess:
-    """`ray job submit --working-dir <repo> --submission-id sid -- <entrypoint>`; a freshly started head may
-    not have its job agent yet, so "No available agent" is retried for up to two minutes."""
-    args = ["job", "submit", "--working-dir", str(ROOT), "--submission-id", sid]
-    if not wait:
-        args.append("--no-wait")
+    """`ray job submit --no-wait --working-dir <repo> --submission-id sid -- <entrypoint>`; a freshly started head
+    may not have its job agent yet, so "No available agent" is retried for up to two minutes. With ``wait``
+    the job is followed through the REST API until it ends (`ray job submit` without --no-wait tails the logs
+    and notices the end seconds late), and its logs are returned as stdout; returncode 0 means SUCCEEDED."""
+    args = ["job", "submit", "--no-wait", "--working-dir", str(ROOT), "--submission-id", sid]
     for _ in range(24):
         r = ray_cli(env, *args, "--", *entrypoint, timeout=timeout, check=False)
         if "No available agent" not in r.stderr + r.stdout:
             break
         time.sleep(5)
-    return r
+    if not wait or r.returncode != 0:
+        return r
+    deadline = time.time() + timeout
+    while (status := job_status(env, sid)) not in TERMINAL and time.time() < deadline:
+        time.sleep(0.25)
+    return subprocess.CompletedProcess(r.args, 0 if status == "SUCCEEDED" else 1,
+                                       r.stdout + job_logs(env, sid), r.stderr + f"\njob {sid}: {status}\n")
+
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def _api(env, path: str):
+    """GET from the job server's REST API (what `ray job status|logs` ask, without starting a Python with Ray
+    for every poll), with the head's token."""
+    req = urllib.request.Request(f"{env['RAY_ADDRESS'].rstrip('/')}{path}")
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]) if env.get("RAY_AUTH_TOKEN_PATH") else None
+    if token and token.exists():
+        req.add_header("Authorization", f"Bearer {token.read_text().strip()}")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
 
 
 def job_status(env, sid: str) -> str:
-    code = ("from ray.job_submission import JobSubmissionClient; "
-            f"print(JobSubmissionClient().get_job_status({sid!r}).value)")
-    r = subprocess.run([_bin(env, "python"), "-c", code], env=env, capture_output=True, encoding="utf-8",
-                       errors="replace", timeout=120)
-    return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-2000:]
+    try:
+        return _api(env, f"/api/jobs/{sid}")["status"]
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}: {exc.read()[:500]!r}"
 
 
 def job_logs(env, sid: str) -> str:
-    r = ray_cli(env, "job", "logs", sid, check=False)
-    return r.stdout if r.returncode == 0 else f"(no logs: {r.stderr[-2000:]})"
+    try:
+        return _api(env, f"/api/jobs/{sid}/logs")["logs"]
+    except urllib.error.HTTPError as exc:
+        return f"(no logs: HTTP {exc.code}: {exc.read()[:500]!r})"

@@ -4,33 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import raycli
-import yaml
 from chain import TINY_TRAIN
-from raycli import job_logs, job_status, ray_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
-
-
-def write_config(path: Path, work: Path, manifest: Path, name: str, cache: Path | None = None, **train) -> Path:
-    cfg = {"name": name, "work_dir": str(work),
-           "data": {"manifest": str(manifest), "cache_dir": str(cache or work.parent / "cache")},
-           "train": {**TINY_TRAIN, **train},
-           "ray": {"num_workers": 2, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5,
-                   "log_every": 5},
-           "mlflow": {"experiment": "ct3dflow-test", "registered_model": "ct3dflow-glow3d-test"}}
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def submit(env, sid: str, script: str, config: Path, wait=True):
-    return raycli.submit(env, sid, ["python", script, "--config", str(config)], wait=wait)
 
 
 def test_preprocess_with_broken_studies_gives_one_row_each(jobs_done):
@@ -86,49 +66,25 @@ def test_train_job_submit_logs_and_registers(jobs_done, mlflow_server):
     _registered_model_scores_a_patch(mlflow_server, GLOW, TINY_TRAIN["patch_size"])
 
 
-def test_killed_training_job_resumes_from_checkpoint(ray_head, mlflow_server, jobs_done, tmp_path):
-    """A train job stopped after its first checkpoint, submitted again with the same name: it resumes from a
-    checkpoint the first one wrote, and the MLflow run's history continues (the chain's cache: no preprocessing)."""
+def test_stopped_training_job_resumes_from_checkpoint(jobs_done, mlflow_server):
+    """The chain's CT-3DFlow train job was stopped (`ray job stop`) after its first checkpoint and submitted
+    again with the same name (tests/chain.py): the second resumed from a checkpoint the first wrote, and the
+    MLflow run's history continues in the same run."""
     from mlflow.tracking import MlflowClient
 
-    work = tmp_path / "work"
-    cfg = write_config(tmp_path / "cfg.yaml", work, jobs_done["tmp"] / "tune_manifest.parquet", "resume-test",
-                       cache=jobs_done["tmp"] / "cache", iterations=240, checkpoint_every=20)
-    run_dir = work / "ray_results" / "resume-test"
-    r = submit(ray_head, "test-resume-1", "jobs/train.py", cfg, wait=False)
-    assert r.returncode == 0, r.stderr
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        ckpts = sorted(run_dir.glob("checkpoint_*/metrics.json"))
-        if ckpts:
-            break
-        status = job_status(ray_head, "test-resume-1")
-        assert status in ("PENDING", "RUNNING"), job_logs(ray_head, "test-resume-1")[-3000:]
-        time.sleep(2)
-    else:
-        pytest.fail("no checkpoint within 400 s")
-    first_seen = json.loads(ckpts[0].read_text())["step"]
-    time.sleep(1.5)  # let Ray Train register it before the kill
-    ray_cli(ray_head, "job", "stop", "test-resume-1", timeout=120)
-    assert job_status(ray_head, "test-resume-1") == "STOPPED"
-    on_disk = {json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/metrics.json")}
-    assert 0 < first_seen < 240
-    first_run_id = (run_dir / "mlflow_run_id").read_text().strip()
-
-    r = submit(ray_head, "test-resume-2", "jobs/train.py", cfg)
-    assert job_status(ray_head, "test-resume-2") == "SUCCEEDED", r.stdout[-3000:] + r.stderr[-3000:]
-    logs = job_logs(ray_head, "test-resume-2")
-    m = re.search(r"resumed from checkpoint at step (\d+)", logs)
-    assert m, logs[-3000:]
+    info = jobs_done["resume"]
+    assert info["status"] == "STOPPED" and 0 < info["first_seen"] < TINY_TRAIN["iterations"]
+    m = re.search(r"resumed from checkpoint at step (\d+)", info["log"])
+    assert m, info["log"][-3000:]
     resumed = int(m.group(1))
-    # it continues from a checkpoint the killed job wrote, not from zero
-    assert resumed in on_disk and resumed >= first_seen > 0
-    result = json.loads((run_dir / "train_result.json").read_text())
-    assert result["steps"] == 240 and result["run_id"] == first_run_id
+    # it continues from a checkpoint the stopped job wrote, not from zero
+    assert resumed in info["on_disk"] and resumed >= info["first_seen"] > 0
+    result = json.loads((jobs_done["work"] / "ray_results" / "te-glow" / "train_result.json").read_text())
+    assert result["steps"] == TINY_TRAIN["iterations"] and result["run_id"] == info["first_run_id"]
     client = MlflowClient(mlflow_server)
-    hist = client.get_metric_history(first_run_id, "train_bits_per_dim")
+    hist = client.get_metric_history(info["first_run_id"], "train_bits_per_dim")
     steps = np.array([h.step for h in hist])
     assert steps.min() <= resumed, "the first submission's history is gone"
-    assert steps.max() == 240
-    resumed_hist = [h.value for h in client.get_metric_history(first_run_id, "resumed_from_step")]
+    assert steps.max() == TINY_TRAIN["iterations"]
+    resumed_hist = [h.value for h in client.get_metric_history(info["first_run_id"], "resumed_from_step")]
     assert resumed in resumed_hist

@@ -381,27 +381,6 @@ def test_privacy_no_patient_data_in_results_logs_or_mlflow(hostile, mlflow_serve
     assert run.info.status == "FINISHED" and run.data.metrics["found"] == len(hostile["exp"])
 
 
-@pytest.mark.ray
-@pytest.mark.mlflow
-@pytest.mark.slow
-def test_rerun_with_one_new_study_scores_only_it(hostile, ray_head):
-    work, a = hostile["work"], hostile["archive"]
-    before = parts_of(work)
-    parts = work / "results" / "parts"
-    ok_before = {k for k in before if pd.read_parquet(parts / k).status.iloc[0] == "ok"}
-    write_nifti(make_phantom(21, shape=SHAPE, spacing=SPACING), a / "new" / "late.nii.gz")
-    logs = run_ok(ray_head, "test-screen-rerun", hostile["cfg"], a)
-    s = summary_of(logs)
-    n_ok = sum(1 for v in hostile["exp"].values() if v[0] == "ok")
-    n_err = len(hostile["exp"]) - n_ok
-    assert (s["found"], s["scored"], s["skipped"], s["errors"]) == (len(hostile["exp"]) + 1, 1, n_ok, n_err)
-    df = one_row_per_study(work, len(hostile["exp"]) + 1)
-    assert (df.loc[df.path.str.endswith("late.nii.gz"), "status"] == "ok").all()
-    after = parts_of(work)
-    assert len(ok_before) == n_ok and all(after[k] == before[k] for k in ok_before)  # not rescored
-    assert len(after) == len(before) + 1  # errors rewrite their own part; only the new study adds one
-
-
 def test_manifest_mode_duplicates_and_missing_paths(tmp_path):
     """A manifest as the archive: one row per manifest row, a duplicate id and a missing path are error rows.
     The scoring run of the job in one process (the Ray job distributes the same two stages)."""
@@ -436,10 +415,16 @@ def _fault_archive(d: Path, n: int, seed0: int) -> Path:
     return d
 
 
+def ok_parts(work: Path) -> dict[str, float]:
+    """The parts of studies scored (an error row has a part too)."""
+    parts = work / "results" / "parts"
+    return {k: v for k, v in parts_of(work).items() if pd.read_parquet(parts / k).status.iloc[0] == "ok"}
+
+
 def _wait_parts(env, sid, work, k, timeout=240) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        n = len(parts_of(work)) if (work / "results" / "parts").exists() else 0
+        n = len(ok_parts(work)) if (work / "results" / "parts").exists() else 0
         if n >= k:
             return n
         st = job_status(env, sid)
@@ -453,11 +438,13 @@ def _wait_parts(env, sid, work, k, timeout=240) -> int:
 @pytest.mark.slow
 def test_killed_actor_is_replaced_and_a_stopped_job_resumes(ray_head, mlflow_server, tiny_model, tmp_path):
     """One job: its scoring actor is killed after the first study (Ray starts another and the run goes on),
-    then the job is stopped mid-run. Submitted again, it skips what was done and scores the rest."""
+    then the job is stopped mid-run. The next night one more study has arrived: submitted again, the job skips
+    what was scored, scores the rest and the new study, and gives the broken input its error row again."""
     n = 6
     archive = _fault_archive(tmp_path / "archive", n, 400)
+    (archive / "broken.nii.gz").write_bytes(b"not an image")
     work = tmp_path / "work"
-    cfg = write_config(tmp_path / "screen.yaml", work, mlflow_server, stride=3)
+    cfg = write_config(tmp_path / "screen.yaml", work, mlflow_server, stride=3, preprocess_workers=1)
     sid = "test-screen-faults-1"
     r = submit(ray_head, sid, cfg, archive, model=str(tiny_model["path"]), wait=False)
     assert r.returncode == 0, r.stderr
@@ -473,25 +460,28 @@ def test_killed_actor_is_replaced_and_a_stopped_job_resumes(ray_head, mlflow_ser
     deadline = time.time() + 240
     while time.time() < deadline:  # a new actor takes over and finishes a study
         pids = {int(p) for p in re.findall(r"scoring actor pid (\d+) loaded", job_logs(ray_head, sid))}
-        if len(pids) >= 2 and len(parts_of(work)) > done:
+        if len(pids) >= 2 and len(ok_parts(work)) > done:
             break
         assert job_status(ray_head, sid) in ("PENDING", "RUNNING"), job_logs(ray_head, sid)[-4000:]
-        time.sleep(0.5)
+        time.sleep(0.3)
     else:
         pytest.fail("the killed actor was not replaced")
     ray_cli(ray_head, "job", "stop", sid, timeout=120)
     assert job_status(ray_head, sid) == "STOPPED"
     time.sleep(1)
     before = parts_of(work)
-    assert 2 <= len(before) < n, f"{len(before)} of {n} parts before the stop: the job was not stopped mid-run"
+    ok_before = set(ok_parts(work))
+    assert 2 <= len(ok_before) < n, f"{len(ok_before)} of {n} studies before the stop: not stopped mid-run"
+    write_nifti(make_phantom(21, shape=SHAPE, spacing=SPACING), archive / "new" / "late.nii.gz")
     logs = run_ok(ray_head, "test-screen-faults-2", cfg, archive, model=str(tiny_model["path"]))
     s = summary_of(logs)
-    assert s["skipped"] == len(before) and s["scored"] == n - len(before) and s["errors"] == 0, s
+    assert (s["found"], s["skipped"], s["scored"], s["errors"]) == (n + 2, len(ok_before), n + 1 - len(ok_before), 1), s
     after = parts_of(work)
-    assert len(after) == n and all(after[k] == v for k, v in before.items())  # done studies untouched
-    df = one_row_per_study(work, n)
-    assert (df.status == "ok").all()
-    assert len(re.findall(r"skipped \(already scored\)", logs)) == len(before)
+    assert len(after) == n + 2 and all(after[k] == before[k] for k in ok_before)  # done studies untouched
+    df = one_row_per_study(work, n + 2)
+    assert (df.status == "ok").sum() == n + 1 and (df.loc[df.path.str.endswith("late.nii.gz"), "status"] == "ok").all()
+    assert "cannot read broken.nii.gz" in df.loc[df.path.str.endswith("broken.nii.gz"), "error"].iloc[0]
+    assert len(re.findall(r"skipped \(already scored\)", logs)) == len(ok_before)
 
 
 def test_nightly_scripts_are_valid(tmp_path):

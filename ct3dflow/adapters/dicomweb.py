@@ -100,7 +100,9 @@ class DicomWebSource:
         return {"url": self.url, "username": self.username, "password": self.password,
                 "lookback_days": self.lookback_days, "timeout_s": self.timeout_s}
 
-    def client(self):
+    def client(self, retry: bool = True):
+        """A DICOMweb client; ``retry`` keeps dicomweb-client's back-off (five attempts over ~30 s), which rides out
+        a PACS restart during the night's retrievals but would only delay a start-up check."""
         import requests
         from dicomweb_client.api import DICOMwebClient
 
@@ -109,6 +111,8 @@ class DicomWebSource:
             session.auth = (self.username, self.password or "")
         client = DICOMwebClient(self.url, session=session)
         client._session.request = _with_timeout(client._session.request, self.timeout_s)
+        if not retry:
+            client.set_http_retry_params(retry=False)
         return client
 
     # ------------------------------------------------------------------------------------ queries
@@ -117,7 +121,7 @@ class DicomWebSource:
         import requests
 
         try:
-            self.client().search_for_studies(limit=1)
+            self.client(retry=False).search_for_studies(limit=1)  # "at once": an unusable PACS is not retried
         except requests.exceptions.ConnectionError as exc:
             raise PacsError(f"cannot reach the PACS at {self.url} ({type(exc).__name__}): check the URL and that the "
                             "DICOMweb server is running and reachable from the Ray head") from None
@@ -192,8 +196,9 @@ def study_id_of(study_uid: str) -> str:
 
 
 def fingerprint(series: list[dict]) -> str:
-    """What makes a study's input: its series and their instance counts (a changed study is screened again)."""
-    parts = sorted(f"{_v(s, SERIES_UID)}:{_v(s, MODALITY)}:{_v(s, N_SERIES_INSTANCES)}" for s in series)
+    """What makes a study's input: its CT series and their instance counts (a changed study is screened again).
+    Other series do not count: the SR and SEG this job stores into the study must not make it "changed"."""
+    parts = sorted(f"{_v(s, SERIES_UID)}:{_v(s, N_SERIES_INSTANCES)}" for s in series if _v(s, MODALITY) == "CT")
     return _hash(*parts, n=32)
 
 
