@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo
 
-# the detection recipe of docs/RESULTS.md at full length (≈ 14 min of training on 2 cores instead of ≈ 4)
+# the detection recipe of docs/RESULTS.md at full length (≈ 32 min of Ray Train on 2 Intel cores instead of ≈ 5)
 demo-full: venv
 	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo-full --set train.iterations=2700 \
 	  --set train.val_every=900 --set train.checkpoint_every=900

@@ -12,3 +12,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def write_docs_section(section: str, text: str, doc: Path) -> None:
+    """Replace this benchmark's own section of docs/BENCHMARKS.md (up to the next "## " heading), or append it."""
+    old = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+    if section in old:
+        head, rest = old.split(section, 1)
+        nxt = rest.find("\n## ")
+        old = head.rstrip("\n") + "\n\n" + (rest[nxt + 1:] if nxt >= 0 else "")
+    doc.write_text(old.rstrip("\n") + "\n\n" + text, encoding="utf-8")

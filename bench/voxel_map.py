@@ -32,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_model
+from _machine import cpu_model, write_docs_section
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -125,13 +125,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if a.write_docs:
-        doc = ROOT / "docs" / "BENCHMARKS.md"
-        old = doc.read_text(encoding="utf-8")
-        if SECTION in old:
-            head, rest = old.split(SECTION, 1)
-            nxt = rest.find("\n## ")
-            old = head.rstrip("\n") + "\n\n" + (rest[nxt + 1:] if nxt >= 0 else "")
-        doc.write_text(old.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+        write_docs_section(SECTION, text, ROOT / "docs" / "BENCHMARKS.md")
 
 
 if __name__ == "__main__":

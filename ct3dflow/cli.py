@@ -191,6 +191,14 @@ def cmd_evaluate(a) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+
+
+def _study_args(s) -> None:
+    """The manifest and the preprocessed-study cache, which every per-study command reads."""
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--cache", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .detect import MAP_KINDS
 
@@ -214,8 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train-local", help="train the flow in this process (no Ray)")
     s.add_argument("--config", required=True)
-    s.add_argument("--manifest", required=True)
-    s.add_argument("--cache", required=True)
+    _study_args(s)
     s.add_argument("--out", required=True)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -223,8 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score-local", help="score studies with a map kind (and, with an operating point, decide)")
     s.add_argument("--model", required=True, help="model.pt written by train-local")
-    s.add_argument("--manifest", required=True)
-    s.add_argument("--cache", required=True)
+    _study_args(s)
     s.add_argument("--out", required=True, help="results folder (results.parquet, parts/, maps/)")
     s.add_argument("--config", help="job configuration whose `preprocess` section the cache was made with")
     s.add_argument("--split", nargs="*", help="only these splits (default: all)")
@@ -241,8 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_score_local)
 
     s = sub.add_parser("tune-local", help="choose the operating point on the validation split (grid search)")
-    s.add_argument("--manifest", required=True)
-    s.add_argument("--cache", required=True)
+    _study_args(s)
     s.add_argument("--results", required=True, help="results.parquet of score-local over the val split")
     s.add_argument("--out", required=True, help="operating_point.json to write")
     s.add_argument("--sigma", type=float, nargs="+", help="σ grid in voxels (default: the map kind's)")
@@ -254,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_tune_local)
 
     s = sub.add_parser("evaluate", help="patient-level metrics on the test split (Table 1 form)")
-    s.add_argument("--manifest", required=True)
-    s.add_argument("--cache", required=True)
+    _study_args(s)
     s.add_argument("--results", required=True)
     s.add_argument("--operating-point", required=True)
     s.add_argument("--split", default="test")

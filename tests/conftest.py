@@ -3,6 +3,7 @@ project's own platform scripts (bound to 127.0.0.1) and stopped again, also when
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -44,26 +45,28 @@ def _run(script: str, action: str, env: dict, timeout: int) -> subprocess.Comple
                           timeout=timeout)
 
 
-@pytest.fixture(scope="session")
-def ray_head(platform_env):
-    r = _run("ray-head.sh", "start", platform_env, 240)
+@contextlib.contextmanager
+def _service(script: str, env: dict, start_timeout: int, stop_timeout: int):
+    """Start a platform service with its own script and stop it again, also when a test fails."""
+    r = _run(script, "start", env, start_timeout)
     try:
         if r.returncode != 0:
-            pytest.fail(f"could not start the Ray head:\n{r.stdout}\n{r.stderr}")
-        yield platform_env
+            pytest.fail(f"could not start {script}:\n{r.stdout}\n{r.stderr}")
+        yield
     finally:
-        _run("ray-head.sh", "stop", platform_env, 120)
+        _run(script, "stop", env, stop_timeout)
+
+
+@pytest.fixture(scope="session")
+def ray_head(platform_env):
+    with _service("ray-head.sh", platform_env, 240, 120):
+        yield platform_env
 
 
 @pytest.fixture(scope="session")
 def mlflow_server(platform_env):
-    r = _run("mlflow-server.sh", "start", platform_env, 300)
-    try:
-        if r.returncode != 0:
-            pytest.fail(f"could not start the MLflow server:\n{r.stdout}\n{r.stderr}")
+    with _service("mlflow-server.sh", platform_env, 300, 60):
         yield platform_env["MLFLOW_TRACKING_URI"]
-    finally:
-        _run("mlflow-server.sh", "stop", platform_env, 60)
 
 
 def _reads_chain(item) -> bool:

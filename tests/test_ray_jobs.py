@@ -88,3 +88,15 @@ def test_stopped_training_job_resumes_from_checkpoint(jobs_done, mlflow_server):
     assert steps.max() == TINY_TRAIN["iterations"]
     resumed_hist = [h.value for h in client.get_metric_history(info["first_run_id"], "resumed_from_step")]
     assert resumed in resumed_hist
+
+
+def test_training_that_leaves_ray_data_no_whole_cpu_is_refused_with_the_fix():
+    """Ray Data gets only whole CPUs of what the trainers leave: 1.5 of 2 CPUs for one trainer used to hang
+    the demo's training after its first patches (the sampler never ran again)."""
+    from ct3dflow.adapters.ray_train import check_cpus_left_for_data, cpus_left_for_data
+
+    assert cpus_left_for_data(2, 1, 1.5) == 0 and cpus_left_for_data(2, 1, 1.0) == 1
+    assert cpus_left_for_data(2, 2, 0.5) == 1 and cpus_left_for_data(16, 2, 7.5) == 1
+    with pytest.raises(ValueError, match=r"cpus_per_worker=1.5 leaves 0.5 .*Lower ray.cpus_per_worker"):
+        check_cpus_left_for_data(2, 1, 1.5)
+    check_cpus_left_for_data(2, 1, 1.0)

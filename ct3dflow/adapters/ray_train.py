@@ -9,6 +9,7 @@ rank 0 alone logs metrics to it, with the global step, so a resumed run's histor
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -99,14 +100,35 @@ def train_loop_per_worker(config: dict) -> None:
                            "raise the number of sampled patches")
 
 
+def cpus_left_for_data(cluster_cpus: float, num_workers: int, cpus_per_worker: float) -> int:
+    """Whole CPUs Ray Data may use beside the trainers. Ray 2.60's autoscaling coordinator gives Ray Data only
+    whole CPUs of what Train leaves (``amount // n``: 0.5 left is 0), and a patch sampler with no CPU never runs
+    while the trainer waits for its patches. Per node on a real cluster; this is the single-node bound."""
+    return int(math.floor(cluster_cpus - num_workers * cpus_per_worker + 1e-9))
+
+
+def check_cpus_left_for_data(cluster_cpus: float, num_workers: int, cpus_per_worker: float) -> None:
+    left = cpus_left_for_data(cluster_cpus, num_workers, cpus_per_worker)
+    if left < 1:
+        raise ValueError(
+            f"ray.num_workers={num_workers} × ray.cpus_per_worker={cpus_per_worker:g} leaves "
+            f"{cluster_cpus - num_workers * cpus_per_worker:g} of the cluster's {cluster_cpus:g} CPUs, and Ray Data "
+            "is given only whole CPUs: the patch sampler would never run and training would hang. Lower "
+            "ray.cpus_per_worker (ray.torch_threads sets the threads) so that at least one whole CPU is left.")
+
+
 def fit(job_cfg, train_ds, init_patches: str, val_patches: str | None, mlflow_run_id: str | None,
         mlflow_tracking_uri: str | None, storage_path: str, run_name: str):
     """Run (or resume) TorchTrainer; returns the Ray Train ``Result``."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     r = job_cfg.ray
     use_gpu = bool(r.get("use_gpu"))
+    if not use_gpu:
+        check_cpus_left_for_data(float(ray.cluster_resources().get("CPU", 0)), int(r.get("num_workers", 1)),
+                                 float(r.get("cpus_per_worker", 1)))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

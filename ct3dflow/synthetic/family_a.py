@@ -128,10 +128,7 @@ def mediastinum(rng, g: Grid, hu, t) -> None:
     heart_c = np.array([cx0 + rng.uniform(0.08, 0.22) * ai, cy0 - rng.uniform(0.1, 0.3) * bi,
                         g.z1[0] + rng.uniform(0.15, 0.3) * fz])
     heart_r = np.array([rng.uniform(0.36, 0.46) * ai, rng.uniform(0.45, 0.6) * bi, rng.uniform(0.22, 0.3) * fz])
-    hbox = g.box(heart_c - heart_r - 4, heart_c + heart_r + 4)
-    hZ, hY, hX = g.coords(hbox)
-    hq = np.sqrt(((hX - heart_c[0]) / heart_r[0]) ** 2 + ((hY - heart_c[1]) / heart_r[1]) ** 2
-                 + ((hZ - heart_c[2]) / heart_r[2]) ** 2)
+    hbox, hq = g.ellipsoid(heart_c, heart_r)
     heart = np.zeros(g.shape, dtype=bool)
     heart[hbox] = hq <= 1.0
     peri = np.zeros(g.shape, dtype=bool)

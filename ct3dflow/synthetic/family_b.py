@@ -65,10 +65,7 @@ def mediastinum(rng, g: Grid, hu, t) -> None:
     heart_c = np.array([t.cx0 + rng.uniform(0.18, 0.3) * t.ai, t.cy0 - rng.uniform(0.05, 0.2) * t.bi,
                         g.z1[0] + rng.uniform(0.12, 0.25) * t.fz])
     heart_r = np.array([rng.uniform(0.45, 0.55) * t.ai, rng.uniform(0.55, 0.7) * t.bi, rng.uniform(0.25, 0.33) * t.fz])
-    hbox = g.box(heart_c - heart_r - 4, heart_c + heart_r + 4)
-    hZ, hY, hX = g.coords(hbox)
-    hq = np.sqrt(((hX - heart_c[0]) / heart_r[0]) ** 2 + ((hY - heart_c[1]) / heart_r[1]) ** 2
-                 + ((hZ - heart_c[2]) / heart_r[2]) ** 2)
+    hbox, hq = g.ellipsoid(heart_c, heart_r)
     heart = np.zeros(g.shape, dtype=bool)
     heart[hbox] = hq <= 1.0
     hu[heart & t.cavity2[None]] = rng.uniform(35, 55)

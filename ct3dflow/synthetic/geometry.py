@@ -42,6 +42,13 @@ class Grid:
         zs, ys, xs = box
         return self.Z[zs], self.Y[:, ys], self.X[:, :, xs]
 
+    def ellipsoid(self, c, r, pad: float = 4.0):
+        """The box around the ellipsoid of centre ``c`` and radii ``r`` (mm, (x, y, z)) plus ``pad`` mm, and the
+        normalised radius q of every voxel in it (q ≤ 1: inside)."""
+        box = self.box(c - r - pad, c + r + pad)
+        Z, Y, X = self.coords(box)
+        return box, np.sqrt(((X - c[0]) / r[0]) ** 2 + ((Y - c[1]) / r[1]) ** 2 + ((Z - c[2]) / r[2]) ** 2)
+
     def point_index(self, p):
         """(z, y, x) index of the voxel nearest to mm point p = (x, y, z), or None when outside."""
         idx = []
