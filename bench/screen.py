@@ -43,7 +43,7 @@ DETECTION_MODEL = ROOT / "work" / "experiments" / "detection" / "model" / "model
 SECTION = "## Archive screening on realistic studies (`bench/screen.py`)"
 
 
-def make_inputs(d: Path, n: int, model_path: Path | None) -> tuple[Path, Path, str, dict]:
+def make_inputs(d: Path, n: int, model_path: Path | None, small: bool = False) -> tuple[Path, Path, str, dict]:
     """The archive (n DICOM studies, 2 of every 3 abnormal), the model and an operating point for it."""
     import torch
 
@@ -57,8 +57,9 @@ def make_inputs(d: Path, n: int, model_path: Path | None) -> tuple[Path, Path, s
     t0 = time.time()
     for i in range(n):
         kind = None if i % 3 == 0 else PATHOLOGIES[i % len(PATHOLOGIES)]
-        write_dicom_series(make_phantom(7000 + i, kind, shape=SHAPE, spacing=SPACING), arch / f"study{i:02d}")
-    print(f"archive: {n} DICOM series of {SHAPE[2]}×{SHAPE[1]}×{SHAPE[0]} in {time.time() - t0:.0f} s", flush=True)
+        size = {"size": "small"} if small else {"shape": SHAPE, "spacing": SPACING}
+        write_dicom_series(make_phantom(7000 + i, kind, **size), arch / f"study{i:02d}")
+    print(f"archive: {n} DICOM series in {time.time() - t0:.0f} s", flush=True)
     if model_path and model_path.exists():
         shutil.copy(model_path, d / "model.pt")
         which = f"the detection model ({model_path})"
@@ -226,13 +227,14 @@ def main() -> None:
     ap.add_argument("--strides", type=int, nargs="+", default=[12, 6])
     ap.add_argument("--pacs", action="store_true", help="also the PACS path (needs Orthanc + its DICOMweb plugin)")
     ap.add_argument("--skip-alone", action="store_true", help="no scoring-alone and sequential rows")
+    ap.add_argument("--small", action="store_true", help="the tests' small phantoms instead of realistic studies")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     started = datetime.now().isoformat(timespec="seconds")
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="ct3dflow-bench-screen-") as tmp:
         d = Path(tmp)
-        arch, model_path, which, info = make_inputs(d, args.studies, Path(args.model))
+        arch, model_path, which, info = make_inputs(d, args.studies, Path(args.model), args.small)
         alone = [] if args.skip_alone else run_scoring_alone(d, arch, model_path, args.strides)
         seq = [] if args.skip_alone else [run_sequential(d, arch, model_path, t) for t in (1, 2)]
         ray_rows = [run_ray_child(d, arch, model_path, n) for n in ((2,) if args.skip_alone else (1, 2))]
@@ -242,15 +244,16 @@ def main() -> None:
             ray_rows.append(pacs_row)
     best = min(r["seconds"] for r in seq or ray_rows[:1])
     baseline = "the best sequential loop" if seq else "the folder Ray job"
+    source = "the small test phantoms" if args.small else \
+        f"{SHAPE[2]} × {SHAPE[1]} × {SHAPE[0]} voxels ({SPACING[0]} × {SPACING[1]} × {SPACING[2]} mm)"
     lines = [
         SECTION, "",
         f"- date: {started}; CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); Python {_platform.python_version()}",
         f"- command: `python bench/screen.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
         f"- load average (1, 5, 15 min) before: {load_before}; after: {load_average()}",
-        f"- input: {args.studies} phantom chest CTs as DICOM series of {SHAPE[2]} × {SHAPE[1]} × {SHAPE[0]} voxels "
-        f"({SPACING[0]} × {SPACING[1]} × {SPACING[2]} mm), {info['grid'][2]} × {info['grid'][1]} × "
-        f"{info['grid'][0]} on the 2 mm grid, {info['windows']} windows of 24³ at stride {args.strides[0]}; "
-        f"model: {which}",
+        f"- input: {args.studies} phantom chest CTs as DICOM series of {source}, {info['grid'][2]} × "
+        f"{info['grid'][1]} × {info['grid'][0]} on the 2 mm grid, {info['windows']} windows of 24³ at stride "
+        f"{args.strides[0]}; model: {which}",
     ]
     if alone:
         lines += ["", "| mode | studies | s per study | windows per study |", "|---|---|---|---|"]
