@@ -160,7 +160,7 @@ ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 cfg = load_config({str(ROOT / "configs" / "screen.yaml")!r}, {{
     "work_dir": {str(work)!r}, "data": {{"cache_dir": {str(work / "cache")!r}}},
     "operating_point": json.load(open({str(d / "op.json")!r})),
-    "ray": {{"preprocess_workers": 2, "scoring_actors": {actors}, "preprocess_cpus": 1, "scoring_cpus": 1}},
+    "ray": {{"preprocess_workers": 2, "scoring_actors": {actors}, "preprocess_cpus": 0.5, "scoring_cpus": 0.5}},
     "mlflow": {{"tracking_uri": db, "system_metrics": False}}, "source": {source or {}!r}}})
 t0 = time.time()
 s = screen_job(cfg, {str(arch)!r}, model={str(model_path)!r})
