@@ -108,11 +108,11 @@ def cpus_left_for_data(cluster_cpus: float, num_workers: int, cpus_per_worker: f
 
 
 def check_cpus_left_for_data(cluster_cpus: float, num_workers: int, cpus_per_worker: float) -> None:
-    left = cpus_left_for_data(cluster_cpus, num_workers, cpus_per_worker)
-    if left < 1:
+    if cpus_left_for_data(cluster_cpus, num_workers, cpus_per_worker) < 1:
+        left = cluster_cpus - num_workers * cpus_per_worker
         raise ValueError(
             f"ray.num_workers={num_workers} × ray.cpus_per_worker={cpus_per_worker:g} leaves "
-            f"{cluster_cpus - num_workers * cpus_per_worker:g} of the cluster's {cluster_cpus:g} CPUs, and Ray Data "
+            f"{left:g} of the cluster's {cluster_cpus:g} CPUs, and Ray Data "
             "is given only whole CPUs: the patch sampler would never run and training would hang. Lower "
             "ray.cpus_per_worker (ray.torch_threads sets the threads) so that at least one whole CPU is left.")
 
