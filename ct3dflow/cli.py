@@ -157,7 +157,7 @@ def cmd_tune_local(a) -> int:
     studies = load_scored_studies(kind, _split_rows(a.manifest, "val"), results, a.cache)
     given = {k: v for k, v in {"sigma_vox": a.sigma, "tau_z": a.tau, "v_min_cm3": a.v_min}.items() if v}
     rule = threshold_rule("specificity" if a.target_specificity else "best_f1", a.target_specificity)
-    op, trials = grid_search(kind, studies, given, rule)
+    op, trials = grid_search(kind, studies, given, rule, folds=a.reference_folds)
     op.save(a.out)
     v = op.validation
     print(f"{len(trials)} trials on {len(studies)} validation studies ({v['n_abnormal']} abnormal); validation "
@@ -201,6 +201,7 @@ def _study_args(s) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .detect import MAP_KINDS
+    from .detect.search import DEFAULT_REFERENCE_FOLDS
 
     p = argparse.ArgumentParser(prog="ct3dflow", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--v-min", type=float, nargs="+", help="v_min grid in cm³")
     s.add_argument("--target-specificity", type=float, default=None,
                    help="choose T as the lowest with at least this validation specificity (default: best F1)")
+    s.add_argument("--reference-folds", type=int, default=DEFAULT_REFERENCE_FOLDS,
+                   help="cross-fit the healthy reference over this many folds of the validation normals, so no "
+                        "normal is judged by a reference fitted on it (default %(default)s; 1: in-sample)")
     s.set_defaults(fn=cmd_tune_local)
 
     s = sub.add_parser("evaluate", help="patient-level metrics on the test split (Table 1 form)")

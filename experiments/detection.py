@@ -43,7 +43,7 @@ from ct3dflow.detect.batch import ScoringPlan, entries_of_rows, score_locally  #
 from ct3dflow.detect.evaluate import evaluate  # noqa: E402
 from ct3dflow.detect.outputs import write_json  # noqa: E402
 from ct3dflow.detect.row import load_scored_studies, write_outputs_of  # noqa: E402
-from ct3dflow.detect.search import grid_search, threshold_rule  # noqa: E402
+from ct3dflow.detect.search import DEFAULT_REFERENCE_FOLDS, grid_search, threshold_rule  # noqa: E402
 from ct3dflow.metrics import bootstrap_ci, patient_metrics  # noqa: E402
 from ct3dflow.pipeline import cached_patches, manifest_rows  # noqa: E402
 from ct3dflow.preprocess import PreprocessConfig  # noqa: E402
@@ -264,7 +264,7 @@ def stage_kind(a, kind_name: str, rows, cache: Path, model_path: Path, out: Path
         sdir = out / f"{kind.name}-stride{stride}"
         res = score_split(a, kind, stride, rows, cache, model_path, model, sdir, "val")
         val = load_scored_studies(kind, val_rows, res, cache)
-        op, trials = grid_search(kind, val, space, rule)
+        op, trials = grid_search(kind, val, space, rule, folds=a.reference_folds)
         trials.to_csv(sdir / "trials.csv", index=False)
         op.save(sdir / "operating_point.json")
         log(f"tune [{kind.name}, stride {stride}]: {len(trials)} trials on {len(val)} val studies; val AUROC "
@@ -340,6 +340,8 @@ def parse_args(argv=None):
     p.add_argument("--patch-sigma", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     p.add_argument("--patch-tau", type=float, nargs="+", default=[-3.0, -2.5, -2.0, -1.5, -1.0, -0.5])
     p.add_argument("--v-min", type=float, nargs="+", default=[0.0, 1.0, 5.0])
+    p.add_argument("--reference-folds", type=int, default=DEFAULT_REFERENCE_FOLDS,
+                   help="cross-fitting folds of the healthy reference in the validation search (1: in-sample)")
     p.add_argument("--target-specificity", type=float, default=None,
                    help="choose T for this validation specificity instead of the best F1")
     p.add_argument("--device", default="cpu", help="torch device for training and scoring (cpu, cuda)")

@@ -14,9 +14,12 @@ candidate healthy reference is searched on **validation only**:
 * ``anatomy-quantile`` — the same bands, quantile-calibrated (the ``anatomy`` map kind).
 
 The candidate with the best validation objective (AUROC + 1e-3·F1; ties: the simpler, earlier one) is tested
-once, with T by best validation F1 and with T for a validation specificity of 0.9; the old default
-(``depth``) is tested beside it for comparison. The reference is always fitted on the healthy validation
-studies of the family screened (the hospital's own normals), never on test studies. Writes
+once, with T by best validation F1 and with T for a validation specificity of 0.9; the others are tested
+beside it for the record (the choice never sees them). The search cross-fits each reference
+(``--reference-folds``, :mod:`ct3dflow.detect.search`): a validation normal is judged by a reference fitted on
+the other folds' normals, so a reference that bends to its own normals no longer wins by it; the in-sample
+validation AUROC is recorded beside it. The stored reference is fitted on all healthy validation studies of
+the family screened (the hospital's own normals), never on test studies. Writes
 ``<out>/transfer.json`` and ``<out>/transfer.md``, and previews of the test studies each direction gets wrong.
 """
 
@@ -39,7 +42,7 @@ from ct3dflow.detect.batch import ScoringPlan, entries_of_rows, score_locally  #
 from ct3dflow.detect.evaluate import evaluate  # noqa: E402
 from ct3dflow.detect.outputs import write_json  # noqa: E402
 from ct3dflow.detect.row import load_scored_studies, write_outputs_of  # noqa: E402
-from ct3dflow.detect.search import grid_search, threshold_rule  # noqa: E402
+from ct3dflow.detect.search import DEFAULT_REFERENCE_FOLDS, grid_search, threshold_rule  # noqa: E402
 from ct3dflow.pipeline import manifest_rows  # noqa: E402
 from ct3dflow.preprocess import PreprocessConfig  # noqa: E402
 
@@ -93,29 +96,31 @@ def direction(name: str, model_file: Path, data_run: Path, out: Path, a) -> dict
     voxel = get_kind("voxel")
     val = load_scored_studies(voxel, [r for r in rows if r["split"] == "val"], res["val"], cache)
     test = load_scored_studies(voxel, [r for r in rows if r["split"] == "test"], res["test"], cache)
-    record = {"validation": {}, "test": {}}
+    record = {"reference_folds": a.reference_folds, "validation": {}, "in_sample_validation": {}, "test": {},
+              "operating_points": {}}
     best = None
-    for cname, kind in CANDIDATES.items():  # validation only
+    for cname, kind in CANDIDATES.items():  # chosen on validation only, cross-fitted
         t = time.time()
-        op, trials = grid_search(kind, val, SPACE)
+        op, trials = grid_search(kind, val, SPACE, folds=a.reference_folds)
         obj = float(trials.iloc[0]["objective"])
-        vols = [kind.decide(s.score, s.permissive, s.spacing, op)[0] for s in val if s.label == 0]
         record["validation"][cname] = {**op.validation, "objective": obj, "params": op.params,
-                                       "threshold_cm3": op.threshold_cm3,
-                                       "normal_volume_median_cm3": float(np.median(vols))}
-        log(f"  val [{cname}]: AUROC {op.validation['auroc']:.3f} F1 {op.validation['f1']:.3f}, normal volume median "
-            f"{np.median(vols):.1f} cm³ ({time.time() - t:.0f} s) — {op.describe()}")
+                                       "threshold_cm3": op.threshold_cm3}
+        ins, _ = grid_search(kind, val, SPACE, folds=1)  # for the record: what the in-sample search believed
+        record["in_sample_validation"][cname] = {**ins.validation, "params": ins.params}
+        op90, _ = grid_search(kind, val, {k: [op.params[k]] for k in SPACE}, threshold_rule("specificity", 0.9),
+                              folds=a.reference_folds)
+        record["test"][cname] = {"best F1": summarise(evaluate(kind, op, test, n_boot=2000)),
+                                 "specificity 0.9": summarise(evaluate(kind, op90, test, n_boot=2000))}
+        record["operating_points"][cname] = op.to_dict()
+        v, tt = op.validation, record["test"][cname]["best F1"]
+        log(f"  [{cname}] val AUROC {v['auroc']:.3f} cross-fitted ({ins.validation['auroc']:.3f} in-sample), normal "
+            f"volume median {v['normal_volume_median_cm3']:.1f} cm³; test AUROC {tt['auroc']:.3f} "
+            f"({time.time() - t:.0f} s) — {op.describe()}")
         if best is None or obj > best[0] + 1e-9:
             best = (obj, cname, op)
     _, chosen, op = best
     kind = CANDIDATES[chosen]
     record["chosen"] = chosen
-    op90, _ = grid_search(kind, val, {k: [op.params[k]] for k in SPACE}, threshold_rule("specificity", 0.9))
-    for label, k, o in (("chosen, best F1", kind, op), ("chosen, specificity 0.9", kind, op90)):
-        record["test"][label] = summarise(evaluate(k, o, test, n_boot=2000))
-    if chosen != "depth":
-        dop, _ = grid_search(voxel, val, SPACE)
-        record["test"]["depth (before), best F1"] = summarise(evaluate(voxel, dop, test, n_boot=2000))
     # previews of what the chosen point gets wrong on test
     c = StudyCache(cache)
     wrong = []
@@ -128,38 +133,31 @@ def direction(name: str, model_file: Path, data_run: Path, out: Path, a) -> dict
                              out / name / "wrong" / s.study_id)
             wrong.append({"study_id": s.study_id, "truth": s.pathology or "normal", "volume_cm3": vol})
     record["wrong"] = wrong
-    record["operating_point"] = op.to_dict()
-    t1 = record["test"]["chosen, best F1"]
-    log(f"  test [{chosen}]: AUROC {t1['auroc']:.3f} {t1['auroc_ci']}, specificity {t1['specificity']:.3f}, normal "
-        f"volume median {t1['normal_volume_median_cm3']:.1f} cm³; per kind {t1['per_kind_auroc']}")
+    t1 = record["test"][chosen]["best F1"]
+    log(f"  test [{chosen}, chosen]: AUROC {t1['auroc']:.3f} {t1['auroc_ci']}, specificity {t1['specificity']:.3f}, "
+        f"normal volume median {t1['normal_volume_median_cm3']:.1f} cm³; per kind {t1['per_kind_auroc']}")
     return record
 
 
 def markdown(results: dict) -> str:
-    lines = ["| direction | reference (chosen on validation) | val AUROC | test AUROC (95 % CI) | "
-             "per kind (test AUROC) | normal test studies: median abnormal volume | specificity at best-F1 T | "
+    lines = ["| direction | reference | val AUROC: cross-fitted (in-sample) | val normals: median volume | "
+             "**test AUROC (95 % CI)** | test normals: median volume | specificity at best-F1 T | "
              "at the spec-0.9 T: specificity / sensitivity |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        t, t90 = r["test"]["chosen, best F1"], r["test"]["chosen, specificity 0.9"]
-        kinds = ", ".join(f"{k} {v:.2f}" for k, v in t["per_kind_auroc"].items())
-        lo, hi = t["auroc_ci"]
-        lines.append(f"| {name} | {r['chosen']} | {r['validation'][r['chosen']]['auroc']:.3f} | {t['auroc']:.3f} "
-                     f"({lo:.2f}–{hi:.2f}) | {kinds} | {t['normal_volume_median_cm3']:.1f} cm³ | "
-                     f"{t['specificity']:.3f} | {t90['specificity']:.3f} / {t90['sensitivity']:.3f} |")
-        if "depth (before), best F1" in r["test"]:
-            d = r["test"]["depth (before), best F1"]
-            lo, hi = d["auroc_ci"]
-            kinds = ", ".join(f"{k} {v:.2f}" for k, v in d["per_kind_auroc"].items())
-            lines.append(f"| {name} | depth (before) | {r['validation']['depth']['auroc']:.3f} | {d['auroc']:.3f} "
-                         f"({lo:.2f}–{hi:.2f}) | {kinds} | {d['normal_volume_median_cm3']:.1f} cm³ | "
-                         f"{d['specificity']:.3f} | — |")
-    lines += ["", "Validation, every candidate (AUROC / F1 / median abnormal volume of the normal validation "
-              "studies):", "",
-              "| direction | " + " | ".join(CANDIDATES) + " |", "|---|" + "---|" * len(CANDIDATES)]
+        for cname in CANDIDATES:
+            v, ins = r["validation"][cname], r["in_sample_validation"][cname]
+            t, t90 = r["test"][cname]["best F1"], r["test"][cname]["specificity 0.9"]
+            lo, hi = t["auroc_ci"]
+            mark = " (chosen)" if cname == r["chosen"] else ""
+            lines.append(f"| {name} | {cname}{mark} | {v['auroc']:.3f} ({ins['auroc']:.3f}) | "
+                         f"{v['normal_volume_median_cm3']:.1f} cm³ | {t['auroc']:.3f} ({lo:.2f}–{hi:.2f}) | "
+                         f"{t['normal_volume_median_cm3']:.1f} cm³ | {t['specificity']:.3f} | "
+                         f"{t90['specificity']:.3f} / {t90['sensitivity']:.3f} |")
+    lines += ["", "Per kind, the chosen reference (test AUROC / sensitivity at the best-F1 T):", ""]
     for name, r in results.items():
-        cells = [f"{v['auroc']:.3f} / {v['f1']:.3f} / {v['normal_volume_median_cm3']:.1f} cm³"
-                 for v in r["validation"].values()]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        t = r["test"][r["chosen"]]["best F1"]
+        kinds = ", ".join(f"{k} {v:.2f} / {t['per_kind_sensitivity'][k]:.2f}" for k, v in t["per_kind_auroc"].items())
+        lines.append(f"- {name} ({r['chosen']}): {kinds}")
     return "\n".join(lines) + "\n"
 
 
@@ -172,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--b-model", default=None, help="model file of B (default <b>/model/model.pt)")
     p.add_argument("--stride", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reference-folds", type=int, default=DEFAULT_REFERENCE_FOLDS,
+                   help="cross-fitting folds of the healthy reference in the validation search (1: in-sample)")
     p.add_argument("--directions", nargs="+", default=["A->A", "A->B", "B->B", "B->A"])
     a = p.parse_args(argv)
     np.seterr(all="ignore")

@@ -12,7 +12,16 @@ from scipy import ndimage
 from ct3dflow.detect import OperatingPoint, get_kind
 from ct3dflow.detect.evaluate import evaluate
 from ct3dflow.detect.patch_map import PatchScores
-from ct3dflow.detect.search import ScoredStudy, best_trial, check_studies, grid_search, threshold_rule
+from ct3dflow.detect.decision import abnormal_region
+from ct3dflow.detect.search import (
+    ScoredStudy,
+    best_trial,
+    check_studies,
+    grid_search,
+    reference_folds,
+    threshold_rule,
+    trial_volumes,
+)
 from ct3dflow.detect.voxel_map import DepthReference, VoxelScore, smooth_in_mask
 from ct3dflow.metrics import choose_threshold
 
@@ -60,6 +69,46 @@ def test_voxel_search_separates_and_generalises():
     assert ev["metrics"]["accuracy"] == 1.0 and ev["operating_point"] == op.to_dict()
     with pytest.raises(ValueError, match="cannot evaluate patch-map scores"):
         evaluate(PATCH, again, fresh)
+
+
+def test_reference_folds_are_dealt_by_study_id_per_class():
+    rng = np.random.default_rng(5)
+    val = voxel_studies(rng, [0, 1, 0, 1, 0, 0, 1, 0, 0])  # 6 normals, 3 abnormal
+    fold, k = reference_folds(val, 4)
+    assert k == 4 and sorted(np.bincount(fold[[0, 2, 4, 5, 7, 8]])) == [1, 1, 2, 2]
+    assert list(fold[[1, 3, 6]]) == [0, 1, 2]  # abnormal ones round-robin too
+    shuffled = [val[i] for i in (8, 3, 0, 5, 1, 7, 2, 6, 4)]
+    again, _ = reference_folds(shuffled, 4)
+    assert {s.study_id: f for s, f in zip(shuffled, again)} == {s.study_id: f for s, f in zip(val, fold)}
+    assert reference_folds(val, 10)[1] == 6  # more folds than normals: leave one normal out
+    assert reference_folds(val[:2], 4)[1] == 1  # a single normal: in-sample
+    with pytest.raises(ValueError, match="reference_folds"):
+        reference_folds(val, 0)
+
+
+def test_cross_fitted_volumes_judge_each_normal_by_a_reference_fitted_without_it():
+    """The search's volumes, recomputed by hand: each study's z against the depth reference of the normals
+    outside its fold. In-sample (folds=1) the normals look more typical than cross-fitted, which is the bias
+    the cross-fitting removes; the stored reference is still the one of all validation normals."""
+    rng = np.random.default_rng(6)
+    val = voxel_studies(rng, [0] * 8 + [1] * 4)
+    params = {"sigma_vox": 1.0, "tau_z": 2.5, "v_min_cm3": 0.0}
+    fold, k = reference_folds(val, 4)
+    smoothed = [smooth_in_mask(s.score.voxel_map, s.permissive, 1.0) for s in val]
+    by_hand = []
+    for i, s in enumerate(val):
+        out = [j for j in range(8) if fold[j] != fold[i]]
+        ref = DepthReference.fit([smoothed[j] for j in out], [val[j].permissive for j in out])
+        by_hand.append(abnormal_region(-np.abs(ref.z(smoothed[i], s.permissive)), s.permissive, -2.5, 0.0, SP)[0])
+    crossed = trial_volumes(VOXEL, val, params, folds=4)
+    np.testing.assert_allclose(crossed, by_hand, rtol=1e-6)
+    in_sample = trial_volumes(VOXEL, val, params, folds=1)
+    assert np.median(in_sample[:8]) < np.median(crossed[:8])
+    op, _ = grid_search(VOXEL, val, {k_: [v] for k_, v in params.items()}, folds=4)
+    full = DepthReference.fit(smoothed[:8], [s.permissive for s in val[:8]])
+    assert op.reference["median"] == pytest.approx(full.median)
+    assert op.validation["reference_folds"] == 4
+    assert op.validation["normal_volume_median_cm3"] == pytest.approx(np.median(crossed[:8]))
 
 
 def test_exact_ties_go_to_the_stricter_simpler_setting_whatever_the_order():

@@ -12,8 +12,8 @@ The space is the map kind's own (:attr:`MapKind.space`, every value a grid point
 ``cfg.tune.<kind>`` (``tune.voxel.tau_z: {grid: [3, 4, 5]}``): ``[lo, hi]`` → ``tune.uniform(lo, hi)``;
 ``{"grid": [...]}`` or a list of other length → ``tune.grid_search``; ``{"choice": [...]}``; a number → fixed.
 ``num_samples`` (1: each grid point once), ``seed``, ``cpus_per_trial`` (default 1), ``threshold_cm3``
-(``[lo, hi]`` clips T), ``threshold_rule`` (``best_f1`` | ``specificity``) and ``target_specificity`` are
-read as well.
+(``[lo, hi]`` clips T), ``threshold_rule`` (``best_f1`` | ``specificity``), ``target_specificity`` and
+``reference_folds`` (the cross-fitting of the healthy reference) are read as well.
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ from pathlib import Path
 import pandas as pd
 
 from ..detect import MapKind, OperatingPoint, get_kind
-from ..detect.search import REPORTED, best_trial, check_studies, evaluate_params, operating_point, order_trials
+from ..detect.search import (
+    DEFAULT_REFERENCE_FOLDS,
+    REPORTED,
+    best_trial,
+    check_studies,
+    evaluate_params,
+    operating_point,
+    order_trials,
+)
 from ..detect.search import threshold_rule as make_rule
 
 LEGACY_KEYS = ("sigma_vox", "tau_z", "v_min_cm3")
@@ -74,11 +82,17 @@ def rule_of(tune_cfg: dict) -> dict:
     return make_rule(tune_cfg.get("threshold_rule"), tune_cfg.get("target_specificity"))
 
 
-def trial(config: dict, kind_name: str = "", studies=None, rule=None, t_range=(0.0, math.inf)) -> None:
+def reference_folds_of(tune_cfg: dict) -> int:
+    """``tune.reference_folds``: how many folds the healthy reference is cross-fitted over (ct3dflow.detect.search)."""
+    return int(tune_cfg.get("reference_folds", DEFAULT_REFERENCE_FOLDS))
+
+
+def trial(config: dict, kind_name: str = "", studies=None, rule=None, t_range=(0.0, math.inf),
+          folds: int = DEFAULT_REFERENCE_FOLDS) -> None:
     """One Tune trial: maps from the stored validation scores, the metrics reported."""
     from ray import tune
 
-    r = evaluate_params(get_kind(kind_name), studies, config, rule, t_range)
+    r = evaluate_params(get_kind(kind_name), studies, config, rule, t_range, folds=folds)
     tune.report({k: float(r[k]) for k in REPORTED})
 
 
@@ -90,8 +104,8 @@ def run_search(kind: MapKind, studies, tune_cfg: dict, storage_path: str | Path,
     from ray.tune.search import BasicVariantGenerator
 
     scoring = check_studies(kind, studies)
-    rule, t_range = rule_of(tune_cfg), threshold_range(tune_cfg)
-    fn = tune.with_parameters(trial, kind_name=kind.name, studies=studies, rule=rule, t_range=t_range)
+    rule, t_range, folds = rule_of(tune_cfg), threshold_range(tune_cfg), reference_folds_of(tune_cfg)
+    fn = tune.with_parameters(trial, kind_name=kind.name, studies=studies, rule=rule, t_range=t_range, folds=folds)
     fn = tune.with_resources(fn, {"cpu": float(tune_cfg.get("cpus_per_trial", 1))})
     tuner = tune.Tuner(
         fn, param_space=param_space(kind, tune_cfg),
@@ -109,5 +123,5 @@ def run_search(kind: MapKind, studies, tune_cfg: dict, storage_path: str | Path,
     if trials.empty:
         raise RuntimeError("Ray Tune ran no trial")
     best = best_trial(kind, trials)
-    op = operating_point(kind, studies, best.to_dict(), scoring, rule, t_range)
+    op = operating_point(kind, studies, best.to_dict(), scoring, rule, t_range, folds)
     return op, order_trials(trials, best), str(Path(storage_path).resolve() / name)

@@ -13,6 +13,15 @@
   and :func:`best_trial` alike, and therefore pick the same point from the same trials.
 * Maps depend only on the kind's ``map_params`` (σ): a grid search builds them, and the healthy reference,
   once per value.
+* **Cross-fitted reference** (not in the paper): the healthy reference is fitted on validation normals and the
+  search scores validation normals, so fitted and scored on the *same* normals every normal looks typical, the
+  validation AUROC is optimistic (the more a reference can bend, the more) and T comes out too low
+  (docs/RESULTS.md: anatomy bands 1.000 on validation, 0.745 on test; test specificity 0.125 at a
+  "specificity 0.9" T). So the validation studies are dealt into ``folds`` folds (normals and abnormal ones
+  round-robin in study-id order) and each fold's maps use a reference fitted on the normals of the other
+  folds: no normal is judged by a reference that has seen it. The operating point then stores the reference
+  refitted on *all* validation normals, as a hospital would use it. ``folds=1`` is the in-sample search of
+  before.
 """
 
 from __future__ import annotations
@@ -82,42 +91,86 @@ def check_studies(kind: MapKind, studies: list[ScoredStudy]) -> dict:
     return dict(made.pop())
 
 
+DEFAULT_REFERENCE_FOLDS = 4
+
+
+def reference_folds(studies: list[ScoredStudy], folds: int = DEFAULT_REFERENCE_FOLDS) -> tuple[np.ndarray, int]:
+    """The cross-fitting fold of every study and the number of folds used (module docstring).
+
+    Normals and abnormal studies are dealt round-robin in study-id order, each class on its own, so the folds
+    do not depend on the order the studies came in. With fewer normals than ``folds`` each normal is its own
+    fold (leave one out); with a single normal there is nothing to hold out and the search is in-sample."""
+    folds = int(folds)
+    if folds < 1:
+        raise ValueError(f"reference_folds = {folds}: use 1 (in-sample reference) or more (cross-fitted, e.g. 4)")
+    healthy = sorted((i for i, s in enumerate(studies) if s.label == 0), key=lambda i: studies[i].study_id)
+    other = sorted((i for i, s in enumerate(studies) if s.label != 0), key=lambda i: studies[i].study_id)
+    k = min(folds, len(healthy))
+    fold = np.zeros(len(studies), dtype=int)
+    if k < 2:
+        return fold, 1
+    for group in (healthy, other):
+        for j, i in enumerate(group):
+            fold[i] = j % k
+    return fold, k
+
+
 class MapCache:
-    """The reference and the atypicality maps of every study, per value of the kind's ``map_params``."""
+    """The references and the atypicality maps of every study, per value of the kind's ``map_params``.
 
-    def __init__(self, kind: MapKind, studies: list[ScoredStudy], keep: int = 1):
+    ``get`` gives each study the reference of its cross-fitting fold (fitted without that fold's normals) and
+    its map under that reference; ``full_reference`` is the one fitted on every validation normal."""
+
+    def __init__(self, kind: MapKind, studies: list[ScoredStudy], keep: int = 1,
+                 folds: int = DEFAULT_REFERENCE_FOLDS):
         self.kind, self.studies, self.keep = kind, studies, keep
-        self._store: dict[tuple, tuple[dict, list[np.ndarray]]] = {}
+        self.fold, self.folds = reference_folds(studies, folds)
+        self._store: dict[tuple, tuple[list[dict], list[np.ndarray]]] = {}
 
-    def get(self, params: dict) -> tuple[dict, list[np.ndarray]]:
-        key = tuple(float(params[p]) for p in self.kind.map_params)
+    def _key(self, params: dict) -> tuple:
+        return tuple(float(params[p]) for p in self.kind.map_params)
+
+    def _fit(self, params: dict, held_out: int | None) -> dict:
+        healthy = [s for i, s in enumerate(self.studies) if s.label == 0 and self.fold[i] != held_out]
+        if not healthy:
+            raise ValueError("the validation split has no healthy study: the reference is fitted on healthy ones")
+        return self.kind.fit_reference([s.score for s in healthy], [s.permissive for s in healthy], params)
+
+    def full_reference(self, params: dict) -> dict:
+        if self.folds == 1:
+            return self.get(params)[0][0]
+        return self._fit(params, None)
+
+    def get(self, params: dict) -> tuple[list[dict], list[np.ndarray]]:
+        """``(reference of each study, map of each study)`` at ``params``."""
+        key = self._key(params)
         if key not in self._store:
             if len(self._store) >= self.keep:  # maps are large: keep one σ at a time
                 self._store.clear()
-            healthy = [s for s in self.studies if s.label == 0]
-            if not healthy:
-                raise ValueError("the validation split has no healthy study: the reference is fitted on healthy ones")
-            ref = self.kind.fit_reference([s.score for s in healthy], [s.permissive for s in healthy], params)
-            maps = [self.kind.atypicality(s.score, s.permissive, params, ref) for s in self.studies]
-            self._store[key] = (ref, maps)
+            by_fold = ({0: self._fit(params, None)} if self.folds == 1
+                       else {k: self._fit(params, k) for k in range(self.folds)})
+            refs = [by_fold[int(k)] for k in self.fold]
+            maps = [self.kind.atypicality(s.score, s.permissive, params, r)
+                    for s, r in zip(self.studies, refs, strict=True)]
+            self._store[key] = (refs, maps)
         return self._store[key]
 
 
-def trial_volumes(kind: MapKind, studies, params: dict, cache: MapCache | None = None) -> tuple[np.ndarray, dict]:
-    """Every study's abnormal volume at ``params``; returns ``(volumes, reference)``."""
-    cache = cache or MapCache(kind, studies)
-    ref, maps = cache.get(params)
-    level = kind.level(params, ref)
-    vols = np.array([abnormal_region(m, s.permissive, level, float(params["v_min_cm3"]), s.spacing)[0]
-                     for m, s in zip(maps, studies, strict=True)])
-    return vols, ref
+def trial_volumes(kind: MapKind, studies, params: dict, cache: MapCache | None = None,
+                  folds: int = DEFAULT_REFERENCE_FOLDS) -> np.ndarray:
+    """Every study's abnormal volume at ``params``, each judged by its fold's reference."""
+    cache = cache or MapCache(kind, studies, folds=folds)
+    refs, maps = cache.get(params)
+    return np.array([abnormal_region(m, s.permissive, kind.level(params, r), float(params["v_min_cm3"]),
+                                     s.spacing)[0]
+                     for m, s, r in zip(maps, studies, refs, strict=True)])
 
 
 def evaluate_params(kind: MapKind, studies, params: dict, rule: dict | None = None, t_range=(0.0, math.inf),
-                    cache: MapCache | None = None) -> dict:
+                    cache: MapCache | None = None, folds: int = DEFAULT_REFERENCE_FOLDS) -> dict:
     """One trial: the searched parameters with the validation metrics, T and the objective."""
     y = np.array([s.label for s in studies])
-    vols, _ = trial_volumes(kind, studies, params, cache)
+    vols = trial_volumes(kind, studies, params, cache, folds)
     t = choose_T(y, vols, rule or {"rule": "best_f1"}, t_range)
     m = patient_metrics(y, vols, t)
     auroc = 0.5 if not np.isfinite(m["auroc"]) else float(m["auroc"])
@@ -147,23 +200,26 @@ def grid(space: dict) -> list[dict]:
 
 
 def operating_point(kind: MapKind, studies, params: dict, scoring: dict, rule: dict | None = None,
-                    t_range=(0.0, math.inf)) -> OperatingPoint:
-    """The operating point at ``params``: its reference refitted on the healthy validation studies, T by the
-    rule, and what it scored on validation."""
+                    t_range=(0.0, math.inf), folds: int = DEFAULT_REFERENCE_FOLDS,
+                    cache: MapCache | None = None) -> OperatingPoint:
+    """The operating point at ``params``: T by the rule and what it scored on validation, both from the
+    cross-fitted maps the search saw, and the reference refitted on every healthy validation study."""
     rule = threshold_rule(rule)
     y = np.array([s.label for s in studies])
     params = {k: float(params[k]) for k in kind.space}
-    vols, ref = trial_volumes(kind, studies, params)
+    cache = cache or MapCache(kind, studies, folds=folds)
+    vols = trial_volumes(kind, studies, params, cache)
     t = choose_T(y, vols, rule, t_range)
     m = patient_metrics(y, vols, t)
     val = {k: float(m[k]) for k in ("auroc", "f1", "accuracy", "sensitivity", "specificity")}
-    val.update(n=int(len(y)), n_abnormal=int(y.sum()))
-    return OperatingPoint(kind.name, params, t, ref, dict(scoring), rule, val)
+    val.update(n=int(len(y)), n_abnormal=int(y.sum()), reference_folds=int(cache.folds),
+               normal_volume_median_cm3=float(np.median(vols[y == 0])))
+    return OperatingPoint(kind.name, params, t, cache.full_reference(params), dict(scoring), rule, val)
 
 
 def grid_search(kind: MapKind, studies, space: dict | None = None, rule: dict | None = None,
-                t_range=(0.0, math.inf), max_trials: int | None = None, seed: int = 0
-                ) -> tuple[OperatingPoint, pd.DataFrame]:
+                t_range=(0.0, math.inf), max_trials: int | None = None, seed: int = 0,
+                folds: int = DEFAULT_REFERENCE_FOLDS) -> tuple[OperatingPoint, pd.DataFrame]:
     """Every point of ``space`` (default: the kind's) on the validation studies; returns the operating point
     and the trials, best first. This is ``ct3dflow tune-local``; the Ray Tune job samples the same trials."""
     scoring = check_studies(kind, studies)
@@ -172,10 +228,10 @@ def grid_search(kind: MapKind, studies, space: dict | None = None, rule: dict | 
     if max_trials and len(points) > max_trials:
         rng = np.random.default_rng(seed)
         points = [points[i] for i in sorted(rng.choice(len(points), max_trials, replace=False))]
-    cache = MapCache(kind, studies)
+    cache = MapCache(kind, studies, folds=folds)
     trials = pd.DataFrame([evaluate_params(kind, studies, p, rule, t_range, cache) for p in points])
     best = best_trial(kind, trials)
-    op = operating_point(kind, studies, best.to_dict(), scoring, rule, t_range)
+    op = operating_point(kind, studies, best.to_dict(), scoring, rule, t_range, cache=cache)
     return op, order_trials(trials, best)
 
 
