@@ -59,7 +59,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def scores_for(model_file: Path, data_run: Path, out: Path, stride: int, threads: int):
+def scores_for(model_file: Path, data_run: Path, out: Path, stride: int, threads: int, precision: str = "fp32"):
     """Voxel-map results of ``data_run``'s val and test studies with the model in ``model_file`` (resumable)."""
     import torch
 
@@ -72,7 +72,8 @@ def scores_for(model_file: Path, data_run: Path, out: Path, stride: int, threads
     res = {}
     for split in ("val", "test"):
         todo = [r for r in rows if r["split"] == split]
-        plan = ScoringPlan.make("voxel", {"stride": stride, "batch_size": 32}, model.patch_size, None,
+        plan = ScoringPlan.make("voxel", {"stride": stride, "batch_size": 32, "precision": precision}, model.patch_size,
+                                None,
                                 str(model_file), model_run.name, PreprocessConfig().to_dict(),
                                 data_run / "cache", out / split)
         t = time.time()
@@ -91,7 +92,7 @@ def summarise(ev: dict) -> dict:
 
 def direction(name: str, model_file: Path, data_run: Path, out: Path, a) -> dict:
     log(f"{name}: model {model_file}, studies of {data_run.name}")
-    rows, res = scores_for(model_file, data_run, out / name, a.stride, a.threads)
+    rows, res = scores_for(model_file, data_run, out / name, a.stride, a.threads, a.precision)
     cache = data_run / "cache"
     voxel = get_kind("voxel")
     val = load_scored_studies(voxel, [r for r in rows if r["split"] == "val"], res["val"], cache)
@@ -170,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--b-model", default=None, help="model file of B (default <b>/model/model.pt)")
     p.add_argument("--stride", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="scoring.precision of the voxel map (bf16: the coupling networks under bf16 autocast)")
     p.add_argument("--reference-folds", type=int, default=DEFAULT_REFERENCE_FOLDS,
                    help="cross-fitting folds of the healthy reference in the validation search (1: in-sample)")
     p.add_argument("--directions", nargs="+", default=["A->A", "A->B", "B->B", "B->A"])
