@@ -10,9 +10,9 @@ import pytest
 from scipy import ndimage
 
 from ct3dflow.detect import OperatingPoint, get_kind
+from ct3dflow.detect.decision import abnormal_region
 from ct3dflow.detect.evaluate import evaluate
 from ct3dflow.detect.patch_map import PatchScores
-from ct3dflow.detect.decision import abnormal_region
 from ct3dflow.detect.search import (
     ScoredStudy,
     best_trial,

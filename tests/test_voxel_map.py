@@ -72,6 +72,29 @@ def test_top_latent_map_equals_the_local_decomposition_and_runs_on_the_fast_enco
     np.testing.assert_allclose(m, reference, rtol=2e-5, atol=2e-6)
 
 
+def test_bf16_precision_only_rounds_the_map_and_auto_follows_the_hardware():
+    """scoring.precision: bf16 runs the coupling networks under bf16 autocast: the map moves by rounding, not
+    more (the detection experiment chose the same operating point with it); auto is bf16 where it is native."""
+    from ct3dflow.detect.voxel_map import DEFAULT_PRECISION, bf16_available, use_bf16
+
+    assert not use_bf16("fp32") and use_bf16("bf16") and use_bf16("auto") == bf16_available("cpu")
+    with pytest.raises(ValueError, match="scoring.precision"):
+        use_bf16("fp16")
+    assert VOXEL.settings({}, 8)["precision"] == DEFAULT_PRECISION == "auto"
+    g = _glow()
+    with torch.no_grad():  # a freshly initialised coupling ends in zeros (an identity); give it weights, as trained
+        for p in g.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rng = np.random.default_rng(4)
+    vol = (0.05 * rng.standard_normal((12, 16, 20)) - 0.3).astype(np.float32)
+    grid = window_grid(vol, np.ones(vol.shape, bool), 8, 4)
+    fp32 = voxel_log_p_volume(g, grid, part="top_latent")
+    bf16 = voxel_log_p_volume(g, grid, part="top_latent", bf16=True)
+    assert not np.array_equal(bf16, fp32)  # bf16 really ran
+    assert np.abs(bf16 - fp32).max() < 0.05 * np.abs(fp32).max()
+    assert np.corrcoef(bf16.ravel(), fp32.ravel())[0, 1] > 0.99
+
+
 def test_depth_reference_standardises_healthy_maps_per_band():
     rng = np.random.default_rng(1)
     shape = (40, 40, 40)

@@ -84,7 +84,7 @@ class ScoringPlan:
 
     @property
     def scoring_key(self) -> str:
-        # batching changes no number; precision only rounding (docs/BENCHMARKS.md: the same decisions)
+        # batching changes no number; precision only rounding (docs/RESULTS.md: bf16 chose the same point)
         made = {k: v for k, v in self.settings.items() if k not in ("batch_size", "precision")}
         return sha(json.dumps({"kind": self.kind, "settings": made, "op": self.operating_point}, sort_keys=True), n=12)
 
