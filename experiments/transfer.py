@@ -43,6 +43,7 @@ from ct3dflow.detect.evaluate import evaluate  # noqa: E402
 from ct3dflow.detect.outputs import write_json  # noqa: E402
 from ct3dflow.detect.row import load_scored_studies, write_outputs_of  # noqa: E402
 from ct3dflow.detect.search import DEFAULT_REFERENCE_FOLDS, grid_search, threshold_rule  # noqa: E402
+from ct3dflow.detect.voxel_map import DEFAULT_PRECISION, PRECISIONS  # noqa: E402
 from ct3dflow.pipeline import manifest_rows  # noqa: E402
 from ct3dflow.preprocess import PreprocessConfig  # noqa: E402
 
@@ -59,7 +60,8 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def scores_for(model_file: Path, data_run: Path, out: Path, stride: int, threads: int, precision: str = "fp32"):
+def scores_for(model_file: Path, data_run: Path, out: Path, stride: int, threads: int,
+               precision: str = DEFAULT_PRECISION):
     """Voxel-map results of ``data_run``'s val and test studies with the model in ``model_file`` (resumable)."""
     import torch
 
@@ -171,8 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--b-model", default=None, help="model file of B (default <b>/model/model.pt)")
     p.add_argument("--stride", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                   help="scoring.precision of the voxel map (bf16: the coupling networks under bf16 autocast)")
+    p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
+                   help="scoring.precision of the voxel map (bf16: the coupling networks under bf16 autocast; "
+                        "default: the platform's, %(default)s)")
     p.add_argument("--reference-folds", type=int, default=DEFAULT_REFERENCE_FOLDS,
                    help="cross-fitting folds of the healthy reference in the validation search (1: in-sample)")
     p.add_argument("--directions", nargs="+", default=["A->A", "A->B", "B->B", "B->A"])
