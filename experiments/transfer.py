@@ -74,8 +74,8 @@ def scores_for(model_file: Path, data_run: Path, out: Path, stride: int, threads
     res = {}
     for split in ("val", "test"):
         todo = [r for r in rows if r["split"] == split]
-        plan = ScoringPlan.make("voxel", {"stride": stride, "batch_size": 32, "precision": precision}, model.patch_size,
-                                None,
+        scoring = {"stride": stride, "batch_size": 32, "precision": precision}
+        plan = ScoringPlan.make("voxel", scoring, model.patch_size, None,
                                 str(model_file), model_run.name, PreprocessConfig().to_dict(),
                                 data_run / "cache", out / split)
         t = time.time()
