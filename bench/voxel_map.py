@@ -112,6 +112,7 @@ def main() -> None:
     run("fp32 reference layers", model, 6, 32)
     run("fp32 reference layers", model, 6, 64)
     run("bf16 convolutions (oneDNN)", model, 6, 32, "bf16")
+    run("bf16 autocast (coupling nets in bf16)", model, 6, 32, autocast=True)
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     lines = [SECTION, "",
              f"- date: {datetime.now().isoformat(timespec='seconds')}; CPU: {cpu_model()}, {a.threads} torch threads "
