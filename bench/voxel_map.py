@@ -126,13 +126,12 @@ def main() -> None:
     lines += [f"| {r['variant']} | {r['stride']} | {r['batch']} | {r['windows']} | {r['seconds']:.1f} | "
               f"{r['max_rel_diff']:.1e} |" for r in rows]
     same = [r["variant"] for r in rows if "bf16" in r["variant"] and r["max_rel_diff"] == 0.0]
-    if same and not Path(a.model).exists():
+    if same:
         # a fresh model's couplings are identities (zero-initialised last layer): bf16 in them changes nothing
-        lines += ["", f"Notes: {', '.join(sorted(set(same)))} gave the fp32 map bit for bit because the model is "
-                  "untrained (its affine couplings are identities), not because fp32 ran; the times are bf16's."]
-    elif same:
-        lines += ["", f"Notes: {', '.join(sorted(set(same)))} gave the fp32 map bit for bit: oneDNN kept fp32 "
-                  "convolutions on this CPU, so those rows time fp32 again."]
+        why = ("the model is untrained (its affine couplings are identities), not because fp32 ran; the times are "
+               "bf16's" if not Path(a.model).exists() else
+               "oneDNN kept fp32 convolutions on this CPU, so those rows time fp32 again")
+        lines += ["", f"Notes: {', '.join(sorted(set(same)))} gave the fp32 map bit for bit: {why}."]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.write_docs:
