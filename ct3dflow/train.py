@@ -66,7 +66,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     init_batches: int = 4  # batches concatenated for the ActNorm data initialisation in train_local
     max_consecutive_skips: int = 50  # train_local stops with FloatingPointError after this many
-    bf16: bool = False  # bf16 autocast on CUDA (log-dets stay float32); the CPU always trains in float32
+    # bf16 autocast (log-dets stay float32) on CUDA, and on a CPU with native bf16 where the coarsest level is
+    # at least 3³ (cpu_bf16_refusal says why not elsewhere, and training runs in float32)
+    bf16: bool = False
     gradient_checkpointing: bool = False
     fast: bool = True  # on CUDA: the fast path of ct3dflow.flow.fast (exact; no effect on CPU)
     seed: int = 0
@@ -95,6 +97,29 @@ class TrainConfig:
         return model
 
 
+# the coarsest level, in voxels per side, below which oneDNN's CPU bf16 conv3d weight gradients break
+MIN_CPU_BF16_SIDE = 3
+
+
+def cpu_bf16_refusal(cfg: TrainConfig, device) -> str | None:
+    """Why bf16 autocast training must not run on ``device`` (None: it may). CUDA always may. A CPU may where
+    bf16 is native (AMX or AVX-512 BF16: 1.7× the float32 step of the detection model on 2 Intel cores,
+    docs/BENCHMARKS.md) and the coarsest level is at least 3³: at 2³ oneDNN's bf16 conv3d weight gradients
+    are wrong (measured with torch 2.13: cosine 0 against float32 for 8³ patches at L=2; ≥ 0.998 per
+    parameter at 16³/L=2 and 24³/L=3)."""
+    from .flow.dtypes import bf16_available
+
+    if torch.device(device).type == "cuda":
+        return None
+    if not bf16_available(device):
+        return "this CPU has no native bf16 (AMX or AVX-512 BF16), and emulated bf16 is slower than float32"
+    side = cfg.patch_size // 2 ** cfg.levels
+    if side < MIN_CPU_BF16_SIDE:
+        return (f"the coarsest level is {side}³ ({cfg.patch_size}³ patches, {cfg.levels} levels), where the "
+                f"CPU's bf16 conv3d gradients are wrong; it needs at least {MIN_CPU_BF16_SIDE}³")
+    return None
+
+
 def _unwrap(model: torch.nn.Module) -> Glow3D:
     return getattr(model, "module", model)
 
@@ -114,12 +139,10 @@ class FlowTrainer:
         self.optimizer = torch.optim.Adam(self.glow.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.skipped_steps = 0
-        self.bf16 = bool(cfg.bf16) and self.device.type == "cuda"
-        if cfg.bf16 and not self.bf16:
-            # PyTorch's CPU (oneDNN) bf16 conv3d weight-gradients can be wrong for small volumes (measured with
-            # torch 2.13: off by more than the gradient itself on a 2x2x2 input, and non-finite steps on one CI
-            # CPU), and bf16 buys no speed there, so the CPU trains in float32.
-            warnings.warn(f"bf16 autocast is a CUDA setting; on {self.device.type} training runs in float32",
+        why_not = cpu_bf16_refusal(cfg, self.device) if cfg.bf16 else None
+        self.bf16 = bool(cfg.bf16) and why_not is None
+        if why_not:
+            warnings.warn(f"train.bf16 is off on this {self.device.type}: {why_not}; training runs in float32",
                           stacklevel=2)
         rank = torch.distributed.get_rank() if _distributed() else 0
         self.generator = torch.Generator(device=self.device)

@@ -98,21 +98,63 @@ def test_tiny_model_learns_structured_patches():
     assert after < before - 0.5, (before, after)
 
 
-def test_bf16_on_cpu_warns_and_trains_in_float32():
+def test_bf16_on_cpu_refuses_a_2_cubed_coarsest_level_and_trains_in_float32():
+    """8³ patches at L=2 leave a 2³ coarsest level, where oneDNN's bf16 conv3d weight gradients are wrong:
+    the trainer says so and runs exactly the float32 step (on any CPU: without native bf16 it refuses too)."""
     data = smooth_lung_patches(4, 8, seed=2)
     steps = []
     for bf16 in (False, True):
         torch.manual_seed(0)
         cfg = _tiny_cfg(patch_size=8, width=8, bf16=bf16)
         if bf16:
-            with pytest.warns(UserWarning, match="bf16 autocast is a CUDA setting"):
+            with pytest.warns(UserWarning, match="train.bf16 is off on this cpu"):
                 trainer = FlowTrainer(cfg.build_model(), cfg, "cpu")
+            assert not trainer.bf16
         else:
             trainer = FlowTrainer(cfg.build_model(), cfg, "cpu")
         trainer.initialise(data)
         steps.append(trainer.train_step(data))
     assert not steps[1]["skipped"]
     assert steps[1]["loss"] == steps[0]["loss"] and steps[1]["grad_norm"] == steps[0]["grad_norm"]
+
+
+def test_cpu_bf16_refusal_names_the_reason():
+    from ct3dflow.flow.dtypes import bf16_available
+    from ct3dflow.train import cpu_bf16_refusal
+
+    assert cpu_bf16_refusal(_tiny_cfg(patch_size=8), "cuda") is None
+    tiny = cpu_bf16_refusal(_tiny_cfg(patch_size=8), "cpu")
+    ok = cpu_bf16_refusal(_tiny_cfg(patch_size=16), "cpu")
+    if bf16_available("cpu"):
+        assert "coarsest level is 2³" in tiny and ok is None
+    else:
+        assert "no native bf16" in tiny and "no native bf16" in ok
+
+
+@pytest.mark.skipif(not __import__("ct3dflow.flow.dtypes", fromlist=["x"]).bf16_available("cpu"),
+                    reason="bf16 training on a CPU needs native bf16 (AMX or AVX-512 BF16)")
+def test_bf16_step_on_a_native_bf16_cpu_follows_the_float32_gradient():
+    """Where the CPU runs bf16 natively and the coarsest level is 4³: the step really runs in bf16 (the loss
+    moves by rounding) and its gradient points where the float32 gradient points."""
+    data = smooth_lung_patches(8, 16, seed=2)
+    losses, grads = [], []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        cfg = _tiny_cfg(bf16=bf16, grad_clip=0.0)
+        model = cfg.build_model()
+        trainer = FlowTrainer(model, cfg, "cpu")
+        assert trainer.bf16 == bf16
+        trainer.initialise(data)
+        with torch.no_grad():  # off the identity init, so every coupling layer has a gradient
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        trainer.optimizer.step = lambda: None  # keep the weights: compare the two gradients at one point
+        out = trainer.train_step(data)
+        assert not out["skipped"] and np.isfinite(out["grad_norm"])
+        losses.append(out["loss"])
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[1] != losses[0] and losses[1] == pytest.approx(losses[0], rel=0.02)
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast training needs a CUDA GPU")

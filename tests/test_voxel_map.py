@@ -75,7 +75,8 @@ def test_top_latent_map_equals_the_local_decomposition_and_runs_on_the_fast_enco
 def test_bf16_precision_only_rounds_the_map_and_auto_follows_the_hardware():
     """scoring.precision: bf16 runs the coupling networks under bf16 autocast: the map moves by rounding, not
     more (the detection experiment chose the same operating point with it); auto is bf16 where it is native."""
-    from ct3dflow.detect.voxel_map import DEFAULT_PRECISION, bf16_available, use_bf16
+    from ct3dflow.detect.voxel_map import DEFAULT_PRECISION, use_bf16
+    from ct3dflow.flow.dtypes import bf16_available
 
     assert not use_bf16("fp32") and use_bf16("bf16") and use_bf16("auto") == bf16_available("cpu")
     with pytest.raises(ValueError, match="scoring.precision"):

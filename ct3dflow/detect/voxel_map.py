@@ -68,21 +68,11 @@ class VoxelScore:
                        int(get("n_windows", 0)), int(get("phases", 1)))
 
 
-def bf16_available(device="cpu") -> bool:
-    """Whether bf16 runs natively: a CUDA GPU, or a CPU with AMX tiles or AVX-512 BF16 (else it is emulated,
-    and slower than float32)."""
-    import torch
-
-    if torch.device(device).type == "cuda":
-        return True
-    cpu = torch.cpu
-    return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-                or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
-
-
 def use_bf16(precision: str, device="cpu") -> bool:
     if precision not in PRECISIONS:
         raise ValueError(f"scoring.precision must be one of {PRECISIONS}, got {precision!r}")
+    from ..flow.dtypes import bf16_available  # torch is imported lazily in this module
+
     return precision == "bf16" or (precision == "auto" and bf16_available(device))
 
 
