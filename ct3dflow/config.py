@@ -24,7 +24,7 @@ _DEFAULTS: dict = {
     "ray": {"num_workers": 1, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 1,
             "max_failures": 1, "preprocess_concurrency": None},
     # map: voxel (the platform default, beyond the paper) or patch (the paper's Log P map); stride and batch
-    # size default per kind (voxel 12, patch: patch size - 10); voxel precision: auto (bf16 autocast where the
+    # size default per kind (voxel 12, patch: patch size - 10); precision (every kind): auto (bf16 autocast where the
     # hardware runs bf16 natively, else fp32), fp32 or bf16
     "scoring": {"map": "voxel", "stride": None, "batch_size": None},
     "operating_point": {},  # a whole operating point (tune-local's JSON) for models without one

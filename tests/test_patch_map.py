@@ -226,3 +226,24 @@ def test_score_decide_and_outputs(tmp_path):
     # no abnormal region, no tau: still a picture
     png2 = write_preview_png(vol, lpm, np.zeros_like(perm), tmp_path / "prev2.png")
     assert Image.open(png2).size == preview_size(vol.shape)
+
+
+def test_bf16_precision_only_rounds_the_patch_log_likelihoods():
+    """scoring.precision applies to the patch map too: bf16 autocast moves an autoencoder's window scores by
+    rounding only, the default is auto, and a wrong value is refused with the setting's name."""
+    from ct3dflow.baselines import ConvAE3D
+
+    assert PATCH.settings({}, 8)["precision"] == "auto" and PATCH.settings({"precision": "fp32"}, 8)["precision"] == "fp32"
+    torch.manual_seed(0)
+    ae = ConvAE3D(depth=2, width=8, patch_size=8).eval()
+    rng = np.random.default_rng(3)
+    vol = (0.05 * rng.standard_normal((12, 16, 20)) - 0.3).astype(np.float32)
+    grid = window_grid(vol, np.ones(vol.shape, bool), 8, 4)
+    fp32 = patch_log_likelihoods(ae, grid).log_p
+    bf16 = patch_log_likelihoods(ae, grid, bf16=True).log_p
+    assert not np.array_equal(bf16, fp32)  # bf16 really ran
+    np.testing.assert_allclose(bf16, fp32, rtol=2e-2)
+    assert np.corrcoef(bf16, fp32)[0, 1] > 0.99
+    study = type("S", (), {"volume": vol, "permissive": np.ones(vol.shape, np.uint8)})()
+    with pytest.raises(ValueError, match="scoring.precision"):
+        PATCH.score(ae, study, PATCH.settings({"precision": "fp16"}, 8))

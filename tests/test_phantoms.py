@@ -208,6 +208,15 @@ def test_make_archive_nifti_splits(tmp_path):
         assert list(back[c].astype(object).fillna("-")) == list(df[c].astype(object).fillna("-")), c
 
 
+def test_make_archive_in_two_processes_writes_the_same_archive(tmp_path):
+    one = make_archive(tmp_path / "one", n_normal=2, n_abnormal=2, seed=4, **SMALL)
+    two = make_archive(tmp_path / "two", n_normal=2, n_abnormal=2, seed=4, workers=2, **SMALL)
+    pd.testing.assert_frame_equal(one, two)
+    for rel in one.path:
+        a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / rel))) for d in ("one", "two"))
+        np.testing.assert_array_equal(a, b)
+
+
 def test_make_archive_dicom(tmp_path):
     df = make_archive(tmp_path, n_normal=1, n_abnormal=1, fmt="dicom", seed=1, **SMALL)
     assert len(df) == 2 and set(df.label) == {0, 1}

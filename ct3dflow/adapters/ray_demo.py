@@ -113,8 +113,8 @@ def main(argv=None) -> int:
     manifest = flow_cfg.manifest_path
     if not manifest.exists():
         arch = manifest.parent
-        healthy = make_archive(arch, n_tr + v_n + t_n, 0, seed=7, splits=(n_tr, v_n, t_n))
-        sick = make_archive(arch, 0, v_a + t_a, seed=8, splits=(0, v_a, t_a))
+        healthy = make_archive(arch, n_tr + v_n + t_n, 0, seed=7, splits=(n_tr, v_n, t_n), workers=2)
+        sick = make_archive(arch, 0, v_a + t_a, seed=8, splits=(0, v_a, t_a), workers=2)
         pd.concat([healthy, sick], ignore_index=True).to_parquet(manifest, index=False)
     else:
         print(f"reusing {manifest}")

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from .grid import WindowGrid, window_grid
-from .kind import MapKind
+from .kind import DEFAULT_PRECISION, MapKind, use_bf16
 
 
 @dataclass
@@ -63,8 +63,11 @@ class PatchScores:
                        tuple(int(s) for s in np.asarray(z["shape"]).reshape(-1)))
 
 
-def patch_log_likelihoods(model, grid: WindowGrid, batch_size: int = 16, device="cpu") -> PatchScores:
-    """``model.log_prob`` of every window of ``grid`` (in eval mode, no gradients; the mode is restored)."""
+def patch_log_likelihoods(model, grid: WindowGrid, batch_size: int = 16, device="cpu",
+                          bf16: bool = False) -> PatchScores:
+    """``model.log_prob`` of every window of ``grid`` (in eval mode, no gradients; the mode is restored).
+    ``bf16``: under bf16 autocast (a flow keeps its log-dets and latent in float32; an autoencoder's squared
+    error is summed in float32)."""
     import torch
 
     was_training = bool(getattr(model, "training", False))
@@ -73,9 +76,9 @@ def patch_log_likelihoods(model, grid: WindowGrid, batch_size: int = 16, device=
     out = np.empty(len(grid), dtype=np.float64)
     i = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(bf16)):
             for c, x in grid.batches(batch_size):
-                lp = model.log_prob(torch.from_numpy(x).to(device))
+                lp = model.log_prob(torch.from_numpy(x).to(device)).float()
                 out[i : i + len(c)] = lp.detach().to("cpu", torch.float64).numpy().reshape(-1)
                 i += len(c)
     finally:
@@ -182,11 +185,13 @@ class PatchMap(MapKind):
     def settings(self, scoring: dict, patch_size: int) -> dict:
         stride = scoring.get("stride") or max(1, int(patch_size) - 10)  # the paper's 10-voxel overlap
         return {"patch_size": int(patch_size), "stride": int(stride),
+                "precision": str(scoring.get("precision") or DEFAULT_PRECISION),
                 "batch_size": int(scoring.get("batch_size") or 16)}
 
     def score(self, predictor, study, settings: dict, device="cpu") -> PatchScores:
         grid = window_grid(study.volume, study.permissive, settings["patch_size"], settings["stride"])
-        return patch_log_likelihoods(predictor, grid, settings.get("batch_size", 16), device)
+        return patch_log_likelihoods(predictor, grid, settings.get("batch_size", 16), device,
+                                     use_bf16(settings.get("precision", DEFAULT_PRECISION), device))
 
     def load_score(self, path) -> PatchScores:
         return PatchScores.load(path)

@@ -28,16 +28,11 @@ import numpy as np
 from scipy import ndimage
 
 from .grid import WindowGrid, window_grid
-from .kind import MapKind
+from .kind import DEFAULT_PRECISION, PRECISIONS, MapKind, use_bf16  # noqa: F401 - re-exported
 
 DEFAULT_DEPTH_BINS = (0.0, 2.0, 4.0, 6.0, 9.0, 13.0)  # voxels from the permissive-mask border
 DEFAULT_STRIDE = 12
 DEFAULT_PHASES = 1
-PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware runs it natively (bf16_available)
-# The default: on a realistic chest at stride 12 the coupling networks under bf16 autocast took 4.0 s instead of
-# 11.4 s on 2 AVX-512-BF16 cores, and the detection experiment chose the same point with the same validation
-# AUROC (0.897) as with fp32 (docs/BENCHMARKS.md, docs/RESULTS.md); CPUs without native bf16 stay in fp32.
-DEFAULT_PRECISION = "auto"
 PARTS = ("top_latent", "all")
 
 
@@ -66,14 +61,6 @@ class VoxelScore:
             get = lambda k, d: f[k] if k in f.files else d  # noqa: E731 - files of session 3 lack size/n_windows
             return cls(f["voxel_map"], int(f["stride"]), str(f["part"]), int(get("size", 0)),
                        int(get("n_windows", 0)), int(get("phases", 1)))
-
-
-def use_bf16(precision: str, device="cpu") -> bool:
-    if precision not in PRECISIONS:
-        raise ValueError(f"scoring.precision must be one of {PRECISIONS}, got {precision!r}")
-    from ..flow.dtypes import bf16_available  # torch is imported lazily in this module
-
-    return precision == "bf16" or (precision == "auto" and bf16_available(device))
 
 
 def voxel_log_p_volume(glow, grid: WindowGrid, part: str = "top_latent", batch_size: int = 32,

@@ -45,6 +45,7 @@ def make_archive(
     write_lung_masks: bool = False,
     progress: bool | None = None,
     family: str = "a",
+    workers: int = 1,
 ):
     """Write a phantom archive and its manifest; return the manifest as a DataFrame.
 
@@ -55,6 +56,7 @@ def make_archive(
     (in the ratio of their fractions), never to train: the flow is trained on healthy studies only.
     Pathology kinds are cycled within val and within test, so each holds every kind when there are enough.
     ``family`` chooses the anatomy (:data:`ct3dflow.synthetic.FAMILIES`); the manifest records it.
+    ``workers`` > 1 writes the studies in that many processes (each study has its own seed: the same archive).
     """
     import pandas as pd
 
@@ -89,32 +91,24 @@ def make_archive(
     plan = [(s, None) for s in normal_splits] + abnormal
     prefix = "phantom" if family == "a" else f"phantom-{family}"  # ids of two families never collide
     width = max(4, len(str(len(plan))))
-    rows = []
     if progress is None:
         progress = sys.stderr.isatty()
+    jobs = [dict(out=str(out), study_id=f"{prefix}-{int(seed)}-{i:0{width}d}", study_seed=int(seed) * 100_000 + i,
+                 split=split, kind=kind, fmt=fmt, shape=shape, spacing=spacing, size=size, family=family,
+                 write_lung_masks=write_lung_masks) for i, (split, kind) in enumerate(plan)]
     try:
         from tqdm import tqdm
-
-        it = tqdm(list(enumerate(plan)), desc=f"phantoms ({fmt})", unit="study", disable=not progress)
     except ImportError:  # pragma: no cover
-        it = list(enumerate(plan))
-    for i, (split, kind) in it:
-        study_seed = int(seed) * 100_000 + i
-        study_id = f"{prefix}-{int(seed)}-{i:0{width}d}"
-        ph = make_phantom(study_seed, kind, shape=shape, spacing=spacing, size=size, family=family)
-        if fmt == "nifti":
-            rel = f"{study_id}.nii.gz"
-            write_nifti(ph, out / rel)
-        else:
-            rel = study_id
-            write_dicom_series(ph, out / rel)
-        row = dict(study_id=study_id, path=rel, split=split, label=int(kind is not None), pathology=kind,
-                   lesion_volume_cm3=float(ph.lesion_volume_cm3), seed=study_seed, family=family)
-        if write_lung_masks:
-            mrel = f"{study_id}_lungs.nii.gz"
-            write_mask(ph, out / mrel, "lung")
-            row["mask_path"] = mrel
-        rows.append(row)
+        def tqdm(it, **_):
+            return it
+    bar = dict(total=len(jobs), desc=f"phantoms ({fmt})", unit="study", disable=not progress)
+    if workers > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(int(workers), len(jobs))) as pool:
+            rows = list(tqdm(pool.map(_write_study, jobs), **bar))
+    else:
+        rows = [_write_study(j) for j in tqdm(jobs, **bar)]
     cols = ["study_id", "path", "split", "label", "pathology", "lesion_volume_cm3", "seed", "family"]
     if write_lung_masks:
         cols.append("mask_path")
@@ -124,3 +118,23 @@ def make_archive(
     df["pathology"] = df["pathology"].astype(object).where(df["pathology"].notna(), None)
     df.to_parquet(out / "manifest.parquet", index=False)
     return df
+
+
+def _write_study(job: dict) -> dict:
+    """One phantom of an archive, written; its manifest row (a module function, so a process pool can run it)."""
+    out, study_id, kind = Path(job["out"]), job["study_id"], job["kind"]
+    ph = make_phantom(job["study_seed"], kind, shape=job["shape"], spacing=job["spacing"], size=job["size"],
+                      family=job["family"])
+    if job["fmt"] == "nifti":
+        rel = f"{study_id}.nii.gz"
+        write_nifti(ph, out / rel)
+    else:
+        rel = study_id
+        write_dicom_series(ph, out / rel)
+    row = dict(study_id=study_id, path=rel, split=job["split"], label=int(kind is not None), pathology=kind,
+               lesion_volume_cm3=float(ph.lesion_volume_cm3), seed=job["study_seed"], family=job["family"])
+    if job["write_lung_masks"]:
+        mrel = f"{study_id}_lungs.nii.gz"
+        write_mask(ph, out / mrel, "lung")
+        row["mask_path"] = mrel
+    return row
