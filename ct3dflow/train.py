@@ -103,7 +103,7 @@ MIN_CPU_BF16_SIDE = 3
 
 def cpu_bf16_refusal(cfg: TrainConfig, device) -> str | None:
     """Why bf16 autocast training must not run on ``device`` (None: it may). CUDA always may. A CPU may where
-    bf16 is native (AMX or AVX-512 BF16: 1.7× the float32 step of the detection model on 2 Intel cores,
+    bf16 is native (AMX or AVX-512 BF16: 1.45× the float32 step of the detection model on 2 AMD EPYC cores,
     docs/BENCHMARKS.md) and the coarsest level is at least 3³: at 2³ oneDNN's bf16 conv3d weight gradients
     are wrong (measured with torch 2.13: cosine 0 against float32 for 8³ patches at L=2; ≥ 0.998 per
     parameter at 16³/L=2 and 24³/L=3)."""

@@ -233,7 +233,8 @@ def test_bf16_precision_only_rounds_the_patch_log_likelihoods():
     rounding only, the default is auto, and a wrong value is refused with the setting's name."""
     from ct3dflow.baselines import ConvAE3D
 
-    assert PATCH.settings({}, 8)["precision"] == "auto" and PATCH.settings({"precision": "fp32"}, 8)["precision"] == "fp32"
+    assert PATCH.settings({}, 8)["precision"] == "auto"
+    assert PATCH.settings({"precision": "fp32"}, 8)["precision"] == "fp32"
     torch.manual_seed(0)
     ae = ConvAE3D(depth=2, width=8, patch_size=8).eval()
     rng = np.random.default_rng(3)
