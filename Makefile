@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo
 
-# the detection recipe of docs/RESULTS.md at full length (≈ 32 min of Ray Train on 2 Intel cores instead of ≈ 5)
+# the detection recipe of docs/RESULTS.md at full length (≈ 25 min of bf16 Ray Train on 2 AMD EPYC cores instead of ≈ 5; not re-measured)
 demo-full: venv
 	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo-full --set train.iterations=2700 \
 	  --set train.val_every=900 --set train.checkpoint_every=900
