@@ -22,3 +22,11 @@ def write_docs_section(section: str, text: str, doc: Path) -> None:
         nxt = rest.find("\n## ")
         old = head.rstrip("\n") + "\n\n" + (rest[nxt + 1:] if nxt >= 0 else "")
     doc.write_text(old.rstrip("\n") + "\n\n" + text, encoding="utf-8")
+
+
+def publish(section: str, lines: list[str], write: bool) -> None:
+    """Print a benchmark's markdown section; with ``write``, replace it in docs/BENCHMARKS.md."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if write:
+        write_docs_section(section, text, Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md")

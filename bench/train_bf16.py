@@ -22,7 +22,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from _machine import cpu_model, write_docs_section
+from _machine import cpu_model, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -137,10 +137,7 @@ def main() -> None:
               "|---|---|---|---|---|"]
     lines += [f"| {g['size']}³ | {g['levels']} | {g['coarsest']}³ | {g['worst_cos']:.4f} (`{g['worst_param']}`) | "
               f"{g['whole_cos']:.4f} |" for g in grads]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.write_docs:
-        write_docs_section(SECTION, text, ROOT / "docs" / "BENCHMARKS.md")
+    publish(SECTION, lines, a.write_docs)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_model, write_docs_section
+from _machine import cpu_model, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -132,10 +132,7 @@ def main() -> None:
                "bf16's" if not Path(a.model).exists() else
                "oneDNN kept fp32 convolutions on this CPU, so those rows time fp32 again")
         lines += ["", f"Notes: {', '.join(sorted(set(same)))} gave the fp32 map bit for bit: {why}."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.write_docs:
-        write_docs_section(SECTION, text, ROOT / "docs" / "BENCHMARKS.md")
+    publish(SECTION, lines, a.write_docs)
 
 
 if __name__ == "__main__":
