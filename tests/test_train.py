@@ -91,11 +91,14 @@ def test_tiny_model_learns_structured_patches():
     trainer.initialise(train[:64])
     before = trainer.validate(val)
     batches = _endless(train, cfg.batch_size, seed=0)
-    for _ in range(cfg.iterations):
+    for step in range(1, cfg.iterations + 1):
         trainer.train_step(next(batches))
+        # stop once the assertion is decided: validation every 25 steps costs far less than the steps
+        if step % 25 == 0 and trainer.validate(val) < before - 0.5:
+            break
     after = trainer.validate(val)
     assert trainer.skipped_steps == 0
-    assert after < before - 0.5, (before, after)
+    assert after < before - 0.5, (before, after, step)
 
 
 def test_bf16_on_cpu_refuses_a_2_cubed_coarsest_level_and_trains_in_float32():
