@@ -40,15 +40,18 @@ def preprocess_manifest(manifest_path, cache_dir, preprocess_cfg: dict, concurre
     return out.sort_values("study_id", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
 
-def _sample_study_patches(item: dict) -> list[dict]:
-    cache = StudyCache(item["cache_dir"])
-    study = cache.load(item["study_id"], mmap=True)
-    size, frac = int(item["patch_size"]), float(item["min_lung_fraction"])
-    rng = np.random.default_rng(int(item["seed"]))
-    valid = valid_patch_corners(study.strict, size, frac)
-    corners = sample_patch_corners(study.strict, size, int(item["n"]), frac, rng, valid_corners=valid)
-    patches = extract_patches(study.volume, corners, size)
-    return [{"patch": p} for p in patches]
+def _sample_study_patches(batch: dict) -> dict:
+    """One task's patches as one block ``{"patch": (n, S, S, S)}``: a row per patch would cost Ray Data more
+    than the sampling itself (docs/BENCHMARKS.md)."""
+    out = []
+    for i in range(len(batch["study_id"])):
+        study = StudyCache(str(batch["cache_dir"][i])).load(str(batch["study_id"][i]), mmap=True)
+        size, frac = int(batch["patch_size"][i]), float(batch["min_lung_fraction"][i])
+        rng = np.random.default_rng(int(batch["seed"][i]))
+        valid = valid_patch_corners(study.strict, size, frac)
+        corners = sample_patch_corners(study.strict, size, int(batch["n"][i]), frac, rng, valid_corners=valid)
+        out.append(extract_patches(study.volume, corners, size))
+    return {"patch": np.concatenate(out).astype(np.float32, copy=False)}
 
 
 def training_patch_dataset(cache_dir, study_ids: list[str], n_patches: int, patch_size: int,
@@ -68,5 +71,5 @@ def training_patch_dataset(cache_dir, study_ids: list[str], n_patches: int, patc
              for t, i in enumerate(picks)]
     # a fraction of a CPU: on a small node the trainers hold whole CPUs, and a sampler that waits for a
     # free one would starve them (a deadlock, not an error)
-    return ray.data.from_items(items, override_num_blocks=min(len(items), 64)).flat_map(
-        _sample_study_patches, num_cpus=0.25)
+    return ray.data.from_items(items, override_num_blocks=min(len(items), 64)).map_batches(
+        _sample_study_patches, batch_size=1, batch_format="numpy", num_cpus=0.25)
