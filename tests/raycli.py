@@ -47,10 +47,10 @@ def submit(env, sid: str, entrypoint: list[str], wait=True, timeout=900) -> subp
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def _api(env, path: str):
-    """GET from the job server's REST API (what `ray job status|logs` ask, without starting a Python with Ray
-    for every poll), with the head's token."""
-    req = urllib.request.Request(f"{env['RAY_ADDRESS'].rstrip('/')}{path}")
+def _api(env, path: str, method: str = "GET"):
+    """A request to the job server's REST API (what `ray job status|logs|stop` ask, without starting a Python
+    with Ray for every call), with the head's token."""
+    req = urllib.request.Request(f"{env['RAY_ADDRESS'].rstrip('/')}{path}", method=method)
     token = Path(env["RAY_AUTH_TOKEN_PATH"]) if env.get("RAY_AUTH_TOKEN_PATH") else None
     if token and token.exists():
         req.add_header("Authorization", f"Bearer {token.read_text().strip()}")
@@ -70,3 +70,13 @@ def job_logs(env, sid: str) -> str:
         return _api(env, f"/api/jobs/{sid}/logs")["logs"]
     except urllib.error.HTTPError as exc:
         return f"(no logs: HTTP {exc.code}: {exc.read()[:500]!r})"
+
+
+def stop_job(env, sid: str, timeout=120) -> str:
+    """What `ray job stop` does, at once (the CLI spends seconds starting up while the job goes on); returns
+    the terminal status."""
+    _api(env, f"/api/jobs/{sid}/stop", method="POST")
+    deadline = time.time() + timeout
+    while (status := job_status(env, sid)) not in TERMINAL and time.time() < deadline:
+        time.sleep(0.1)
+    return status

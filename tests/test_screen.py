@@ -26,7 +26,7 @@ from chain import GLOW
 from dicom_helpers import write_dicom_series as helper_dicom_series
 from dicom_helpers import write_dicom_slice
 from pydicom.uid import generate_uid
-from raycli import job_logs, job_status, ray_cli
+from raycli import job_logs, job_status, stop_job
 
 from ct3dflow.discovery import discover_studies, hash_uids
 from ct3dflow.synthetic import make_phantom, write_dicom_series, write_nifti
@@ -440,7 +440,7 @@ def test_killed_actor_is_replaced_and_a_stopped_job_resumes(ray_head, mlflow_ser
     """One job: its scoring actor is killed after the first study (Ray starts another and the run goes on),
     then the job is stopped mid-run. The next night one more study has arrived: submitted again, the job skips
     what was scored, scores the rest and the new study, and gives the broken input its error row again."""
-    n = 6
+    n = 8
     archive = _fault_archive(tmp_path / "archive", n, 400)
     (archive / "broken.nii.gz").write_bytes(b"not an image")
     work = tmp_path / "work"
@@ -457,17 +457,13 @@ def test_killed_actor_is_replaced_and_a_stopped_job_resumes(ray_head, mlflow_ser
     done = _wait_parts(ray_head, sid, work, 1)
     assert done < n, "the job finished before the kill: raise n or lower the stride"
     os.kill(pid, signal.SIGKILL)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # a new actor takes over and finishes a study
-        pids = {int(p) for p in re.findall(r"scoring actor pid (\d+) loaded", job_logs(ray_head, sid))}
-        if len(pids) >= 2 and len(ok_parts(work)) > done:
-            break
-        assert job_status(ray_head, sid) in ("PENDING", "RUNNING"), job_logs(ray_head, sid)[-4000:]
-        time.sleep(0.3)
-    else:
-        pytest.fail("the killed actor was not replaced")
-    ray_cli(ray_head, "job", "stop", sid, timeout=120)
-    assert job_status(ray_head, sid) == "STOPPED"
+    done = len(ok_parts(work))  # what the killed actor finished; any further part is a new actor's
+    # a new actor takes over and finishes a study; stopped at once (the job's logs reach the REST API seconds
+    # late, and by then the tiny studies may all be done), its pid is checked in the logs afterwards
+    _wait_parts(ray_head, sid, work, done + 1)
+    assert stop_job(ray_head, sid) == "STOPPED"
+    pids = {int(p) for p in re.findall(r"scoring actor pid (\d+) loaded", job_logs(ray_head, sid))}
+    assert pid in pids and len(pids) >= 2, f"the killed actor {pid} was not replaced: {pids}"
     time.sleep(1)
     before = parts_of(work)
     ok_before = set(ok_parts(work))

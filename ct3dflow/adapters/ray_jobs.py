@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..detect import OperatingPoint
 from ..pipeline import cached_patches, manifest_rows, ok_study_ids
-from .tracking import ModelRef
+from .model_ref import ModelRef
 
 
 def _log(msg: str) -> None:
@@ -211,7 +211,7 @@ def score_split(cfg, loaded, rows: list[dict], split: str, kind, op: OperatingPo
     plan = ScoringPlan.make(kind.name, cfg.scoring, ref.patch_size, op, loaded.uri, ref.version, pre,
                             cfg.cache_path, scores_dir(cfg, loaded) / split, write_outputs=write_outputs)
     ray_cfg = {"preprocess_workers": 2, "scoring_actors": 1, **cfg.ray}
-    df, outcomes = run_scoring(entries_of_rows(rows), plan, ref, ray_cfg,
+    df, outcomes = run_scoring(entries_of_rows(rows), plan, ref, ray_cfg, model=loaded.model,
                                on_row=lambda i, n, r: _log(f"  [{i}/{n}] {r['study_id']}: {describe_outcome(r)}"))
     n_err = int((df["status"] == "error").sum())
     n_reused = sum(1 for o in outcomes.values() if o["action"] == "skip")

@@ -16,7 +16,7 @@ import pandas as pd
 import ray
 
 from ..detect.batch import STREAM_KEYS, Scorer, ScoringPlan, compact_results, prepare_item
-from .tracking import ModelRef
+from .model_ref import ModelRef
 
 
 def log(msg: str) -> None:
@@ -30,15 +30,17 @@ def log(msg: str) -> None:
 class ScoringActor:
     """A Ray actor holding the model (loaded once) around the core :class:`ct3dflow.detect.batch.Scorer`."""
 
-    def __init__(self, ref: dict, plan: dict, use_gpu: bool):
+    def __init__(self, ref: dict, plan: dict, use_gpu: bool, model=None):
         import torch
 
         self.ref = ModelRef(**ref)
+        if isinstance(model, list):  # [ObjectRef]: the driver's model through the object store
+            model = ray.get(model[0])
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         threads = os.environ.get("CT3DFLOW_TORCH_THREADS")
         if threads:
             torch.set_num_threads(int(threads))
-        self.scorer = Scorer(plan, self.ref.load(), device)
+        self.scorer = Scorer(plan, model if model is not None else self.ref.load(), device)
         log(f"scoring actor pid {os.getpid()} loaded {self.ref.version} on {device} ({self.scorer.kind.name} map)")
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -66,11 +68,13 @@ def gpu_plan(ray_cfg: dict) -> tuple[bool, float]:
 
 
 def run_scoring(entries: list[dict], plan: ScoringPlan, ref: ModelRef, ray_cfg: dict,
-                on_row: Callable[[int, int, dict], None] | None = None, before=None, after=None
+                on_row: Callable[[int, int, dict], None] | None = None, before=None, after=None, model=None
                 ) -> tuple[pd.DataFrame, dict[str, dict]]:
     """Prepare and score ``entries`` on the cluster; returns ``(results, outcomes by entry)`` (results are
     also written to ``plan.results_dir``). ``before`` / ``after`` are ``(fn, kwargs)`` of an extra Ray Data
-    task stage before the preparation (e.g. a PACS retrieval) and after the scoring (e.g. the write-back)."""
+    task stage before the preparation (e.g. a PACS retrieval) and after the scoring (e.g. the write-back).
+    ``model``: the model the driver loaded for ``ref``; the actors then take it from the object store
+    instead of each loading it from the registry (the same weights: ``ref`` pins the version)."""
     from .ray_data import quiet_progress
 
     outcomes: dict[str, dict] = {}
@@ -97,7 +101,9 @@ def run_scoring(entries: list[dict], plan: ScoringPlan, ref: ModelRef, ray_cfg: 
         ds = ds.map(prepare_item, fn_kwargs={"plan": plan.to_dict()}, **tasks)
         ds = ds.map_batches(
             ScoringActor, batch_format="pandas", batch_size=int(ray_cfg.get("studies_per_batch", 1)),
-            fn_constructor_kwargs={"ref": ref.to_dict(), "plan": plan.to_dict(), "use_gpu": use_gpu},
+            fn_constructor_kwargs={"ref": ref.to_dict(), "plan": plan.to_dict(), "use_gpu": use_gpu,
+                                   # in a list: Ray would not resolve a nested ObjectRef by itself
+                                   "model": None if model is None else [ray.put(model.cpu().eval())]},
             num_gpus=1 if use_gpu else 0, num_cpus=score_cpus, compute=ray.data.ActorPoolStrategy(size=n_actors),
             max_restarts=int(ray_cfg.get("actor_max_restarts", -1)),
             max_task_retries=int(ray_cfg.get("actor_max_task_retries", -1)),

@@ -24,8 +24,9 @@ from ..detect import OperatingPoint, get_kind
 from ..detect.batch import RESULTS_FILE, SCREEN_COLUMNS, ScoringPlan
 from ..discovery import discover_studies
 from . import dicomweb
+from .model_ref import ModelRef
 from .ray_score import describe_outcome, log, run_scoring
-from .tracking import ModelRef, resolve_model
+from .tracking import resolve_model
 
 
 def choose_operating_point(ref: ModelRef, cfg) -> OperatingPoint | None:
@@ -100,7 +101,7 @@ def screen_job(cfg, archive, model: str | None = None, run_name: str | None = No
             "ct3dflow.archive": source.name if source else str(archive)}
     with tracking.job_run(cfg, "screen", run_name=run_name, tags=tags,
                           system_metrics=bool(cfg.mlflow.get("system_metrics", True))) as run:
-        results, outcomes = run_scoring(entries, plan, ref, cfg.ray, before=before, after=after,
+        results, outcomes = run_scoring(entries, plan, ref, cfg.ray, before=before, after=after, model=loaded,
                                         on_row=lambda i, n, r: log(f"[{i}/{n}] {r['study_id']}: {describe_outcome(r)}"))
         if source is not None:
             old = dicomweb.read_watermark(results_dir, source)["studies"]

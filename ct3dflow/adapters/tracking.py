@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -23,6 +23,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from .. import __version__
+from .model_ref import ModelRef
 
 OPERATING_POINT_TAG = "ct3dflow.operating_point"
 VAL_METRIC_TAG = "ct3dflow.val_bits_per_dim"
@@ -170,45 +171,6 @@ def load_patch_model(uri: str) -> LoadedModel:
     py = pyfunc.unwrap_python_model()
     op = get_operating_point(name, version) if name and version else None
     return LoadedModel(py.model, py.settings, pinned, name, version, op)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Which model a job scores with, resolved once on the driver
-# ---------------------------------------------------------------------------------------------------
-@dataclass
-class ModelRef:
-    """A model pinned to one version, so that every Ray actor loads the same: ``uri`` is
-    ``models:/NAME/VERSION`` (or ``runs:/…``, or the absolute path of a ``.pt`` file), ``version`` is
-    ``NAME/VERSION`` (or ``file-<sha>``)."""
-
-    spec: str  # what the user gave
-    uri: str
-    version: str
-    settings: dict = field(default_factory=dict)
-    operating_point: dict | None = None
-    op_source: str = "model version tag"
-    tracking_uri: str | None = None
-
-    @property
-    def is_file(self) -> bool:
-        return not self.uri.startswith(("models:/", "runs:/"))
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.settings.get("patch_size") or 48)
-
-    def load(self):
-        """The model object (``.log_prob``; a Glow3D also ``.encode``); called once per actor."""
-        if self.is_file:
-            from ..models import load_patch_scorer
-
-            return load_patch_scorer(self.uri, map_location="cpu")
-        if self.tracking_uri:
-            mlflow.set_tracking_uri(self.tracking_uri)
-        return load_patch_model(self.uri).model
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _file_sha(path: Path) -> str:
