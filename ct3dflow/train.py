@@ -25,7 +25,9 @@ This module imports torch and numpy only (no Ray, no MLflow).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -72,6 +74,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     fast: bool = True  # on CUDA: the fast path of ct3dflow.flow.fast (exact; no effect on CPU)
     seed: int = 0
+    # > 0: stop after this many minutes of updates if ``iterations`` are not reached first (a job scaled to the
+    # time a machine has, e.g. `make demo`); counted from the first update of each attempt, so a resumed run
+    # gets a new budget. The model is saved where it stopped, and the run records the steps it reached.
+    max_minutes: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -283,6 +289,21 @@ class FlowTrainer:
 
 
 # ---------------------------------------------------------------------------------------------- loops
+class TimeBudget:
+    """``minutes`` of wall clock from now (``<= 0``: no limit): :attr:`TrainConfig.max_minutes`."""
+
+    def __init__(self, minutes: float):
+        self.minutes = float(minutes)
+        self.deadline = time.monotonic() + 60.0 * self.minutes if self.minutes > 0 else math.inf
+
+    @property
+    def limited(self) -> bool:
+        return math.isfinite(self.deadline)
+
+    def spent(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+
 def train_local(
     cfg: TrainConfig,
     batches: Iterator[torch.Tensor],
@@ -291,7 +312,8 @@ def train_local(
     device: torch.device | str = "cpu",
     log_fn: Callable[[int, dict], None] | None = None,
 ) -> Glow3D:
-    """Single-process training to ``cfg.iterations`` updates; resumes from ``out_dir/checkpoint.pt``.
+    """Single-process training to ``cfg.iterations`` updates (or ``cfg.max_minutes``, whichever comes first);
+    resumes from ``out_dir/checkpoint.pt``.
 
     ``batches`` yields float32 ``(B, 1, S, S, S)`` tensors. Checkpoints every ``cfg.checkpoint_every``
     updates (and at the end), validates every ``cfg.val_every`` updates on ``val_patches``, calls
@@ -312,7 +334,8 @@ def train_local(
         trainer.initialise(torch.cat(pending))
     last_saved = trainer.step
     consecutive_skips = 0
-    while trainer.step < cfg.iterations:
+    budget = TimeBudget(cfg.max_minutes)
+    while trainer.step < cfg.iterations and not budget.spent():
         batch = pending.pop(0) if pending else next(batches)
         metrics = trainer.train_step(batch)
         metrics["skipped_steps"] = trainer.skipped_steps

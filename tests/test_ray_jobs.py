@@ -66,6 +66,25 @@ def test_train_job_submit_logs_and_registers(jobs_done, mlflow_server):
     _registered_model_scores_a_patch(mlflow_server, GLOW, TINY_TRAIN["patch_size"])
 
 
+def test_training_against_the_clock_stops_on_every_worker_and_registers(jobs_done, mlflow_server):
+    """``train.max_minutes``: the chain's AE job (2 workers) stops where its budget ends, long before its
+    iterations, at one step on both ranks (else DDP would hang), and registers what it has."""
+    from chain import AE, AE_CLOCK
+    from mlflow.tracking import MlflowClient
+
+    status, log = jobs_done["statuses"]["te-train-ae"]
+    assert status == "SUCCEEDED", log
+    m = re.search(r"trained (\d+) of (\d+) steps \(train.max_minutes = 0.1 reached\)", log)
+    assert m and int(m.group(2)) == AE_CLOCK["iterations"] and 0 < int(m.group(1)) < AE_CLOCK["iterations"], log[-3000:]
+    result = json.loads((jobs_done["work"] / "ray_results" / "te-ae" / "train_result.json").read_text())
+    assert result["steps"] == int(m.group(1)) and result["iterations"] == AE_CLOCK["iterations"]
+    client = MlflowClient(mlflow_server)
+    stop = client.get_metric_history(result["run_id"], "stopped_by_time_budget")
+    assert [(h.step, h.value) for h in stop] == [(result["steps"], 1.0)]
+    assert max(h.step for h in client.get_metric_history(result["run_id"], "train_bits_per_dim")) == result["steps"]
+    _registered_model_scores_a_patch(mlflow_server, AE, TINY_TRAIN["patch_size"])
+
+
 def test_stopped_training_job_resumes_from_checkpoint(jobs_done, mlflow_server):
     """The chain's CT-3DFlow train job was stopped (`ray job stop`) after its first checkpoint and submitted
     again with the same name (tests/chain.py): the second resumed from a checkpoint the first wrote, and the

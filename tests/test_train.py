@@ -248,6 +248,21 @@ def test_patch_batches_from_arrays():
         next(patch_batches_from_arrays([vol], [empty], cfg, seed=0))
 
 
+def test_train_local_stops_on_its_time_budget_and_saves_the_model(tmp_path):
+    """``train.max_minutes``: training against the clock stops where the budget ends and keeps what it has."""
+    from ct3dflow.train import MODEL_NAME, TimeBudget
+
+    assert not TimeBudget(0).limited and not TimeBudget(0).spent() and TimeBudget(1e-9).limited
+    cfg = _tiny_cfg(patch_size=8, width=8, iterations=10**6, checkpoint_every=10**6, val_every=0, batch_size=4,
+                    max_minutes=0.01)  # 0.6 s: a handful of steps, never a million
+    logged: list[int] = []
+    train_local(cfg, _endless(smooth_lung_patches(16, 8, seed=3), 4, 0), None, tmp_path, "cpu",
+                lambda s, m: logged.append(s))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert 0 < state["step"] == logged[-1] < 10**6
+    assert (tmp_path / MODEL_NAME).exists()
+
+
 def test_train_local_stops_when_diverged(tmp_path):
     cfg = _tiny_cfg(patch_size=8, width=8, iterations=10, max_consecutive_skips=3, init_batches=1)
     data = smooth_lung_patches(4, 8, seed=7)

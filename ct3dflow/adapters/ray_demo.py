@@ -136,11 +136,12 @@ def main(argv=None) -> int:
         summary = preprocess_job(flow_cfg)
         for i, (label, m) in enumerate(models.items()):
             c = m["cfg"]
+            clock = f" or {c.train['max_minutes']:g} min, whichever first" if c.train.get("max_minutes") else ""
             _stage(3 + i, f"Ray Train: {label} ({c.train.get('model', 'glow3d')}, L={c.train['levels']}, "
-                          f"width {c.train['width']}, {c.train['patch_size']}³), {c.train['iterations']} iterations",
-                   t0, times)
-            trained = train_job(c, summary)
-            m["uri"] = f"models:/{trained['registered_model']}/{trained['model_version']}"
+                          f"width {c.train['width']}, {c.train['patch_size']}³), {c.train['iterations']} iterations"
+                          f"{clock}", t0, times)
+            m["trained"] = train_job(c, summary)
+            m["uri"] = f"models:/{m['trained']['registered_model']}/{m['trained']['model_version']}"
         for i, (label, m) in enumerate(models.items()):
             _stage(5 + i, f"Ray Tune: {label} operating point ({m['cfg'].scoring['map']} map) on validation only",
                    t0, times)
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
     for label, m in models.items():
         mm, op = m["eval"]["metrics"], OperatingPoint.from_dict(m["tune"]["operating_point"])
         per_kind = ", ".join(f"{k} {v['sensitivity']:.2f}" for k, v in m["eval"]["per_kind"].items())
-        print(f"{label}: sensitivity {mm.get('test_sensitivity', float('nan')):.3f}, specificity "
+        print(f"{label} ({m['trained']['steps']} training steps): sensitivity "
+              f"{mm.get('test_sensitivity', float('nan')):.3f}, specificity "
               f"{mm.get('test_specificity', float('nan')):.3f}; {op.describe()}\n  sensitivity per kind: {per_kind}")
     results = pd.read_parquet(screened["results"])
     by_path = {t["path"]: t for t in truth}

@@ -108,11 +108,12 @@ def train_job(cfg, summary: pd.DataFrame | None = None) -> dict:
         version = tracking.log_patch_model(model_file, settings, name, val_bits_per_dim=val_bpd)
         champion = bool(name and version and tracking.promote_if_best(name, version, val_bpd))
         out = {"run_id": run.info.run_id, "model_version": version, "registered_model": name,
-               "val_bits_per_dim": val_bpd, "steps": trainer.step, "champion": champion,
+               "val_bits_per_dim": val_bpd, "steps": trainer.step, "iterations": tcfg.iterations, "champion": champion,
                "skipped_steps": trainer.skipped_steps}
         mlflow.log_dict(out, "train_result.json")
-    _log(f"trained {trainer.step} steps; validation {val_bpd:.3f} bits/dim; registered {name} v{version}"
-         f"{' (champion)' if champion else ''}")
+    budget = f" (train.max_minutes = {tcfg.max_minutes:g} reached)" if trainer.step < tcfg.iterations else ""
+    _log(f"trained {trainer.step} of {tcfg.iterations} steps{budget}; validation {val_bpd:.3f} bits/dim; "
+         f"registered {name} v{version}{' (champion)' if champion else ''}")
     (run_dir / "train_result.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
     return out
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..train import CHECKPOINT_NAME, FlowTrainer, TrainConfig
+from ..train import CHECKPOINT_NAME, FlowTrainer, TimeBudget, TrainConfig
 
 MLFLOW_RUN_FILE = "mlflow_run_id"
 
@@ -30,6 +30,18 @@ def _log_to_mlflow(client, run_id: str, step: int, metrics: dict) -> None:
              if isinstance(v, int | float | bool) and np.isfinite(float(v))]
     if batch:
         client.log_batch(run_id, metrics=batch)
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True on every rank if it is true on one (each rank's clock is its own; all must stop at one step, or
+    DDP's next all-reduce waits for ever)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -69,17 +81,25 @@ def train_loop_per_worker(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     log_every = max(1, int(config.get("log_every", 10)))
+    budget, out_of_time = None, False
     for batch in shard.iter_torch_batches(batch_size=tcfg.batch_size, drop_last=True,
                                           local_shuffle_buffer_size=config.get("shuffle_buffer", 4 * tcfg.batch_size)):
         if trainer.step >= tcfg.iterations:
             break
         x = batch["patch"].unsqueeze(1).to(device, torch.float32)
+        budget = budget or TimeBudget(tcfg.max_minutes)  # from the first update, not the stream's start
         m = trainer.train_step(x)
         step = trainer.step
         metrics = {"train_bits_per_dim": float(m["bits_per_dim"]), "loss": float(m["loss"]),
                    "lr": float(m["lr"]), "grad_norm": float(m.get("grad_norm", float("nan"))),
                    "skipped_steps": trainer.skipped_steps}
-        done = step >= tcfg.iterations
+        out_of_time = budget.limited and _any_rank(budget.spent(), device)
+        done = step >= tcfg.iterations or out_of_time
+        if out_of_time and step < tcfg.iterations:
+            metrics["stopped_by_time_budget"] = 1.0
+            if rank == 0:
+                print(f"[rank 0] train.max_minutes = {tcfg.max_minutes:g} spent at step {step} of "
+                      f"{tcfg.iterations}: saving the model here", flush=True)
         if val is not None and tcfg.val_every and (step % tcfg.val_every == 0 or done) and not m["skipped"]:
             metrics["val_bits_per_dim"] = trainer.validate(val)
         if client is not None and (step % log_every == 0 or done or "val_bits_per_dim" in metrics):
@@ -95,7 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics)
         if done:
             break
-    if trainer.step < tcfg.iterations:
+    if trainer.step < tcfg.iterations and not out_of_time:
         raise RuntimeError(f"the patch stream ended at step {trainer.step} of {tcfg.iterations}: "
                            "raise the number of sampled patches")
 
