@@ -37,9 +37,7 @@ def submit(env, sid: str, entrypoint: list[str], wait=True, timeout=900) -> subp
         time.sleep(5)
     if not wait or r.returncode != 0:
         return r
-    deadline = time.time() + timeout
-    while (status := job_status(env, sid)) not in TERMINAL and time.time() < deadline:
-        time.sleep(0.25)
+    status = wait_for_end(env, sid, timeout)
     return subprocess.CompletedProcess(r.args, 0 if status == "SUCCEEDED" else 1,
                                        r.stdout + job_logs(env, sid), r.stderr + f"\njob {sid}: {status}\n")
 
@@ -76,7 +74,12 @@ def stop_job(env, sid: str, timeout=120) -> str:
     """What `ray job stop` does, at once (the CLI spends seconds starting up while the job goes on); returns
     the terminal status."""
     _api(env, f"/api/jobs/{sid}/stop", method="POST")
+    return wait_for_end(env, sid, timeout, poll=0.1)
+
+
+def wait_for_end(env, sid: str, timeout: float, poll: float = 0.25) -> str:
+    """The job's status once it is terminal, or its last status after ``timeout`` seconds."""
     deadline = time.time() + timeout
     while (status := job_status(env, sid)) not in TERMINAL and time.time() < deadline:
-        time.sleep(0.1)
+        time.sleep(poll)
     return status
