@@ -99,16 +99,17 @@ def stage_train(a, rows, cache: Path, mdir: Path) -> Path:
     if model_path.exists() and "train" not in a.force:
         return model_path
     torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
+    seed = a.seed if a.train_seed is None else a.train_seed  # the same archive, another initialisation and batch order
+    torch.manual_seed(seed)
     cfg = TrainConfig(levels=a.levels, steps=a.steps, width=a.width, patch_size=a.patch_size,
                       batch_size=a.batch_size, iterations=a.iterations or a.max_iterations, lr=a.lr, weight_decay=1e-5,
-                      warmup_steps=a.warmup, grad_clip=50.0, min_lung_fraction=0.5, seed=a.seed,
+                      warmup_steps=a.warmup, grad_clip=50.0, min_lung_fraction=0.5, seed=seed,
                       fast=False)  # eager layers on every device: the experiment measures the method, not speed
     c = StudyCache(cache)
     train_ids = [r["study_id"] for r in rows if r["split"] == "train" and r["label"] == 0]
     val_ids = [r["study_id"] for r in rows if r["split"] == "val" and r["label"] == 0]
     studies = [c.load(s, mmap=True) for s in train_ids]
-    batches = patch_batches_from_arrays([s.volume for s in studies], [s.strict for s in studies], cfg, seed=a.seed)
+    batches = patch_batches_from_arrays([s.volume for s in studies], [s.strict for s in studies], cfg, seed=seed)
     val = torch.from_numpy(cached_patches(cache, val_ids, a.n_val_patches, a.patch_size, 0.5, a.seed + 1))
     model = cfg.build_model().to(a.device)
     trainer = FlowTrainer(model, cfg, a.device)
@@ -304,6 +305,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "work" / "experiments" / "detection"))
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="seed of the flow's initialisation and patch batches (default: --seed); another value on the "
+                        "same archive measures the run-to-run noise of training")
     p.add_argument("--size", default="small", choices=["small", "demo"])
     p.add_argument("--family", default="a", help="phantom family of the archive (ct3dflow.synthetic.FAMILIES)")
     p.add_argument("--train-normal", type=int, default=48)
