@@ -26,6 +26,7 @@ _DEFAULTS: dict = {
     # map: voxel (the platform default, beyond the paper) or patch (the paper's Log P map); stride and batch
     # size default per kind (voxel 12, patch: patch size - 10); precision (every kind): auto (bf16 autocast where the
     # hardware runs bf16 natively, else fp32), fp32 or bf16
+    # voxel kinds: merge: mean (default) or gaussian (overlapping windows weighted towards their centres; unmeasured)
     "scoring": {"map": "voxel", "stride": None, "batch_size": None},
     "operating_point": {},  # a whole operating point (tune-local's JSON) for models without one
     # the search space is the map kind's own; override per kind: tune.voxel.tau_z: {grid: [3, 4, 5]}

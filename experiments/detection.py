@@ -164,7 +164,8 @@ def score_split(a, kind, stride, rows, cache, model_path, model, sdir: Path, spl
     if done.exists() and "score" not in a.force:
         return pd.read_parquet(done)
     todo = [r for r in rows if r["split"] == split]
-    plan = ScoringPlan.make(kind.name, {"stride": stride, "part": a.voxel_part, "batch_size": 32},
+    plan = ScoringPlan.make(kind.name, {"stride": stride, "part": a.voxel_part, "merge": a.voxel_merge,
+                                           "batch_size": 32},
                             model.patch_size, None, str(model_path), "experiment", PreprocessConfig().to_dict(),
                             cache, sdir / split)
     t = time.time()
@@ -262,7 +263,7 @@ def stage_kind(a, kind_name: str, rows, cache: Path, model_path: Path, out: Path
     val_rows = [r for r in rows if r["split"] == "val"]
     chosen = None
     for stride in strides:  # validation only: score, search
-        sdir = out / f"{kind.name}-stride{stride}"
+        sdir = out / (f"{kind.name}-stride{stride}" + (f"-{a.voxel_merge}" if a.voxel_merge != "mean" else ""))
         res = score_split(a, kind, stride, rows, cache, model_path, model, sdir, "val")
         val = load_scored_studies(kind, val_rows, res, cache)
         op, trials = grid_search(kind, val, space, rule, folds=a.reference_folds)
@@ -337,6 +338,8 @@ def parse_args(argv=None):
     p.add_argument("--voxel-strides", type=int, nargs="+", default=[12],
                    help="voxel map strides to compare on validation (the best is tested)")
     p.add_argument("--voxel-part", default="top_latent", choices=["top_latent", "all"])
+    p.add_argument("--voxel-merge", default="mean", choices=["mean", "gaussian"],
+                   help="how the voxel map merges overlapping windows (ct3dflow.detect.voxel_map.window_weight)")
     p.add_argument("--voxel-sigma", type=float, nargs="+", default=[1.0, 2.0])
     p.add_argument("--voxel-tau", type=float, nargs="+", default=[2.0, 3.0, 4.0, 5.0, 6.0],
                    help="voxel map: |z| thresholds against the depth-banded healthy reference")

@@ -145,3 +145,41 @@ def test_smoothing_stays_inside_the_mask():
     v = np.where(mask, 1.0, 100.0).astype(np.float32)  # huge values outside must not leak in
     s = smooth_in_mask(v, mask, 2.0)
     assert np.allclose(s[mask], 1.0, atol=1e-4) and np.isnan(s[~mask]).all()
+
+
+def test_gaussian_merge_weights_windows_by_their_centre_and_travels_with_the_score(tmp_path):
+    """``scoring.merge: gaussian``: where windows do not overlap it is the mean; where they do, a voxel is the
+    mean of the windows' terms weighted by a Gaussian (σ = size/8) around each window's centre. The setting
+    is recorded in the score (so the operating point's scoring carries it) and a bad name fails at once."""
+    from ct3dflow.detect.voxel_map import window_weight
+
+    g = _glow()
+    with torch.no_grad():  # a fresh flow is local (identity couplings): give its windows context
+        for name, prm in g.named_parameters():
+            if "coupling" in name:
+                prm.add_(0.2 * torch.randn_like(prm))
+    rng = np.random.default_rng(5)
+    vol = (0.05 * rng.standard_normal((16, 8, 8)) - 0.3).astype(np.float32)
+    mask = np.ones(vol.shape, bool)
+    grid8 = window_grid(vol, mask, 8, 8)
+    assert np.allclose(voxel_log_p_volume(g, grid8, part="all", merge="gaussian"),
+                       voxel_log_p_volume(g, grid8, part="all"), rtol=1e-5, atol=1e-6)
+    m = voxel_log_p_volume(g, window_grid(vol, mask, 8, 4), part="all", merge="gaussian")
+    w = [local_log_prob(g, torch.from_numpy(vol[None, None, a : a + 8]), part="all")[0].numpy() for a in (0, 4)]
+    wt = window_weight(8, "gaussian").numpy()
+    assert wt[3, 3, 3] == pytest.approx(wt[4, 4, 4]) and wt[0, 3, 3] < 0.2 * wt[3, 3, 3]
+    # voxel z = 5 lies at offset 5 of the window at 0 and at offset 1 of the window at 4
+    want = (wt[5, 2, 6] * w[0][5, 2, 6] + wt[1, 2, 6] * w[1][1, 2, 6]) / (wt[5, 2, 6] + wt[1, 2, 6])
+    assert m[5, 2, 6] == pytest.approx(want, rel=1e-5)
+    assert abs(m[5, 2, 6] - (w[0][5, 2, 6] + w[1][1, 2, 6]) / 2) > 1e-4  # and it is not the plain mean
+
+    class Study:
+        volume, permissive = vol, mask
+
+    settings = VOXEL.settings({"stride": 4, "merge": "gaussian", "precision": "fp32"}, 8)
+    score = VOXEL.score(g, Study, settings)
+    assert VOXEL.score_settings(score)["merge"] == "gaussian"
+    assert VOXEL.load_score(score.save(tmp_path / "v.npz")).merge == "gaussian"
+    assert "merge" not in VOXEL.score_settings(VOXEL.score(g, Study, VOXEL.settings({"stride": 4}, 8)))
+    with pytest.raises(ValueError, match="scoring.merge must be one of"):
+        VOXEL.settings({"merge": "median"}, 8)

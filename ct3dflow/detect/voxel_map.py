@@ -10,8 +10,9 @@ grid and changes what is mapped:
 * **Predictor**: for every window, ``−½‖ε_L‖²`` of the coarsest latent, per cell of ``(2^L)³`` voxels
   (:func:`ct3dflow.flow.local.top_latent_energy`; the fast encoder on CUDA), or every local term
   (``part="all"``, :func:`ct3dflow.flow.local.local_log_prob`).
-* **Merger**: a voxel's value is the mean over the windows that cover it, accumulated in torch on the
-  scoring device (:func:`voxel_log_p_volume`).
+* **Merger**: a voxel's value is the mean over the windows that cover it (``scoring.merge: mean``), or
+  their mean weighted by a Gaussian around each window's centre (``gaussian``), accumulated in torch on
+  the scoring device (:func:`merge_windows`).
 * **Reference**: healthy lungs are not alike from the pleura inwards (the pleura and chest wall share
   coarse cells with lung), so the healthy median and 1.4826·MAD of the σ-smoothed map are kept per band
   of depth into the permissive mask (:class:`DepthReference`), from healthy *validation* studies only.
@@ -33,6 +34,8 @@ from .kind import DEFAULT_PRECISION, PRECISIONS, MapKind, use_bf16  # noqa: F401
 DEFAULT_DEPTH_BINS = (0.0, 2.0, 4.0, 6.0, 9.0, 13.0)  # voxels from the permissive-mask border
 DEFAULT_STRIDE = 12
 DEFAULT_PHASES = 1
+DEFAULT_MERGE = "mean"
+MERGES = ("mean", "gaussian")
 PARTS = ("top_latent", "all")
 
 
@@ -46,13 +49,15 @@ class VoxelScore:
     size: int = 0  # the window (patch) size; 0 in files written before it was recorded
     n_windows: int = 0
     phases: int = 1  # interleaved grids (detect.grid.window_grid)
+    merge: str = DEFAULT_MERGE  # how overlapping windows are merged (window_weight)
 
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             np.savez(f, voxel_map=self.voxel_map, stride=np.int64(self.stride), part=np.str_(self.part),
-                     size=np.int64(self.size), n_windows=np.int64(self.n_windows), phases=np.int64(self.phases))
+                     size=np.int64(self.size), n_windows=np.int64(self.n_windows), phases=np.int64(self.phases),
+                     merge=np.str_(self.merge))
         return path
 
     @classmethod
@@ -60,14 +65,15 @@ class VoxelScore:
         with np.load(Path(path), allow_pickle=False) as f:
             get = lambda k, d: f[k] if k in f.files else d  # noqa: E731 - files of session 3 lack size/n_windows
             return cls(f["voxel_map"], int(f["stride"]), str(f["part"]), int(get("size", 0)),
-                       int(get("n_windows", 0)), int(get("phases", 1)))
+                       int(get("n_windows", 0)), int(get("phases", 1)), str(get("merge", DEFAULT_MERGE)))
 
 
-def voxel_log_p_volume(glow, grid: WindowGrid, part: str = "top_latent", batch_size: int = 32,
-                       device="cpu", bf16: bool = False) -> np.ndarray:
-    """Per-voxel local log-likelihood terms on the study's grid (float32, NaN where no window reaches): the
-    mean over the windows of ``grid`` that cover each voxel, accumulated on ``device``. ``bf16``: the coupling
-    networks under bf16 autocast (the flow keeps its main stream, log-dets and latent in float32)."""
+def window_terms(glow, grid: WindowGrid, part: str = "top_latent", batch_size: int = 32, device="cpu",
+                 bf16: bool = False):
+    """The predictor: ``(corners, terms)`` per batch of ``grid``'s windows, on ``device``. ``top_latent``: the
+    coarsest latent's ``−½‖ε_L‖²`` per cell, ``(b, s, s, s)``; ``all``: every local term per voxel, ``(b, S, S,
+    S)``. ``bf16``: the coupling networks under bf16 autocast (the flow keeps its main stream, log-dets and
+    latent in float32)."""
     import torch
 
     from ..flow.local import local_log_prob, top_latent_energy
@@ -75,25 +81,62 @@ def voxel_log_p_volume(glow, grid: WindowGrid, part: str = "top_latent", batch_s
     if part not in PARTS:
         raise ValueError(f"voxel map part must be one of {PARTS}, got {part!r}")
     glow.eval()
-    size = grid.size
-    total = torch.zeros(grid.padded.shape, dtype=torch.float64, device=device)
-    count = torch.zeros(grid.padded.shape, dtype=torch.float32, device=device)
     dev_type = torch.device(device).type
     with torch.no_grad(), torch.autocast(dev_type, dtype=torch.bfloat16, enabled=bool(bf16)):
         for corners, x in grid.batches(batch_size):
             xt = torch.from_numpy(x).to(device)
-            if part == "top_latent":
-                cells = top_latent_energy(glow, xt).to(torch.float64)
-                f = size // cells.shape[-1]
-                maps = cells.div_(float(f**3))  # a cell's term shared evenly by its voxels
-                maps = maps.repeat_interleave(f, 1).repeat_interleave(f, 2).repeat_interleave(f, 3)
-            else:
-                maps = local_log_prob(glow, xt, part="all").to(torch.float64)
-            for (z, y, w), m in zip(corners.tolist(), maps, strict=True):
+            terms = top_latent_energy(glow, xt) if part == "top_latent" else local_log_prob(glow, xt, part="all")
+            yield corners, terms.to(torch.float64)
+
+
+def window_weight(size: int, merge: str = DEFAULT_MERGE, device="cpu"):
+    """The merger's weight of each voxel of a window, ``(S, S, S)`` float32: 1 everywhere (``mean``), or a
+    Gaussian around the window's centre with σ = size/8 (``gaussian``, MONAI's ``sigma_scale`` 0.125): a
+    coarse cell at the window's border sees the zero padding of the coupling networks' convolutions, the
+    centre cell does not."""
+    import torch
+
+    if merge not in MERGES:
+        raise ValueError(f"scoring.merge must be one of {MERGES}, got {merge!r}")
+    if merge == "mean":
+        return torch.ones((size, size, size), dtype=torch.float32, device=device)
+    r = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2.0
+    g = torch.exp(-0.5 * (r / (size / 8.0)) ** 2)
+    return g[:, None, None] * g[None, :, None] * g[None, None, :]
+
+
+def merge_windows(batches, grid: WindowGrid, merge: str = DEFAULT_MERGE, device="cpu") -> np.ndarray:
+    """The merger: a voxel's value is the weighted mean of the terms of the windows that cover it (a
+    ``top_latent`` cell's term shared evenly by its voxels); float32 on the study's grid, NaN where no window
+    reaches."""
+    import torch
+
+    size = grid.size
+    weight = window_weight(size, merge, device).to(torch.float64)
+    total = torch.zeros(grid.padded.shape, dtype=torch.float64, device=device)
+    count = torch.zeros(grid.padded.shape, dtype=torch.float64, device=device)
+    for corners, terms in batches:
+        f = size // terms.shape[-1]
+        if f > 1:
+            terms = terms / float(f**3)
+            terms = terms.repeat_interleave(f, 1).repeat_interleave(f, 2).repeat_interleave(f, 3)
+        for (z, y, w), m in zip(np.asarray(corners).tolist(), terms, strict=True):
+            if merge == "mean":  # the default path stays as cheap as before
                 total[z : z + size, y : y + size, w : w + size] += m
                 count[z : z + size, y : y + size, w : w + size] += 1.0
-    out = torch.where(count > 0, total / count.clamp(min=1.0), torch.full_like(total, float("nan")))
+            else:
+                total[z : z + size, y : y + size, w : w + size] += m * weight
+                count[z : z + size, y : y + size, w : w + size] += weight
+    out = torch.where(count > 0, total / count.clamp(min=1e-300), torch.full_like(total, float("nan")))
     return grid.crop(out.to("cpu", torch.float32).numpy())
+
+
+def voxel_log_p_volume(glow, grid: WindowGrid, part: str = "top_latent", batch_size: int = 32,
+                       device="cpu", bf16: bool = False, merge: str = DEFAULT_MERGE) -> np.ndarray:
+    """Per-voxel local log-likelihood terms on the study's grid (float32, NaN where no window reaches):
+    the predictor over ``grid``'s windows, merged on ``device``."""
+    window_weight(grid.size, merge)  # a bad merge name fails before the model runs
+    return merge_windows(window_terms(glow, grid, part, batch_size, device, bf16), grid, merge, device)
 
 
 def smooth_in_mask(voxel_map: np.ndarray, mask: np.ndarray, sigma_vox: float) -> np.ndarray:
@@ -171,8 +214,12 @@ class VoxelMap(MapKind):
         part = scoring.get("part") or "top_latent"
         if part not in PARTS:
             raise ValueError(f"scoring.part must be one of {PARTS}, got {part!r}")
+        merge = str(scoring.get("merge") or DEFAULT_MERGE)
+        if merge not in MERGES:
+            raise ValueError(f"scoring.merge must be one of {MERGES}, got {merge!r}")
         return {"patch_size": int(patch_size), "stride": int(scoring.get("stride") or DEFAULT_STRIDE),
                 "phases": int(scoring.get("phases") or DEFAULT_PHASES), "part": part,
+                "merge": merge,
                 "precision": str(scoring.get("precision") or DEFAULT_PRECISION),
                 "batch_size": int(scoring.get("batch_size") or 32)}
 
@@ -190,8 +237,10 @@ class VoxelMap(MapKind):
         grid = window_grid(study.volume, study.permissive, settings["patch_size"], settings["stride"], phases)
         vmap = voxel_log_p_volume(predictor, grid, settings.get("part", "top_latent"),
                                   settings.get("batch_size", 32), device,
-                                  use_bf16(settings.get("precision", DEFAULT_PRECISION), device))
-        return VoxelScore(vmap, grid.stride, settings.get("part", "top_latent"), grid.size, len(grid), phases)
+                                  use_bf16(settings.get("precision", DEFAULT_PRECISION), device),
+                                  settings.get("merge", DEFAULT_MERGE))
+        return VoxelScore(vmap, grid.stride, settings.get("part", "top_latent"), grid.size, len(grid), phases,
+                          settings.get("merge", DEFAULT_MERGE))
 
     def load_score(self, path) -> VoxelScore:
         return VoxelScore.load(path)
@@ -205,6 +254,8 @@ class VoxelMap(MapKind):
         out = {"stride": int(score.stride), "part": str(score.part)}
         if score.phases > 1:
             out["phases"] = int(score.phases)
+        if score.merge != "mean":
+            out["merge"] = str(score.merge)
         if score.size:
             out["patch_size"] = int(score.size)
         return out
