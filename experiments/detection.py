@@ -165,7 +165,7 @@ def score_split(a, kind, stride, rows, cache, model_path, model, sdir: Path, spl
         return pd.read_parquet(done)
     todo = [r for r in rows if r["split"] == split]
     plan = ScoringPlan.make(kind.name, {"stride": stride, "part": a.voxel_part, "merge": a.voxel_merge,
-                                           "batch_size": 32},
+                                           "phases": a.voxel_phases, "batch_size": 32},
                             model.patch_size, None, str(model_path), "experiment", PreprocessConfig().to_dict(),
                             cache, sdir / split)
     t = time.time()
@@ -175,6 +175,16 @@ def score_split(a, kind, stride, rows, cache, model_path, model, sdir: Path, spl
     log(f"score [{kind.name}, stride {stride}, {split}]: {len(res)} studies, {int((res.status == 'ok').sum())} ok, "
         f"{time.time() - t:.0f} s ({(time.time() - t) / max(len(res), 1):.1f} s per study)")
     return res
+
+
+def score_dir_name(a, kind_name: str, stride: int) -> str:
+    """One folder per scoring variant, so variants compared on validation never overwrite each other."""
+    name = f"{kind_name}-stride{stride}"
+    if kind_name == "voxel" and a.voxel_phases > 1:
+        name += f"-phases{a.voxel_phases}"
+    if kind_name == "voxel" and a.voxel_merge != "mean":
+        name += f"-{a.voxel_merge}"
+    return name
 
 
 def fmt_ci(m, ci, k):
@@ -263,7 +273,7 @@ def stage_kind(a, kind_name: str, rows, cache: Path, model_path: Path, out: Path
     val_rows = [r for r in rows if r["split"] == "val"]
     chosen = None
     for stride in strides:  # validation only: score, search
-        sdir = out / (f"{kind.name}-stride{stride}" + (f"-{a.voxel_merge}" if a.voxel_merge != "mean" else ""))
+        sdir = out / score_dir_name(a, kind.name, stride)
         res = score_split(a, kind, stride, rows, cache, model_path, model, sdir, "val")
         val = load_scored_studies(kind, val_rows, res, cache)
         op, trials = grid_search(kind, val, space, rule, folds=a.reference_folds)
@@ -276,6 +286,8 @@ def stage_kind(a, kind_name: str, rows, cache: Path, model_path: Path, out: Path
             chosen = (obj, stride, op, sdir)
     _, stride, op, sdir = chosen
     log(f"{kind.name} map: stride {stride} chosen on validation")
+    if a.stop_after in ("score", "tune"):  # validation only: comparing variants never touches the test split
+        return None
     # the test split, once
     res = score_split(a, kind, stride, rows, cache, model_path, model, sdir, "test")
     test_rows = [r for r in rows if r["split"] == "test"]
@@ -338,6 +350,8 @@ def parse_args(argv=None):
     p.add_argument("--voxel-strides", type=int, nargs="+", default=[12],
                    help="voxel map strides to compare on validation (the best is tested)")
     p.add_argument("--voxel-part", default="top_latent", choices=["top_latent", "all"])
+    p.add_argument("--voxel-phases", type=int, default=1,
+                   help="interleaved window grids per stride (scoring.phases; 2 doubles the windows)")
     p.add_argument("--voxel-merge", default="mean", choices=["mean", "gaussian"],
                    help="how the voxel map merges overlapping windows (ct3dflow.detect.voxel_map.window_weight)")
     p.add_argument("--voxel-sigma", type=float, nargs="+", default=[1.0, 2.0])
@@ -353,7 +367,8 @@ def parse_args(argv=None):
                    help="choose T for this validation specificity instead of the best F1")
     p.add_argument("--device", default="cpu", help="torch device for training and scoring (cpu, cuda)")
     p.add_argument("--force", nargs="*", default=[], choices=STAGES)
-    p.add_argument("--stop-after", choices=STAGES, default="test")
+    p.add_argument("--stop-after", choices=STAGES, default="test",
+                   help="score/tune: validation only (score, search, keep the operating point), no test split")
     return p.parse_args(argv)
 
 
@@ -381,11 +396,15 @@ def main(argv=None) -> int:
     summary = {}
     for kind_name in a.maps:
         r = stage_kind(a, kind_name, rows, cache, model_path, out)
+        if r is None:
+            continue
         summary[kind_name] = {"stride": r["stride"], "test_auroc": r["metrics"]["auroc"],
                               "test_auroc_ci": r["ci"]["auroc"],
                               "val_auroc": r["operating_point"]["validation"]["auroc"],
                               "specificity": r["metrics"]["specificity"], "sensitivity": r["metrics"]["sensitivity"],
                               "normal_volume_median_cm3": r["normal_volume_cm3"]["median"]}
+    if not summary:
+        return 0
     write_json({"model": info, "maps": summary, "wall_min": (time.time() - t_all) / 60}, out / "summary.json")
     log(f"summary: {json.dumps(summary, indent=1)}\ntotal wall time {(time.time() - t_all) / 60:.1f} min")
     return 0

@@ -183,3 +183,31 @@ def test_gaussian_merge_weights_windows_by_their_centre_and_travels_with_the_sco
     assert "merge" not in VOXEL.score_settings(VOXEL.score(g, Study, VOXEL.settings({"stride": 4}, 8)))
     with pytest.raises(ValueError, match="scoring.merge must be one of"):
         VOXEL.settings({"merge": "median"}, 8)
+
+
+def test_interleaved_phases_add_the_diagonally_shifted_grid_and_travel_with_the_score(tmp_path):
+    """``scoring.phases: 2``: the windows of one grid plus the same grid shifted by stride/2 on every axis at
+    once (clipped to the volume), so twice the windows, each voxel's value the mean over both grids' windows;
+    the setting is recorded in the score and its operating point's scoring."""
+    rng = np.random.default_rng(3)
+    vol = (0.05 * rng.standard_normal((24, 24, 24)) - 0.3).astype(np.float32)
+    mask = np.ones(vol.shape, bool)
+    one, two = window_grid(vol, mask, 8, 8), window_grid(vol, mask, 8, 8, phases=2)
+    c1, c2 = {tuple(c) for c in one.corners.tolist()}, {tuple(c) for c in two.corners.tolist()}
+    shifted = {tuple(min(v + 4, 16) for v in c) for c in c1}
+    # per axis 0, 8, 16 and 4, 12, 16 (20 clips onto 16): only (16, 16, 16) is in both grids
+    assert c2 == c1 | shifted and len(c1) == 27 and len(two) == 27 + 26
+    g = _glow()
+    m = voxel_log_p_volume(g, two, part="all")
+    w = {a: local_log_prob(g, torch.from_numpy(vol[None, None, a : a + 8, a : a + 8, a : a + 8]),
+                           part="all")[0].numpy() for a in (0, 4)}
+    # voxel (5, 5, 5): the window at the origin (offset 5) and the shifted one at (4, 4, 4) (offset 1)
+    assert m[5, 5, 5] == pytest.approx((w[0][5, 5, 5] + w[4][1, 1, 1]) / 2, rel=1e-5)
+
+    class Study:
+        volume, permissive = vol, mask
+
+    score = VOXEL.score(g, Study, VOXEL.settings({"stride": 8, "phases": 2, "precision": "fp32"}, 8))
+    assert score.n_windows == len(two) and VOXEL.score_settings(score)["phases"] == 2
+    assert VOXEL.load_score(score.save(tmp_path / "v.npz")).phases == 2
+    assert "phases" not in VOXEL.score_settings(VOXEL.score(g, Study, VOXEL.settings({"stride": 8}, 8)))
