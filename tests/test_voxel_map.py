@@ -211,3 +211,20 @@ def test_interleaved_phases_add_the_diagonally_shifted_grid_and_travel_with_the_
     assert score.n_windows == len(two) and VOXEL.score_settings(score)["phases"] == 2
     assert VOXEL.load_score(score.save(tmp_path / "v.npz")).phases == 2
     assert "phases" not in VOXEL.score_settings(VOXEL.score(g, Study, VOXEL.settings({"stride": 8}, 8)))
+
+
+def test_an_operating_point_without_phases_or_merge_keeps_the_scoring_it_was_chosen_with():
+    """A point written before ``phases``/``merge`` were recorded was chosen on one mean-merged grid: the
+    job's scoring section (or a later default) must not re-map its studies another way; a point that
+    records them keeps them."""
+    from ct3dflow.detect.row import resolve_settings
+
+    def point(scoring):
+        return OperatingPoint("voxel", {"sigma_vox": 1.0, "tau_z": 4.0, "v_min_cm3": 0.0}, 1.0, {}, scoring)
+
+    job = {"stride": 12, "phases": 2, "merge": "gaussian"}
+    old = resolve_settings(VOXEL, job, 24, point({"stride": 12, "patch_size": 24, "part": "top_latent"}))
+    assert (old["phases"], old["merge"]) == (1, "mean")
+    new = resolve_settings(VOXEL, {"stride": 6}, 24, point({"stride": 12, "patch_size": 24, "phases": 2}))
+    assert (new["stride"], new["phases"], new["merge"]) == (12, 2, "mean")
+    assert resolve_settings(VOXEL, job, 24)["phases"] == 2  # no point: the job's scoring

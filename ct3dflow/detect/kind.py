@@ -52,6 +52,9 @@ class MapKind:
     map_params: ClassVar[tuple] = ("sigma_vox",)
     tie_break: ClassVar[tuple] = ()  # ((parameter, "asc" | "desc"), ...): stricter and simpler first
     needs_flow: ClassVar[bool] = False  # True: the model must be a Glow3D (not a likelihood proxy)
+    # what a stored operating point's ``scoring`` means where it lacks a setting: the value its scores were
+    # made with before the setting was recorded, so a later change of default never re-maps an old point
+    point_defaults: ClassVar[dict] = {}
 
     # -------------------------------------------------------------------------------- the predictor
     def settings(self, scoring: dict, patch_size: int) -> dict:

@@ -44,7 +44,7 @@ def resolve_settings(kind: MapKind, scoring: dict | None, patch_size: int, op: O
     that a study is mapped the way the point was chosen."""
     if op is not None and op.map != kind.name:
         raise ValueError(f"the operating point is for the {op.map} map, not the {kind.name} map")
-    merged = {**(scoring or {}), **(op.scoring if op is not None else {})}
+    merged = {**(scoring or {}), **({**kind.point_defaults, **op.scoring} if op is not None else {})}
     settings = kind.settings(merged, int(merged.get("patch_size") or patch_size))
     if settings["patch_size"] != int(patch_size):
         raise ValueError(f"the operating point was chosen on {settings['patch_size']}³ windows but the model scores "

@@ -209,6 +209,7 @@ class VoxelMap(MapKind):
     map_params = ("sigma_vox",)
     tie_break = (("sigma_vox", "asc"), ("tau_z", "desc"), ("v_min_cm3", "desc"))  # higher τ flags less
     needs_flow = True
+    point_defaults = {"phases": 1, "merge": "mean"}  # score_settings records them only where not these
 
     def settings(self, scoring: dict, patch_size: int) -> dict:
         part = scoring.get("part") or "top_latent"
