@@ -15,7 +15,9 @@ difference of its map from the reference variant's (fp32, the reference layers) 
   coupling networks in bf16, the main stream, the 1×1×1 convolutions, the log-dets and the latent in fp32 (the
   reference layers' mixed-precision rule);
 * ``fast`` — the fast encoder of :mod:`ct3dflow.flow.fast` forced on the CPU (folded ActNorm, tap GEMMs);
-* batch sizes.
+* batch sizes;
+* ``--grids``: only the window grids at the default precision (bf16 autocast where native): stride 12, stride
+  12 with interleaved grids (``scoring.phases`` 2 and 4) and stride 6.
 
 Whether a variant is *as good* is decided by validation AUROC on the detection experiment (docs/RESULTS.md),
 not here; this measures the time and the numerical distance.
@@ -58,7 +60,8 @@ def main() -> None:
 
     from ct3dflow.detect.grid import window_grid
     from ct3dflow.detect.voxel_map import voxel_log_p_volume
-    from ct3dflow.models import load_patch_scorer, prepare_flow_encoder
+    from ct3dflow.flow.dtypes import bf16_available
+    from ct3dflow.models import load_patch_scorer
     from ct3dflow.preprocess import preprocess_study
     from ct3dflow.synthetic import make_phantom, write_nifti
     from ct3dflow.train import TrainConfig
@@ -67,6 +70,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(MODEL))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--grids", action="store_true", help="only the window grids (stride, phases) in bf16 autocast")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "ct3dflow-bench-voxel"
@@ -87,20 +91,55 @@ def main() -> None:
     inside = study.permissive != 0
     rows, ref = [], {}
 
-    def run(name, glow, stride, batch, precision="none", autocast=False):
-        grid = window_grid(study.volume, study.permissive, 24, stride)
+    def run(name, glow, stride, batch, precision="none", autocast=False, phases=1):
+        grid = window_grid(study.volume, study.permissive, 24, stride, phases)
         with conv_precision(precision):  # autocast: the scorer's own bf16 switch (scoring.precision: bf16)
             voxel_log_p_volume(glow, window_grid(study.volume[:48, :48, :48], study.permissive[:48, :48, :48] | 1,
                                                  24, 24), batch_size=batch, bf16=autocast)  # warm-up (oneDNN caches)
             t = time.time()
             m = voxel_log_p_volume(glow, grid, batch_size=batch, bf16=autocast)
             dt = time.time() - t
-        if stride not in ref:
-            ref[stride] = m
-        diff = float(np.nanmax(np.abs(m[inside] - ref[stride][inside]) / (np.abs(ref[stride][inside]) + 1e-3)))
-        rows.append({"variant": name, "stride": stride, "batch": batch, "windows": len(grid), "seconds": dt,
-                     "max_rel_diff": diff})
+        key = 6 if a.grids else stride  # --grids: every grid against stride 6, the map it stands in for
+        if key == stride and key not in ref:
+            ref[key] = m
+        diff = float(np.nanmax(np.abs(m[inside] - ref[key][inside]) / (np.abs(ref[key][inside]) + 1e-3)))
+        rows.append({"variant": name, "stride": stride, "phases": phases, "batch": batch, "windows": len(grid),
+                     "seconds": dt, "max_rel_diff": diff})
         print(json.dumps(rows[-1]), flush=True)
+
+    if a.grids:
+        auto = bf16_available("cpu")
+        name = "bf16 autocast" if auto else "fp32"
+        for stride, phases in ((6, 1), (12, 1), (12, 2), (12, 4)):
+            run(name, model, stride, 32, autocast=auto, phases=phases)
+    else:
+        precision_rows(run, model, a)
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    lines = [SECTION + (" — window grids" if a.grids else ""), "",
+             f"- date: {datetime.now().isoformat(timespec='seconds')}; CPU: {cpu_model()}, {a.threads} torch threads "
+             f"(AMX tiles: {'yes' if amx else 'no'}, bf16 instructions: "
+             f"{'yes' if torch.cpu._is_avx512_bf16_supported() else 'no'})",
+             f"- command: `python bench/voxel_map.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
+             f"- input: a phantom chest on the 2 mm grid, {study.volume.shape[2]} × {study.volume.shape[1]} × "
+             f"{study.volume.shape[0]} voxels, {inside.sum() * 8e-3:.0f} cm³ in the permissive mask; {which}",
+             "", "| variant | stride | phases | batch | windows | seconds | max relative difference from "
+             + ("stride 6 |" if a.grids else "fp32 |"),
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['stride']} | {r['phases']} | {r['batch']} | {r['windows']} | "
+              f"{r['seconds']:.1f} | {r['max_rel_diff']:.1e} |" for r in rows]
+    same = [r["variant"] for r in rows if "bf16" in r["variant"] and r["max_rel_diff"] == 0.0 and not a.grids]
+    if same:
+        # a fresh model's couplings are identities (zero-initialised last layer): bf16 in them changes nothing
+        why = ("the model is untrained (its affine couplings are identities), not because fp32 ran; the times are "
+               "bf16's" if not Path(a.model).exists() else
+               "oneDNN kept fp32 convolutions on this CPU, so those rows time fp32 again")
+        lines += ["", f"Notes: {', '.join(sorted(set(same)))} gave the fp32 map bit for bit: {why}."]
+    publish(SECTION + (" — window grids" if a.grids else ""), lines, a.write_docs)
+
+
+def precision_rows(run, model, a) -> None:
+    """The precisions and encoders at strides 12 and 6 (the default bench)."""
+    from ct3dflow.models import load_patch_scorer, prepare_flow_encoder
 
     run("fp32 reference layers", model, 12, 32)
     run("fp32 reference layers", model, 12, 64)
@@ -113,26 +152,6 @@ def main() -> None:
     run("fp32 reference layers", model, 6, 64)
     run("bf16 convolutions (oneDNN)", model, 6, 32, "bf16")
     run("bf16 autocast (coupling nets in bf16)", model, 6, 32, autocast=True)
-    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    lines = [SECTION, "",
-             f"- date: {datetime.now().isoformat(timespec='seconds')}; CPU: {cpu_model()}, {a.threads} torch threads "
-             f"(AMX tiles: {'yes' if amx else 'no'}, bf16 instructions: "
-             f"{'yes' if torch.cpu._is_avx512_bf16_supported() else 'no'})",
-             f"- command: `python bench/voxel_map.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
-             f"- input: a phantom chest on the 2 mm grid, {study.volume.shape[2]} × {study.volume.shape[1]} × "
-             f"{study.volume.shape[0]} voxels, {inside.sum() * 8e-3:.0f} cm³ in the permissive mask; {which}",
-             "", "| variant | stride | batch | windows | seconds | max relative difference from fp32 |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['stride']} | {r['batch']} | {r['windows']} | {r['seconds']:.1f} | "
-              f"{r['max_rel_diff']:.1e} |" for r in rows]
-    same = [r["variant"] for r in rows if "bf16" in r["variant"] and r["max_rel_diff"] == 0.0]
-    if same:
-        # a fresh model's couplings are identities (zero-initialised last layer): bf16 in them changes nothing
-        why = ("the model is untrained (its affine couplings are identities), not because fp32 ran; the times are "
-               "bf16's" if not Path(a.model).exists() else
-               "oneDNN kept fp32 convolutions on this CPU, so those rows time fp32 again")
-        lines += ["", f"Notes: {', '.join(sorted(set(same)))} gave the fp32 map bit for bit: {why}."]
-    publish(SECTION, lines, a.write_docs)
 
 
 if __name__ == "__main__":
