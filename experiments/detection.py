@@ -177,13 +177,14 @@ def score_split(a, kind, stride, rows, cache, model_path, model, sdir: Path, spl
     return res
 
 
-def score_dir_name(a, kind_name: str, stride: int) -> str:
+def score_dir_name(a, kind, stride: int) -> str:
     """One folder per scoring variant, so variants compared on validation never overwrite each other."""
-    name = f"{kind_name}-stride{stride}"
-    if kind_name == "voxel" and a.voxel_phases > 1:
-        name += f"-phases{a.voxel_phases}"
-    if kind_name == "voxel" and a.voxel_merge != "mean":
-        name += f"-{a.voxel_merge}"
+    name = f"{kind.name}-stride{stride}"
+    if "phases" in kind.point_defaults:  # the voxel map and the kinds built on it
+        if a.voxel_phases != kind.point_defaults["phases"]:
+            name += f"-phases{a.voxel_phases}"
+        if a.voxel_merge != kind.point_defaults["merge"]:
+            name += f"-{a.voxel_merge}"
     return name
 
 
@@ -273,7 +274,7 @@ def stage_kind(a, kind_name: str, rows, cache: Path, model_path: Path, out: Path
     val_rows = [r for r in rows if r["split"] == "val"]
     chosen = None
     for stride in strides:  # validation only: score, search
-        sdir = out / score_dir_name(a, kind.name, stride)
+        sdir = out / score_dir_name(a, kind, stride)
         res = score_split(a, kind, stride, rows, cache, model_path, model, sdir, "val")
         val = load_scored_studies(kind, val_rows, res, cache)
         op, trials = grid_search(kind, val, space, rule, folds=a.reference_folds)

@@ -209,7 +209,7 @@ class VoxelMap(MapKind):
     map_params = ("sigma_vox",)
     tie_break = (("sigma_vox", "asc"), ("tau_z", "desc"), ("v_min_cm3", "desc"))  # higher τ flags less
     needs_flow = True
-    point_defaults = {"phases": 1, "merge": "mean"}  # score_settings records them only where not these
+    point_defaults = {"phases": 1, "merge": "mean"}  # what points written before these were recorded used
 
     def settings(self, scoring: dict, patch_size: int) -> dict:
         part = scoring.get("part") or "top_latent"
@@ -253,9 +253,10 @@ class VoxelMap(MapKind):
 
     def score_settings(self, score: VoxelScore) -> dict:
         out = {"stride": int(score.stride), "part": str(score.part)}
-        if score.phases > 1:
+        # recorded only where they differ from what a point without them means (point_defaults)
+        if int(score.phases) != self.point_defaults["phases"]:
             out["phases"] = int(score.phases)
-        if score.merge != "mean":
+        if str(score.merge) != self.point_defaults["merge"]:
             out["merge"] = str(score.merge)
         if score.size:
             out["patch_size"] = int(score.size)
