@@ -11,7 +11,9 @@ candidate healthy reference is searched on **validation only**:
 * ``depth`` — the voxel kind (median, MAD per depth band; the platform's reference before issue 16);
 * ``depth-quantile`` — quantile calibration per depth band;
 * ``anatomy-mad`` — depth × 3 medial–lateral × 3 cranio-caudal bands, median and MAD;
-* ``anatomy-quantile`` — the same bands, quantile-calibrated (the ``anatomy`` map kind).
+* ``anatomy-quantile`` — the same bands, quantile-calibrated (the ``anatomy`` map kind);
+* ``fraction-mad`` / ``fraction-quantile`` — depth × 3 bands of the local lung fraction (the share of the
+  window-sized box around a voxel that is lung: low at thin tips beside the mediastinum and the heart).
 
 The candidate with the best validation objective (AUROC + 1e-3·F1; ties: the simpler, earlier one) is tested
 once, with T by best validation F1 and with T for a validation specificity of 0.9; the others are tested
@@ -52,6 +54,8 @@ CANDIDATES = {
     "depth-quantile": AnatomyMap(lateral=1, vertical=1, calibration="quantile"),
     "anatomy-mad": AnatomyMap(lateral=3, vertical=3, calibration="mad"),
     "anatomy-quantile": AnatomyMap(lateral=3, vertical=3, calibration="quantile"),
+    "fraction-mad": AnatomyMap(lateral=1, vertical=1, calibration="mad", fraction=3),
+    "fraction-quantile": AnatomyMap(lateral=1, vertical=1, calibration="quantile", fraction=3),
 }
 SPACE = {"sigma_vox": [1.0, 2.0], "tau_z": [2.0, 3.0, 4.0, 5.0, 6.0], "v_min_cm3": [0.0, 1.0, 5.0]}
 

@@ -91,3 +91,38 @@ def test_quantile_calibration_makes_healthy_z_standard_normal_per_band():
     ref_mad = mad.fit_reference([VoxelScore(h, 8) for h in heavy], [m] * 4, {"sigma_vox": 0.0})
     z_mad = -mad.atypicality(VoxelScore(heavy[0], 8), m, {"sigma_vox": 0.0}, ref_mad)
     assert np.mean(z_mad[m] > 3.0) > 3 * share  # MAD z of a heavy-tailed healthy distribution flags far more
+
+
+def test_lung_fraction_bands_absorb_what_a_thin_lung_tip_does_to_normal_maps():
+    """Where a window holds little lung (a thin tip beside the mediastinum) healthy values differ from a flat
+    pleura at the same depth; fraction bands tell the two apart, depth bands cannot."""
+    from ct3dflow.detect.anatomy_map import lung_fraction
+
+    m = np.zeros((40, 60, 60), bool)
+    m[4:36, 8:52, 8:40] = True  # a box-shaped lung ...
+    m[4:36, 26:34, 40:56] = True  # ... with a thin tongue into the 'mediastinum'
+    f = lung_fraction(m)
+    assert f[20, 30, 24] > 0.7 and f[20, 30, 52] < 0.4  # deep in the box vs. the tip of the tongue
+    full, d = band_index(m, (0.0, 2.0, 4.0), 1, 1, fraction=3)
+    assert set(np.unique(full[m])) <= set(range(9)) and (full[~m] == -1).all()
+    tongue = m & (f < 1 / 3)
+    rng = np.random.default_rng(2)
+
+    def healthy():
+        v = ndimage.gaussian_filter(rng.standard_normal(m.shape), 1.0).astype(np.float32)
+        v[tongue] += 3.0  # normal anatomy the windows see at the tip
+        return v
+
+    space = {"sigma_vox": [0.0], "tau_z": [4.0], "v_min_cm3": [0.0]}
+    val = [ScoredStudy(f"n{i}", 0, None, m.astype(np.uint8), SP, VoxelScore(healthy(), 8, size=8)) for i in range(4)]
+    for i in range(4):
+        v = healthy()
+        v[18:23, 20:25, 18:23] -= 6.0
+        val.append(ScoredStudy(f"a{i}", 1, "nodule", m.astype(np.uint8), SP, VoxelScore(v, 8, size=8)))
+    kinds = {"depth": AnatomyMap(1, 1, "mad"), "fraction": AnatomyMap(1, 1, "mad", fraction=3)}
+    normal_cm3 = {}
+    for name, kind in kinds.items():
+        op, _ = grid_search(kind, val, space)
+        normal_cm3[name] = np.median([kind.decide(VoxelScore(healthy(), 8, size=8), m, SP, op)[0] for _ in range(3)])
+        assert op.reference.get("fraction", 1) == kind.fraction
+    assert normal_cm3["depth"] > 2.0 and normal_cm3["fraction"] < 0.1 * normal_cm3["depth"], normal_cm3

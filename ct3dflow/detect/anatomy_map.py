@@ -32,6 +32,7 @@ from scipy.special import ndtr
 from .voxel_map import DEFAULT_DEPTH_BINS, VoxelMap, smooth_in_mask
 
 MIN_BAND_VOXELS = 200
+FRACTION_RADIUS = 12  # voxels: half of the detection model's 24³ window on the 2 mm grid
 _Z_GRID = np.linspace(-3.9, 3.9, 53)  # quantiles stored at these standard-normal positions (p = 5e-5 … 1 − 5e-5)
 
 
@@ -64,7 +65,15 @@ def anatomy_coordinates(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return depth, lateral, vertical
 
 
-def band_index(mask: np.ndarray, bins, lateral: int, vertical: int) -> tuple[np.ndarray, np.ndarray]:
+def lung_fraction(mask: np.ndarray, radius: int = FRACTION_RADIUS) -> np.ndarray:
+    """The share of ``mask`` in the ``(2·radius+1)³`` box around each voxel (0…1): how much of a window
+    centred there is lung. Low at the thin anterior tips and along the heart, where a window holds mostly
+    mediastinum, and about one half at a flat pleura, which depth alone does not tell apart."""
+    m = (np.asarray(mask) != 0).astype(np.float32)
+    return ndimage.uniform_filter(m, size=2 * int(radius) + 1, mode="constant")
+
+
+def band_index(mask: np.ndarray, bins, lateral: int, vertical: int, fraction: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(anatomy band, depth band) per voxel (−1 outside the mask)."""
     m = np.asarray(mask) != 0
     depth, lat, ver = anatomy_coordinates(m)
@@ -72,6 +81,9 @@ def band_index(mask: np.ndarray, bins, lateral: int, vertical: int) -> tuple[np.
     li = np.minimum((lat * lateral).astype(np.int64), lateral - 1)
     vi = np.minimum((ver * vertical).astype(np.int64), vertical - 1)
     full = (d * lateral + li) * vertical + vi
+    if fraction > 1:
+        fi = np.minimum((lung_fraction(m) * fraction).astype(np.int64), fraction - 1)
+        full = full * fraction + fi
     return np.where(m, full, -1), np.where(m, d, -1)
 
 
@@ -86,13 +98,14 @@ def _stats(vals: np.ndarray, calibration: str) -> dict:
 
 
 def fit_anatomy_reference(maps, masks, bins=DEFAULT_DEPTH_BINS, lateral: int = 3, vertical: int = 3,
-                          calibration: str = "quantile") -> dict:
+                          calibration: str = "quantile", fraction: int = 1) -> dict:
     """From the smoothed maps and permissive masks of healthy validation studies."""
-    n_full = len(bins) * lateral * vertical
+    per_depth = lateral * vertical * fraction
+    n_full = len(bins) * per_depth
     full_vals: list[list[np.ndarray]] = [[] for _ in range(n_full)]
     depth_vals: list[list[np.ndarray]] = [[] for _ in bins]
     for v, m in zip(maps, masks, strict=True):
-        full, depth = band_index(m, bins, lateral, vertical)
+        full, depth = band_index(m, bins, lateral, vertical, fraction)
         ok = np.isfinite(v) & (full >= 0)
         fv, dv, vv = full[ok], depth[ok], np.asarray(v[ok], dtype=np.float64)
         order = np.argsort(fv, kind="stable")
@@ -111,14 +124,15 @@ def fit_anatomy_reference(maps, masks, bins=DEFAULT_DEPTH_BINS, lateral: int = 3
     for b, parts in enumerate(full_vals):
         vals = np.concatenate(parts)
         bands.append(_stats(vals, calibration) if vals.size >= MIN_BAND_VOXELS else
-                     {**depth_stats[b // (lateral * vertical)], "fallback": True})
+                     {**depth_stats[b // per_depth], "fallback": True})
     return {"type": "anatomy", "bins": [float(v) for v in bins], "lateral": int(lateral), "vertical": int(vertical),
-            "calibration": calibration, "bands": bands, "depth_bands": depth_stats}
+            "fraction": int(fraction), "calibration": calibration, "bands": bands, "depth_bands": depth_stats}
 
 
 def anatomy_z(reference: dict, smoothed: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """z of every voxel against its anatomical band (NaN outside ``mask``)."""
-    full, _ = band_index(mask, reference["bins"], reference["lateral"], reference["vertical"])
+    full, _ = band_index(mask, reference["bins"], reference["lateral"], reference["vertical"],
+                         int(reference.get("fraction", 1)))
     z = np.full(np.shape(smoothed), np.nan, dtype=np.float32)
     inside = full >= 0
     fv, vv = full[inside], np.asarray(smoothed, dtype=np.float64)[inside]
@@ -148,20 +162,23 @@ class AnatomyMap(VoxelMap):
     title = ("coarse-latent voxel map against a reference per depth × medial-lateral × cranio-caudal band, "
              "quantile-calibrated (not in the paper)")
 
-    def __init__(self, lateral: int = 3, vertical: int = 3, calibration: str = "quantile", bins=DEFAULT_DEPTH_BINS):
+    def __init__(self, lateral: int = 3, vertical: int = 3, calibration: str = "quantile", bins=DEFAULT_DEPTH_BINS,
+                 fraction: int = 1):
         if calibration not in ("quantile", "mad"):
             raise ValueError(f"calibration must be 'quantile' or 'mad', got {calibration!r}")
         self.lateral, self.vertical, self.calibration, self.bins = int(lateral), int(vertical), calibration, bins
+        self.fraction = int(fraction)
 
     def fit_reference(self, scores, masks, params) -> dict:
         sigma = float(params["sigma_vox"])
         smoothed = [smooth_in_mask(s.voxel_map, m, sigma) for s, m in zip(scores, masks, strict=True)]
-        return fit_anatomy_reference(smoothed, masks, self.bins, self.lateral, self.vertical, self.calibration)
+        return fit_anatomy_reference(smoothed, masks, self.bins, self.lateral, self.vertical, self.calibration,
+                                     self.fraction)
 
     def atypicality(self, score, mask, params, reference) -> np.ndarray:
         return -np.abs(anatomy_z(reference, smooth_in_mask(score.voxel_map, mask, float(params["sigma_vox"])), mask))
 
     def __repr__(self) -> str:
-        return (f"<map kind {self.name!r}: {self.lateral}×{self.vertical} anatomical bands per depth band, "
-                f"{self.calibration} calibration>")
+        return (f"<map kind {self.name!r}: {self.lateral}×{self.vertical}×{self.fraction} anatomical bands per depth "
+                f"band, {self.calibration} calibration>")
 
