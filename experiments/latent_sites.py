@@ -18,7 +18,8 @@ stays. This script measures both on one model and one validation split:
    phantom seed) its share of lesion;
 2. **analyse** — healthy references from the *normal validation studies* (in-sample: this is a first look,
    not a cross-fitted operating point), per depth band as the voxel map does: median/MAD of the energy; the
-   mean vector and a shrunk covariance (10 % towards the identity) of the σ-smoothed mean vectors. Statistics
+   mean vector and a shrunk covariance (10 % towards the identity; ``--covariance diagonal`` keeps only its
+   diagonal) of the σ-smoothed mean vectors. Statistics
    per site: ``|z|`` of the energy (the voxel map's term), the squared distance of the mean vector from its
    band's healthy mean, its Mahalanobis distance, and the larger of the energy z and the Mahalanobis z
    (``combined``). Site AUROC per kind: lesion sites (≥ 50 % lesion) of abnormal studies against every
@@ -156,6 +157,8 @@ def analyse(a) -> str:
             v = np.concatenate([s["m"][:, (s["band"] == b) & s["inside"]].T for s in normals])
             mu[b] = v.mean(0)
             cov = np.cov(v.T)
+            if a.covariance == "diagonal":
+                cov = np.diag(np.diag(cov))
             prec[b] = np.linalg.inv(0.9 * cov + 0.1 * np.trace(cov) / len(cov) * np.eye(len(cov)))
         for s in studies:
             shift, maha, ez = (np.zeros(s["e"].shape, np.float32) for _ in range(3))
@@ -206,12 +209,15 @@ def main(argv=None) -> int:
     p.add_argument("--stride", type=int, default=12)
     p.add_argument("--sigma", type=float, nargs="+", default=[0.0, 1.0], help="smoothing in sites")
     p.add_argument("--tau", type=float, nargs="+", default=[3.0, 4.0, 5.0, 6.0])
+    p.add_argument("--covariance", default="full", choices=["full", "diagonal"],
+                   help="the healthy covariance of the mean vectors per depth band (diagonal: 128 numbers a band)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     np.seterr(all="ignore")
     extract(a)
     md = analyse(a)
-    (Path(a.out) / "latent_sites.md").write_text(md, encoding="utf-8")
+    name = "latent_sites.md" if a.covariance == "full" else f"latent_sites-{a.covariance}.md"
+    (Path(a.out) / name).write_text(md, encoding="utf-8")
     print(md)
     return 0
 
