@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from ct3dflow.cache import StudyCache  # noqa: E402
 from ct3dflow.detect.grid import window_grid  # noqa: E402
-from ct3dflow.detect.voxel_map import DEFAULT_DEPTH_BINS  # noqa: E402
+from ct3dflow.detect.voxel_map import DEFAULT_DEPTH_BINS, smooth_in_mask  # noqa: E402
 from ct3dflow.pipeline import manifest_rows  # noqa: E402
 
 SITE = 4  # voxels per lattice site and axis: half a coarsest cell at L = 3
@@ -123,12 +123,11 @@ def extract(a) -> None:
 
 # ------------------------------------------------------------------------------------------- analyse
 def smooth(values: np.ndarray, inside: np.ndarray, sigma: float) -> np.ndarray:
-    """Normalised Gaussian smoothing inside ``inside`` over the last three axes (σ in sites)."""
-    if sigma <= 0:
-        return values
-    w = np.maximum(ndimage.gaussian_filter(inside.astype(np.float32), sigma), 1e-6)
-    f = lambda v: ndimage.gaussian_filter(np.where(inside, v, 0).astype(np.float32), sigma) / w  # noqa: E731
-    return np.stack([f(v) for v in values]) if values.ndim == 4 else f(values)
+    """The voxel map's smoothing in the mask (σ in sites; NaN outside ``inside``), channel by channel for the
+    mean vectors."""
+    if values.ndim == 4:
+        return np.stack([smooth_in_mask(v, inside, sigma) for v in values])
+    return smooth_in_mask(values, inside, sigma)
 
 
 def robust(v: np.ndarray) -> tuple[float, float]:
