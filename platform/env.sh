@@ -10,6 +10,9 @@
 # one temp dir per head (short: Ray's socket paths must stay under 108 characters); stop uses it
 : "${RAY_TMPDIR:=/tmp/ct3dflow-ray-$(id -u)-$RAY_HEAD_PORT}"
 : "${MLFLOW_HOST:=127.0.0.1}"
+# torch's OpenMP threads wait passively: spinning ones hold the cores that Ray's other tasks and actors need
+# (ct3dflow/__init__.py says why); every Ray worker inherits it from the head
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:$RAY_DASHBOARD_PORT}"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-http://127.0.0.1:$MLFLOW_PORT}"

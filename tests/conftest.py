@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# before anything loads torch (libgomp reads it then): the session's Ray jobs share the 2 cores with the tests,
+# and spinning OpenMP threads would hold them (ct3dflow/__init__.py); its subprocesses and Ray head inherit it
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ROOT = Path(__file__).resolve().parents[1]
 PLATFORM = ROOT / "platform"
 

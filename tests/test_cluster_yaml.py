@@ -15,8 +15,10 @@ on every node, token auth, the MLflow address, shared storage, and a dashboard r
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -194,6 +196,18 @@ def test_mlflow_and_shared_storage_reach_jobs(prepared, runtime_env):
     assert renv["CT3DFLOW_WORK"] == env["CT3DFLOW_WORK"]
     assert renv["CT3DFLOW_DATA"] == env["CT3DFLOW_DATA"]
     assert renv["RAY_AUTH_MODE"] == "token"
+
+
+def test_openmp_threads_wait_passively_on_every_node_and_in_every_job(prepared, runtime_env, tmp_path):
+    """The nodes' environment file, the jobs' runtime env and the local platform scripts (which start the
+    local Ray head: its workers inherit it) all make torch's OpenMP threads wait passively."""
+    assert _env_exports(prepared["setup_commands"]).get("OMP_WAIT_POLICY") == "PASSIVE"
+    assert runtime_env["env_vars"].get("OMP_WAIT_POLICY") == "PASSIVE"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["CT3DFLOW_STATE"] = str(tmp_path)
+    out = subprocess.run(["bash", "-c", f"source {ROOT / 'platform' / 'env.sh'} && echo $OMP_WAIT_POLICY"], env=env,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
 
 
 def test_runtime_env_is_valid_for_ray(runtime_env):

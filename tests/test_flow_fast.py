@@ -9,6 +9,7 @@ load_state_dict, ``.data`` edits followed by ``eval()``). CUDA graphs and the GP
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 
@@ -301,6 +302,17 @@ def test_importing_the_flow_core_pulls_no_platform_dependencies():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_importing_ct3dflow_makes_openmp_threads_wait_passively_unless_the_user_chose():
+    """Spinning OpenMP threads hold the cores that a Ray job's other processes need (bench/omp_wait.py)."""
+    code = "import os, ct3dflow, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
 
 
 @pytest.mark.slow
