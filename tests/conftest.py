@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -61,14 +61,44 @@ def _service(script: str, env: dict, start_timeout: int, stop_timeout: int):
         _run(script, "stop", env, stop_timeout)
 
 
+SERVICES = {"ray_head": ("ray-head.sh", 240, 120), "mlflow_server": ("mlflow-server.sh", 300, 60)}
+
+
 @pytest.fixture(scope="session")
-def ray_head(platform_env):
-    with _service("ray-head.sh", platform_env, 240, 120):
+def _services(request, platform_env):
+    """The Ray head and the MLflow server that the selected tests need, started side by side (each start
+    mostly waits) and stopped again at the end of the session, also when tests fail."""
+    names = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
+    if any(_chain_rank(item) for item in request.session.items):
+        names |= set(SERVICES)  # the chain asks for both by name, at run time
+    wanted = [name for name in SERVICES if name in names]
+    with ThreadPoolExecutor(2) as pool:
+        started = dict(zip(wanted, pool.map(lambda n: _run(SERVICES[n][0], "start", platform_env, SERVICES[n][1]),
+                                            wanted)))
+    try:
+        for name, r in started.items():
+            if r.returncode != 0:
+                pytest.fail(f"could not start {SERVICES[name][0]}:\n{r.stdout}\n{r.stderr}")
+        yield set(started)
+    finally:
+        for name in started:
+            _run(SERVICES[name][0], "stop", platform_env, SERVICES[name][2])
+
+
+@pytest.fixture(scope="session")
+def ray_head(platform_env, _services):
+    if "ray_head" in _services:
+        yield platform_env
+        return
+    with _service("ray-head.sh", platform_env, 240, 120):  # asked for at run time only
         yield platform_env
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(platform_env):
+def mlflow_server(platform_env, _services):
+    if "mlflow_server" in _services:
+        yield platform_env["MLFLOW_TRACKING_URI"]
+        return
     with _service("mlflow-server.sh", platform_env, 300, 60):
         yield platform_env["MLFLOW_TRACKING_URI"]
 
@@ -77,18 +107,27 @@ def _reads_chain(item) -> bool:
     return "jobs_done" in getattr(item, "fixturenames", ())
 
 
+def _chain_rank(item) -> int:
+    """0: needs nothing of the chain; 1: only its CT-3DFlow champion (ready halfway); 2: the whole chain."""
+    names = getattr(item, "fixturenames", ())
+    return 2 if "jobs_done" in names else 1 if "champion" in names else 0
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Modules that read the platform chain run last (whole modules, so module fixtures are set up once): the
-    chain's Ray jobs run in the background while the rest of the suite uses the other core."""
-    late = {item.module.__name__ for item in items if _reads_chain(item)}
-    items.sort(key=lambda item: item.module.__name__ in late)  # stable: each group keeps its order
+    chain's Ray jobs run in the background while the rest of the suite uses the other core. Those that need
+    only its champion come before those that need the whole chain: they run beside the chain's second half."""
+    rank: dict[str, int] = {}
+    for item in items:
+        rank[item.module.__name__] = max(rank.get(item.module.__name__, 0), _chain_rank(item))
+    items.sort(key=lambda item: rank[item.module.__name__])  # stable: each group keeps its order
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _chain_in_background(request, tmp_path_factory):
     """Starts the platform chain (tests/chain.py) in a thread at the start of the session when any selected
-    test reads it; ``jobs_done`` waits for it."""
-    if not any(_reads_chain(item) for item in request.session.items):
+    test reads it; ``champion`` and ``jobs_done`` wait for their part of it."""
+    if not any(_chain_rank(item) for item in request.session.items):
         yield None
         return
     from chain import run_chain
@@ -96,15 +135,23 @@ def _chain_in_background(request, tmp_path_factory):
     env = request.getfixturevalue("ray_head")
     request.getfixturevalue("mlflow_server")
     pool = ThreadPoolExecutor(1, thread_name_prefix="chain")
-    future = pool.submit(run_chain, env, tmp_path_factory.mktemp("chain"))
+    champion = Future()
+    future = pool.submit(run_chain, env, tmp_path_factory.mktemp("chain"), champion)
     try:
-        yield future
+        yield {"champion": champion, "done": future}
     finally:
         pool.shutdown(wait=True)  # never stop the Ray head under a running job
+
+
+@pytest.fixture(scope="session")
+def champion(_chain_in_background):
+    """The chain's CT-3DFlow champion, registered with its voxel-map operating point (tests/chain.py): its
+    ``model_file`` and ``registered_model``. Ready once the chain's first train and tune jobs are done."""
+    return _chain_in_background["champion"].result()
 
 
 @pytest.fixture(scope="session")
 def jobs_done(_chain_in_background):
     """The platform's chain with `ray job submit`, once per session (tests/chain.py): train (stopped, then
     resumed) → tune → evaluate → screen, CT-3DFlow on the voxel map and the AE on the paper's patch map."""
-    return _chain_in_background.result()
+    return _chain_in_background["done"].result()

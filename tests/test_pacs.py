@@ -129,7 +129,7 @@ def _results_series(client, study_uid):
 
 
 @pytest.fixture(scope="module")
-def screened(ray_head, mlflow_server, jobs_done, pacs, seeded, tmp_path_factory):
+def screened(ray_head, mlflow_server, champion, pacs, seeded, tmp_path_factory):
     work = tmp_path_factory.mktemp("pacs-work")
     cfg = _config(work / "screen.yaml", work, pacs, mlflow_server)
     status, logs = _screen(ray_head, "test-pacs-1", cfg)

@@ -134,7 +134,7 @@ def one_row_per_study(work: Path, n: int) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------
 # the model: a tiny Glow3D trained here, registered with an operating point
 @pytest.fixture(scope="module")
-def tiny_model(jobs_done, mlflow_server):
+def tiny_model(champion, mlflow_server):
     """The session chain's CT-3DFlow champion (tests/chain.py), with its voxel-map operating point, and its
     model file (without one: studies get scores, no decision)."""
     import mlflow
@@ -144,7 +144,7 @@ def tiny_model(jobs_done, mlflow_server):
     mlflow.set_tracking_uri(mlflow_server)
     loaded = load_patch_model(f"models:/{MODEL_NAME}@champion")
     assert loaded.operating_point["map"] == "voxel"
-    return {"path": jobs_done["model_file"], "version": loaded.version, "op": loaded.operating_point}
+    return {"path": champion["model_file"], "version": loaded.version, "op": loaded.operating_point}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def test_killed_actor_is_replaced_and_a_stopped_job_resumes(ray_head, mlflow_ser
     archive = _fault_archive(tmp_path / "archive", n, 400)
     (archive / "broken.nii.gz").write_bytes(b"not an image")
     work = tmp_path / "work"
-    cfg = write_config(tmp_path / "screen.yaml", work, mlflow_server, stride=3, preprocess_workers=1)
+    cfg = write_config(tmp_path / "screen.yaml", work, mlflow_server, stride=4, preprocess_workers=1)
     sid = "test-screen-faults-1"
     r = submit(ray_head, sid, cfg, archive, model=str(tiny_model["path"]), wait=False)
     assert r.returncode == 0, r.stderr
