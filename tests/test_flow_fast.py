@@ -305,8 +305,9 @@ def test_importing_the_flow_core_pulls_no_platform_dependencies():
 
 
 def test_importing_ct3dflow_makes_openmp_threads_wait_passively_unless_the_user_chose():
-    """Spinning OpenMP threads hold the cores that a Ray job's other processes need (bench/omp_wait.py)."""
-    code = "import os, ct3dflow, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    """Spinning OpenMP threads hold the cores that a Ray job's other processes need (bench/omp_wait.py). The
+    package sets it on import, before any of its modules imports torch (libgomp reads it when torch loads)."""
+    code = "import os, sys, ct3dflow; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "PASSIVE"
