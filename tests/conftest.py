@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-# before anything loads torch (libgomp reads it then): the session's Ray jobs share the 2 cores with the tests,
-# and spinning OpenMP threads would hold them (ct3dflow/__init__.py); its subprocesses and Ray head inherit it
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# before any test module loads torch: importing the package sets OMP_WAIT_POLICY (libgomp reads it when torch
+# loads), which the session's subprocesses and Ray head inherit; the Ray jobs share the 2 cores with the tests
+import ct3dflow  # noqa: E402, F401
 
 ROOT = Path(__file__).resolve().parents[1]
 PLATFORM = ROOT / "platform"
@@ -50,7 +50,7 @@ def _run(script: str, action: str, env: dict, timeout: int) -> subprocess.Comple
 
 
 @contextlib.contextmanager
-def _service(script: str, env: dict, start_timeout: int, stop_timeout: int):
+def _service(script: str, start_timeout: int, stop_timeout: int, env: dict):
     """Start a platform service with its own script and stop it again, also when a test fails."""
     r = _run(script, "start", env, start_timeout)
     try:
@@ -90,7 +90,7 @@ def ray_head(platform_env, _services):
     if "ray_head" in _services:
         yield platform_env
         return
-    with _service("ray-head.sh", platform_env, 240, 120):  # asked for at run time only
+    with _service(*SERVICES["ray_head"], platform_env):  # asked for at run time only
         yield platform_env
 
 
@@ -99,12 +99,8 @@ def mlflow_server(platform_env, _services):
     if "mlflow_server" in _services:
         yield platform_env["MLFLOW_TRACKING_URI"]
         return
-    with _service("mlflow-server.sh", platform_env, 300, 60):
+    with _service(*SERVICES["mlflow_server"], platform_env):
         yield platform_env["MLFLOW_TRACKING_URI"]
-
-
-def _reads_chain(item) -> bool:
-    return "jobs_done" in getattr(item, "fixturenames", ())
 
 
 def _chain_rank(item) -> int:
