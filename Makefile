@@ -12,12 +12,11 @@ export PYTHONUTF8 := 1
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml platform/install-venv.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# the CPU build that lies on this disk; a looser pin would pull a multi-GB CUDA build
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# torch==2.13.0 (the CPU build that lies on this disk) and the project with its test tools: with uv, handed
+	# pip's indexes and constraints, else with pip (CT3DFLOW_INSTALLER=pip forces it)
+	platform/install-venv.sh $(VENV)
 	touch $(STAMP)
 
 demo: venv
