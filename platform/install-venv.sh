@@ -35,9 +35,9 @@ with_uv() {
   for v in $(pip_setting constraint); do args+=(--constraint "$v"); done
   v=$(pip_setting index-url | tail -1); [ -z "$v" ] || args+=(--index-url "$v")
   v=$(pip_setting cert | head -1); [ -z "$v" ] || export SSL_CERT_FILE="$v"
-  # compiled to bytecode now, as pip does: where PYTHONDONTWRITEBYTECODE is set (CI here), Python would
-  # otherwise compile torch, Ray and MLflow again in every process that imports them (21 s instead of 8 s)
-  "$BIN/uv" pip install -q --python "$BIN/python" --compile-bytecode "${args[@]}" "$TORCH" -e ".[$EXTRAS]" \
+  # not compiled to bytecode here (pip compiles every file: ≈ 90 CPU-s on 2 cores): Python compiles what is
+  # imported when it is first imported, and the Makefile lets it keep that bytecode (its comment says why)
+  "$BIN/uv" pip install -q --python "$BIN/python" "${args[@]}" "$TORCH" -e ".[$EXTRAS]" \
     || { echo "install-venv: uv failed; using pip"; return 1; }
 }
 
