@@ -66,28 +66,36 @@ SERVICES = {"ray_head": ("ray-head.sh", 240, 120), "mlflow_server": ("mlflow-ser
 
 @pytest.fixture(scope="session")
 def _services(request, platform_env):
-    """The Ray head and the MLflow server that the selected tests need, started side by side (each start
-    mostly waits) and stopped again at the end of the session, also when tests fail."""
+    """The Ray head and the MLflow server that the selected tests need, started side by side in the background
+    when the session starts (each start mostly waits; the first tests need neither and run meanwhile), and
+    stopped again at the end of the session, also when tests fail. Returns name → Future of the start."""
     names = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
     if any(_chain_rank(item) for item in request.session.items):
         names |= set(SERVICES)  # the chain asks for both by name, at run time
     wanted = [name for name in SERVICES if name in names]
-    with ThreadPoolExecutor(2) as pool:
-        started = dict(zip(wanted, pool.map(lambda n: _run(SERVICES[n][0], "start", platform_env, SERVICES[n][1]),
-                                            wanted)))
+    pool = ThreadPoolExecutor(2, thread_name_prefix="service")
+    started = {name: pool.submit(_run, SERVICES[name][0], "start", platform_env, SERVICES[name][1]) for name in wanted}
     try:
-        for name, r in started.items():
-            if r.returncode != 0:
-                pytest.fail(f"could not start {SERVICES[name][0]}:\n{r.stdout}\n{r.stderr}")
-        yield set(started)
+        yield started
     finally:
-        for name in started:
+        for name, future in started.items():
+            with contextlib.suppress(Exception):
+                future.result()  # never stop a service while its start still runs
             _run(SERVICES[name][0], "stop", platform_env, SERVICES[name][2])
+        pool.shutdown()
+
+
+def _wait_started(name: str, started: dict) -> None:
+    """Wait for a service started by ``_services``; a start that failed fails the caller with its output."""
+    r = started[name].result()
+    if r.returncode != 0:
+        raise RuntimeError(f"could not start {SERVICES[name][0]}:\n{r.stdout}\n{r.stderr}")
 
 
 @pytest.fixture(scope="session")
 def ray_head(platform_env, _services):
     if "ray_head" in _services:
+        _wait_started("ray_head", _services)
         yield platform_env
         return
     with _service(*SERVICES["ray_head"], platform_env):  # asked for at run time only
@@ -97,6 +105,7 @@ def ray_head(platform_env, _services):
 @pytest.fixture(scope="session")
 def mlflow_server(platform_env, _services):
     if "mlflow_server" in _services:
+        _wait_started("mlflow_server", _services)
         yield platform_env["MLFLOW_TRACKING_URI"]
         return
     with _service(*SERVICES["mlflow_server"], platform_env):
@@ -128,11 +137,21 @@ def _chain_in_background(request, tmp_path_factory):
         return
     from chain import run_chain
 
-    env = request.getfixturevalue("ray_head")
-    request.getfixturevalue("mlflow_server")
+    services = request.getfixturevalue("_services")  # started in the background; the chain waits for them
+    env = request.getfixturevalue("platform_env")
     pool = ThreadPoolExecutor(1, thread_name_prefix="chain")
     champion = Future()
-    future = pool.submit(run_chain, env, tmp_path_factory.mktemp("chain"), champion)
+
+    def chain():
+        try:
+            for name in SERVICES:
+                _wait_started(name, services)
+        except BaseException as exc:
+            champion.set_exception(exc)
+            raise
+        return run_chain(env, tmp_path_factory.mktemp("chain"), champion)
+
+    future = pool.submit(chain)
     try:
         yield {"champion": champion, "done": future}
     finally:
