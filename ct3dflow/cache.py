@@ -8,7 +8,8 @@ Layout, one folder per study::
     ROOT/<study_id>/meta.json               key, settings, geometry, lung volumes, notes
 
 An entry is served only when its key matches: the key hashes the cache layout version, the
-preprocessing settings (``PreprocessConfig.fingerprint``) and the *content* of the input files (and of a
+preprocessing settings (``PreprocessConfig.fingerprint``: all but the patch size, which is checked on every
+hit instead) and the *content* of the input files (and of a
 user-supplied mask), so a changed input or setting is recomputed, never served stale. Entries are written
 to a temporary folder and renamed into place, so a crash never leaves a half-written entry behind.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .preprocess import PreprocessConfig, PreprocessedStudy, preprocess_study
+from .preprocess import PreprocessConfig, PreprocessedStudy, check_covers_a_patch, preprocess_study
 
 CACHE_VERSION = 1
 _CHUNK = 1 << 20
@@ -80,6 +81,7 @@ class StudyCache:
         key = cache_key(path, cfg, mask_path)
         meta = self.meta(study_id)
         if meta is not None and meta.get("key") == key:
+            check_covers_a_patch(meta["shape_zyx"][::-1], cfg)  # the key leaves the patch size out
             return CacheEntry(self.load(study_id), key, True, self.study_dir(study_id))
         study = preprocess_study(path, cfg, mask_path=mask_path)
         self._write(study_id, study, key, cfg)

@@ -71,7 +71,11 @@ class PreprocessConfig:
         return typed_dataclass(cls, d, "preprocess")
 
     def fingerprint(self) -> str:
-        payload = json.dumps({"version": PREPROCESS_VERSION, **self.to_dict()}, sort_keys=True)
+        """What the preprocessed study depends on. ``patch_size`` is left out: it only decides whether a study
+        is too small (``check_covers_a_patch``, on every cache hit too), so a model trained on 16³ patches and
+        one scoring 24³ windows share one cache entry instead of overwriting each other's."""
+        settings = {k: v for k, v in self.to_dict().items() if k != "patch_size"}
+        payload = json.dumps({"version": PREPROCESS_VERSION, **settings}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -201,6 +205,20 @@ def _user_mask(mask_path, ref: sitk.Image, spacing) -> np.ndarray:
     return lungs.split_left_right(arr, spacing)
 
 
+def check_covers_a_patch(size, cfg: PreprocessConfig) -> None:
+    """A study on the isotropic grid (``size``: voxels along x, y, z) must hold one patch per axis."""
+    size = [int(n) for n in size]
+    if min(size) < cfg.patch_size:
+        ext = " × ".join(f"{n * cfg.spacing_mm:.0f}" for n in size)
+        raise CTInputError(
+            f"the image covers only {size[0]}×{size[1]}×{size[2]} voxels at {cfg.spacing_mm:g} "
+            f"mm ({ext} mm); "
+            f"at least one {cfg.patch_size}³ patch ({cfg.patch_size * cfg.spacing_mm:g} mm) "
+            f"per axis is needed — "
+            "pass a whole chest CT, not a crop"
+        )
+
+
 def preprocess_study(
     path: str | os.PathLike, cfg: PreprocessConfig = PreprocessConfig(), mask_path=None
 ) -> PreprocessedStudy:
@@ -217,16 +235,7 @@ def preprocess_study(
         )
     iso = resample_isotropic(img, cfg.spacing_mm, cfg.pad_hu)
     del img
-    size = iso.GetSize()
-    if min(size) < cfg.patch_size:
-        ext = " × ".join(f"{n * cfg.spacing_mm:.0f}" for n in size)
-        raise CTInputError(
-            f"the image covers only {size[0]}×{size[1]}×{size[2]} voxels at {cfg.spacing_mm:g} "
-            f"mm ({ext} mm); "
-            f"at least one {cfg.patch_size}³ patch ({cfg.patch_size * cfg.spacing_mm:g} mm) "
-            f"per axis is needed — "
-            "pass a whole chest CT, not a crop"
-        )
+    check_covers_a_patch(iso.GetSize(), cfg)
     hu = sitk.GetArrayFromImage(iso)
     spacing = tuple(float(s) for s in iso.GetSpacing())
     if mask_path is not None and str(mask_path) != "":

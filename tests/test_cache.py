@@ -3,9 +3,11 @@
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from ct3dflow.cache import StudyCache
+from ct3dflow.errors import CTInputError
 from ct3dflow.preprocess import PreprocessConfig
 from ct3dflow.synthetic import make_phantom, write_dicom_series, write_nifti
 
@@ -69,3 +71,23 @@ def test_masks_are_nifti_on_the_volume_grid_and_dicom_folders_are_keyed(tmp_path
     w.Execute(new)
     assert not cache.get_or_compute("d1", folder).hit
     assert cache.study_ids() == ["d1"]
+
+
+def test_one_entry_serves_every_patch_size_and_a_hit_still_checks_the_size(tmp_path):
+    """Training preprocesses with the config's patch size and scoring with the model's: the patch size only
+    decides whether a study is too small, so both share one entry instead of overwriting each other's."""
+    ph = make_phantom(7, size="small")
+    src = write_nifti(ph, tmp_path / "a.nii.gz")
+    cache = StudyCache(tmp_path / "cache")
+    first = cache.get_or_compute("s1", src, PreprocessConfig(patch_size=16))
+    assert not first.hit
+    for patch in (24, 16):
+        again = cache.get_or_compute("s1", src, PreprocessConfig(patch_size=patch))
+        assert again.hit and again.key == first.key
+    # a patch larger than the study: the same error as a fresh preprocessing gives, from the cache too
+    too_big = PreprocessConfig(patch_size=max(first.study.volume.shape) + 1)
+    with pytest.raises(CTInputError, match="patch") as from_cache:
+        cache.get_or_compute("s1", src, too_big)
+    with pytest.raises(CTInputError, match="patch") as fresh:
+        StudyCache(tmp_path / "fresh").get_or_compute("s1", src, too_big)
+    assert str(from_cache.value) == str(fresh.value)
