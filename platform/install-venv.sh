@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install the project and its test tools into a virtual environment (`make venv` calls this).
 #   platform/install-venv.sh [VENV]        EXTRAS=dev by default; CT3DFLOW_INSTALLER=pip forces pip
-# uv when it can be had: on 2 cores it installs the whole stack in about half of pip's time (docs/BENCHMARKS.md),
-# and the test command has ten minutes in all. uv does not read pip's configuration, so the
+# uv when it can be had: on 2 cores it installs the whole stack in 20 s where pip takes 153 s (bench/install.py,
+# docs/BENCHMARKS.md), and the test command has ten minutes in all. uv does not read pip's configuration, so the
 # indexes, find-links, constraints and certificate pip is configured with (pip.conf, PIP_* variables) are
 # handed to it: where the CPU build of torch lies in a find-links folder, uv must see that folder too, or it
 # would fetch PyPI's multi-GB CUDA build. If uv cannot be installed or fails, pip does the same install.

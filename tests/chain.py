@@ -101,11 +101,14 @@ def train_stopped_then_resumed(env: dict, config: Path, run_dir: Path, run) -> d
     return out
 
 
-def run_chain(env: dict, tmp: Path, champion: Future | None = None) -> dict:
+def run_chain(env: dict, tmp: Path, champion: Future | None = None, ready=None) -> dict:
     """The chain; ``champion`` (when given) gets the CT-3DFlow champion's model file as soon as its operating
     point is tuned, so tests that need only the champion (the screening and PACS tests) go on while the rest
-    of the chain (the AE, the evaluations) runs; it gets the chain's exception if the chain fails before."""
+    of the chain (the AE, the evaluations) runs; it gets the chain's exception if the chain fails before.
+    ``ready`` (when given) is called first: it waits for the Ray head and the MLflow server."""
     try:
+        if ready is not None:
+            ready()
         return _run_chain(env, tmp, champion)
     except BaseException as exc:
         if champion is not None and not champion.done():

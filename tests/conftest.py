@@ -142,16 +142,11 @@ def _chain_in_background(request, tmp_path_factory):
     pool = ThreadPoolExecutor(1, thread_name_prefix="chain")
     champion = Future()
 
-    def chain():
-        try:
-            for name in SERVICES:
-                _wait_started(name, services)
-        except BaseException as exc:
-            champion.set_exception(exc)
-            raise
-        return run_chain(env, tmp_path_factory.mktemp("chain"), champion)
+    def services_up():
+        for name in SERVICES:
+            _wait_started(name, services)
 
-    future = pool.submit(chain)
+    future = pool.submit(run_chain, env, tmp_path_factory.mktemp("chain"), champion, services_up)
     try:
         yield {"champion": champion, "done": future}
     finally:
