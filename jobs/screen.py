@@ -8,8 +8,6 @@ the studies already scored by the same model on the same input, so a stopped job
 
 from _common import init_ray, job_config
 
-from ct3dflow.adapters.ray_screen import screen_job
-
 
 def _args(p):
     p.add_argument("--archive", default=None,
@@ -30,6 +28,9 @@ if __name__ == "__main__":
 
     try:  # an unreachable or unauthorised PACS: a clear message and a non-zero exit, before Ray or any write
         preflight(cfg, args.archive)
+        # imported after the check, so a PACS that cannot be used fails in a second, not after torch and Ray load
+        from ct3dflow.adapters.ray_screen import screen_job
+
         init_ray()
         screen_job(cfg, args.archive, model=args.model, run_name=args.run_name)
     except PacsError as exc:
