@@ -206,8 +206,9 @@ def test_score_local_refuses_a_patch_point_for_the_voxel_map(chain):
 
 # ----------------------------------------------------------------------------------------- learning
 def test_tiny_flow_learns_healthy_phantom_patches(chain):
-    """150 steps (≈ 10 s on 2 idle cores) on healthy phantom patches of the cache lower the bits/dim of
-    held-out healthy patches (other studies) clearly below those of the ActNorm-initialised flow."""
+    """80 steps (≈ 8 s on one idle core) on healthy phantom patches of the cache lower the bits/dim of
+    held-out healthy patches (other studies) clearly below those of the ActNorm-initialised flow (by 1.7–1.9
+    bits/dim at 80 steps with seeds 0 and 1 on 2026-12-06, 2.1–2.2 at 150; the test asks for 1)."""
     from ct3dflow.pipeline import cached_patches, manifest_rows, ok_study_ids
     from ct3dflow.train import FlowTrainer, TrainConfig, patch_batches_from_arrays
 
@@ -216,7 +217,7 @@ def test_tiny_flow_learns_healthy_phantom_patches(chain):
     train_ids = ok_study_ids(summary, rows, "train")
     held_out = ok_study_ids(summary, rows, "val") + ok_study_ids(summary, rows, "test")
     assert train_ids and held_out and not set(train_ids) & set(held_out)
-    cfg = TrainConfig(levels=2, steps=2, width=16, patch_size=16, batch_size=16, iterations=150, lr=2e-3,
+    cfg = TrainConfig(levels=2, steps=2, width=16, patch_size=16, batch_size=16, iterations=80, lr=2e-3,
                       warmup_steps=20, seed=0)
     cache = StudyCache(chain["cache"])
     studies = [cache.load(s, mmap=True) for s in train_ids]
