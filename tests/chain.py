@@ -1,10 +1,11 @@
 """The platform's chain, run once per test session with `ray job submit` against the session's real Ray head
 and MLflow server (conftest's ``jobs_done``): for CT-3DFlow on the voxel map (the platform default) train
-(stopped after its first checkpoint, then resumed) → tune → evaluate → the nightly screening; for the AE
-baseline on the paper's patch map train → tune → evaluate. The CT-3DFlow champion is announced as soon as it
-is tuned (its train and tune come first), so the tests that need only it run beside the rest of the chain.
-Several test modules read it; conftest starts it in the background when the session starts, while the tests
-that do not need it run.
+(stopped after its first checkpoint, then resumed) → tune → the nightly screening of tonight's archive (a
+hostile one, tests/nightly.py) → evaluate; for the AE baseline on the paper's patch map train → tune →
+evaluate. The CT-3DFlow champion is announced as soon as it is tuned, and the nightly screening's outcome as
+soon as it is done, so the tests that need only those (test_pacs.py, test_screen.py) run beside the rest of
+the chain. Several test modules read the chain; conftest starts it in the background when the session starts,
+while the tests that do not need it run.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 import raycli
 import yaml
+from nightly import tonights_archive, write_config
 
-from ct3dflow.synthetic import make_archive, make_phantom, write_dicom_series, write_nifti
+from ct3dflow.synthetic import make_archive
 
 # 60 steps with a checkpoint every 10: the first train job is stopped after its first checkpoint, well before
 # it could finish, and the second submission resumes it (test_ray_jobs)
@@ -35,7 +37,6 @@ AE_ARGS = ("--set", "train.model=ae", "--set", "name=te-ae", "--set", f"mlflow.r
            "--set", "scoring.map=patch")  # the paper's AE row: an autoencoder has no flow to map per voxel
 # the AE trains against the clock, on both workers: 6 s of a 2,000-step budget it cannot finish (test_ray_jobs)
 AE_CLOCK = {"iterations": 2000, "max_minutes": 0.1, "checkpoint_every": 1000}
-TONIGHT = [("normal-a", None), ("consolidation", "consolidation"), ("normal-b", None), ("emphysema", "emphysema")]
 
 
 def sentinel_manifest(real: Path, out: Path) -> tuple[Path, list[str]]:
@@ -64,20 +65,6 @@ def add_broken_rows(manifest: Path, folder: Path, dup_id: str, dup_path: str) ->
     return {"missing": "not found", "empty": "empty", "notdicom": "none is DICOM", dup_id: "duplicate"}
 
 
-def tonight_archive(folder: Path) -> dict[str, str | None]:
-    """Four new studies for the screening step, two with large lesions; DICOM and NIfTI. Returns path → kind."""
-    truth = {}
-    for i, (name, kind) in enumerate(TONIGHT):
-        ph = make_phantom(600 + i, kind, size="small")
-        if kind and ph.lesion_volume_cm3 < 15:  # the chain's models are tiny: show them something plain
-            ph = max((make_phantom(600 + i + 100 * j, kind, size="small") for j in range(1, 6)),
-                     key=lambda p: p.lesion_volume_cm3)
-        path = folder / (f"{name}.nii.gz" if i % 2 else name)
-        write_nifti(ph, path) if i % 2 else write_dicom_series(ph, path)
-        truth[str(path)] = kind
-    return truth
-
-
 def train_stopped_then_resumed(env: dict, config: Path, run_dir: Path, run) -> dict:
     """The CT-3DFlow train job is submitted, stopped (`ray job stop`) once its first checkpoint is on disk, and
     submitted again with the same name: the second submission resumes it and gives the chain its model."""
@@ -101,27 +88,42 @@ def train_stopped_then_resumed(env: dict, config: Path, run_dir: Path, run) -> d
     return out
 
 
-def run_chain(env: dict, tmp: Path, champion: Future | None = None, ready=None) -> dict:
+def run_chain(env: dict, tmp: Path, champion: Future | None = None, nightly: Future | None = None,
+              ready=None) -> dict:
     """The chain; ``champion`` (when given) gets the CT-3DFlow champion's model file as soon as its operating
-    point is tuned, so tests that need only the champion (the screening and PACS tests) go on while the rest
-    of the chain (the AE, the evaluations) runs; it gets the chain's exception if the chain fails before.
-    ``ready`` (when given) is called first: it waits for the Ray head and the MLflow server."""
+    point is tuned, and ``nightly`` the nightly screening's outcome once it is done, so the tests that need
+    only those (the PACS and screening tests) go on while the rest of the chain (the AE, the evaluations)
+    runs; each gets the chain's exception if the chain fails before. ``ready`` (when given) waits for the Ray
+    head and the MLflow server: the chain writes its archives first, while they start."""
     try:
-        if ready is not None:
-            ready()
-        return _run_chain(env, tmp, champion)
+        return _run_chain(env, tmp, champion, nightly, ready)
     except BaseException as exc:
-        if champion is not None and not champion.done():
-            champion.set_exception(exc)
+        for future in (champion, nightly):
+            if future is not None and not future.done():
+                future.set_exception(exc)
         raise
 
 
-def _run_chain(env: dict, tmp: Path, champion: Future | None) -> dict:
+def nightly_screening(run, tonight: dict, folder: Path, tracking_uri: str) -> dict:
+    """The nightly screening job with the CT-3DFlow champion (its map kind and operating point from the model
+    version's tag) over tonight's archive (``tonights_archive``): the archive, its expectations, the job's work
+    folder and logs."""
+    work = folder / "work"
+    cfg = write_config(folder / "screen.yaml", work, tracking_uri, GLOW)
+    sid = "te-screen-nightly"
+    logs = run(sid, "jobs/screen.py", "--archive", str(tonight["archive"]), "--run-name", sid, config=cfg)
+    return {**tonight, "work": work, "cfg": cfg, "logs": logs}
+
+
+def _run_chain(env: dict, tmp: Path, champion: Future | None, nightly: Future | None, ready) -> dict:
     df = make_archive(tmp / "archive", n_normal=6, n_abnormal=4, seed=3, splits=(0.5, 0.25, 0.25))
     real = tmp / "archive" / "manifest.parquet"
     tune_manifest, sentinels = sentinel_manifest(real, tmp / "tune_manifest.parquet")
     dup = df[df.split != "test"].iloc[0]  # a duplicate of a test study would bring the test split back in
     broken = add_broken_rows(tune_manifest, tmp / "broken", str(dup.study_id), str(real.parent / dup.path))
+    tonight = tonights_archive(tmp / "nightly" / "archive")
+    if ready is not None:
+        ready()
     work = tmp / "work"
     cfg = {"name": "te-glow", "work_dir": str(work),
            "data": {"manifest": str(tune_manifest), "cache_dir": str(tmp / "cache")},
@@ -152,6 +154,9 @@ def _run_chain(env: dict, tmp: Path, champion: Future | None) -> dict:
     out["model_file"] = next((work / "ray_results").glob("te-glow/model.pt"))
     if champion is not None:
         champion.set_result({"model_file": out["model_file"], "registered_model": GLOW})
+    out["nightly"] = nightly_screening(run, tonight, tmp / "nightly", env["MLFLOW_TRACKING_URI"])
+    if nightly is not None:
+        nightly.set_result(out["nightly"])
     clock = tuple(a for k, v in AE_CLOCK.items() for a in ("--set", f"train.{k}={v}"))
     run("te-train-ae", "jobs/train.py", *AE_ARGS, *clock)
     run("te-tune-ae", "jobs/tune.py", *AE_ARGS)
@@ -159,14 +164,5 @@ def _run_chain(env: dict, tmp: Path, champion: Future | None) -> dict:
     out["after_tune_files"] = [str(p) for p in work.rglob("*")] + [str(p) for p in (tmp / "cache").rglob("*")]
     for sid, extra in [("te-eval-glow", evaluate), ("te-eval-ae", evaluate + AE_ARGS)]:
         run(sid, "jobs/evaluate.py", *extra)
-    # the nightly screening with the CT-3DFlow champion, following its operating point's map kind
-    out["tonight"] = tonight_archive(tmp / "tonight")
-    sc = {"name": "te-screen-glow", "work_dir": str(tmp / "screen-glow"),
-          "data": {"cache_dir": str(tmp / "screen-glow" / "cache")},
-          "ray": {"preprocess_workers": 1, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5},
-          "mlflow": {"registered_model": GLOW, "experiment": "ct3dflow-te-screen", "system_metrics": False}}
-    (tmp / "screen-glow.yaml").write_text(yaml.safe_dump(sc))
-    run("te-screen-glow", "jobs/screen.py", "--archive", str(tmp / "tonight"), config=tmp / "screen-glow.yaml")
-    out["screen_glow"] = tmp / "screen-glow" / "results"
     (tmp / "timings.json").write_text(json.dumps(timings, indent=1))  # seconds per job, to keep the suite short
     return out

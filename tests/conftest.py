@@ -68,20 +68,26 @@ SERVICES = {"ray_head": ("ray-head.sh", 240, 120), "mlflow_server": ("mlflow-ser
 def _services(request, platform_env):
     """The Ray head and the MLflow server that the selected tests need, started side by side in the background
     when the session starts (each start mostly waits; the first tests need neither and run meanwhile), and
-    stopped again at the end of the session, also when tests fail. Returns name → Future of the start."""
+    stopped again, side by side, at the end of the session, also when tests fail. Returns name → Future of the
+    start."""
     names = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
     if any(_chain_rank(item) for item in request.session.items):
         names |= set(SERVICES)  # the chain asks for both by name, at run time
     wanted = [name for name in SERVICES if name in names]
     pool = ThreadPoolExecutor(2, thread_name_prefix="service")
     started = {name: pool.submit(_run, SERVICES[name][0], "start", platform_env, SERVICES[name][1]) for name in wanted}
+
+    def stop(name):
+        with contextlib.suppress(Exception):
+            started[name].result()  # never stop a service while its start still runs
+        _run(SERVICES[name][0], "stop", platform_env, SERVICES[name][2])
+
     try:
         yield started
     finally:
-        for name, future in started.items():
+        for future in [pool.submit(stop, name) for name in started]:  # side by side: each waits for its exit
             with contextlib.suppress(Exception):
-                future.result()  # never stop a service while its start still runs
-            _run(SERVICES[name][0], "stop", platform_env, SERVICES[name][2])
+                future.result()
         pool.shutdown()
 
 
@@ -113,9 +119,10 @@ def mlflow_server(platform_env, _services):
 
 
 def _chain_rank(item) -> int:
-    """0: needs nothing of the chain; 1: only its CT-3DFlow champion (ready halfway); 2: the whole chain."""
+    """0: needs nothing of the chain; 1: only its CT-3DFlow champion or nightly screening (ready halfway);
+    2: the whole chain."""
     names = getattr(item, "fixturenames", ())
-    return 2 if "jobs_done" in names else 1 if "champion" in names else 0
+    return 2 if "jobs_done" in names else 1 if {"champion", "nightly"} & set(names) else 0
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -140,15 +147,15 @@ def _chain_in_background(request, tmp_path_factory):
     services = request.getfixturevalue("_services")  # started in the background; the chain waits for them
     env = request.getfixturevalue("platform_env")
     pool = ThreadPoolExecutor(1, thread_name_prefix="chain")
-    champion = Future()
+    champion, nightly = Future(), Future()
 
     def services_up():
         for name in SERVICES:
             _wait_started(name, services)
 
-    future = pool.submit(run_chain, env, tmp_path_factory.mktemp("chain"), champion, services_up)
+    future = pool.submit(run_chain, env, tmp_path_factory.mktemp("chain"), champion, nightly, services_up)
     try:
-        yield {"champion": champion, "done": future}
+        yield {"champion": champion, "nightly": nightly, "done": future}
     finally:
         pool.shutdown(wait=True)  # never stop the Ray head under a running job
 
@@ -161,7 +168,15 @@ def champion(_chain_in_background):
 
 
 @pytest.fixture(scope="session")
+def nightly(_chain_in_background):
+    """The chain's nightly screening with the CT-3DFlow champion over tonight's (hostile) archive
+    (tests/chain.py, tests/nightly.py). Ready once the champion's screening job is done."""
+    return _chain_in_background["nightly"].result()
+
+
+@pytest.fixture(scope="session")
 def jobs_done(_chain_in_background):
-    """The platform's chain with `ray job submit`, once per session (tests/chain.py): train (stopped, then
-    resumed) → tune → evaluate → screen, CT-3DFlow on the voxel map and the AE on the paper's patch map."""
+    """The platform's chain with `ray job submit`, once per session (tests/chain.py): CT-3DFlow on the voxel map
+    (train, stopped and then resumed → tune → the nightly screening → evaluate) and the AE on the paper's patch
+    map (train → tune → evaluate)."""
     return _chain_in_background["done"].result()

@@ -1,9 +1,10 @@
-"""Operating-point tuning (validation only), the test evaluation and the screening, for the flow (voxel map)
-and the AE baseline (the paper's patch map).
+"""Operating-point tuning (validation only) and the test evaluation, for the flow (voxel map) and the AE
+baseline (the paper's patch map).
 
 Fast tests check the split guard and the resume rule in-process and the Tune space; the slow ones read the
-session's chain (tests/chain.py: train, tune, evaluate and screen both models with `ray job submit` against
-the real Ray head and MLflow server) and refuse a second evaluation.
+session's chain (tests/chain.py: train, tune and evaluate both models with `ray job submit` against the real
+Ray head and MLflow server) and refuse a second evaluation. The screening with the chain's champion is
+test_screen.py's.
 """
 
 from __future__ import annotations
@@ -250,28 +251,3 @@ def test_evaluations_side_by_side_and_once_per_version(jobs_done, mlflow_server)
     with pytest.raises(RuntimeError, match="already evaluated on the test split.*--force"):
         evaluate_job(cfg, f"models:/{GLOW}@champion")
     assert sorted(p.stat().st_mtime_ns for p in (jobs_done["work"] / "scores").rglob("*") if p.is_file()) == before
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.mlflow
-def test_screening_follows_the_champions_map_kind(jobs_done):
-    """The screening job with the CT-3DFlow champion: its rows carry the voxel map of the model version's
-    operating point, every study of tonight's archive is decided with that point, and the flow flags the
-    abnormal phantoms (large lesions) above the normal ones. (The AE's patch map runs through the same Ray Data
-    scorer in its evaluate job: test_tuned_operating_point_is_stored_and_used_by_scoring.)"""
-    import json as _json
-
-    from chain import TONIGHT
-
-    res = pd.read_parquet(jobs_done["screen_glow"] / "results.parquet")
-    assert len(res) == len(TONIGHT) and (res.status == "ok").all(), res[["path", "error"]]
-    assert (res.map_kind == "voxel").all() and res.predicted_abnormal.notna().all()
-    tuned = _json.loads(next((jobs_done["work"] / "scores" / GLOW).glob("v*/tune_result.json")).read_text())
-    assert (res.threshold_cm3 == tuned["operating_point"]["threshold_cm3"]).all()
-    assert all(Path(p).exists() for p in res.map_path) and (jobs_done["screen_glow"] / "report.html").exists()
-    truth = jobs_done["tonight"]
-    sick = res[[truth[p] is not None for p in res.path]]
-    normal = res[[truth[p] is None for p in res.path]]
-    assert sick.predicted_abnormal.any(), res[["path", "abnormal_volume_cm3", "threshold_cm3"]]
-    assert sick.abnormal_volume_cm3.max() > normal.abnormal_volume_cm3.max()
