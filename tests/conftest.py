@@ -160,36 +160,6 @@ def _chain_in_background(request, tmp_path_factory):
         pool.shutdown(wait=True)  # never stop the Ray head under a running job
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _pacs_in_background(request, platform_env, tmp_path_factory):
-    """When any selected test uses the PACS (test_pacs.py): Orthanc started and its studies seeded over STOW-RS
-    in a thread at the start of the session (tests/pacs_archive.py), while the first tests run; stopped at the
-    end of the session, also when tests fail. Yields a Future of (pacs, seeded studies)."""
-    import pacs_archive
-
-    wanted = pacs_archive.INSTALLED and any({"pacs", "seeded"} & set(getattr(item, "fixturenames", ()))
-                                            for item in request.session.items)
-    if not wanted:
-        yield None
-        return
-    state, seed_dir = tmp_path_factory.mktemp("orthanc"), tmp_path_factory.mktemp("seed")
-    pool = ThreadPoolExecutor(1, thread_name_prefix="pacs")
-
-    def start_and_seed():
-        pacs = pacs_archive.start(platform_env, state)
-        return pacs, pacs_archive.seed(pacs, seed_dir)
-
-    future = pool.submit(start_and_seed)
-    try:
-        yield future
-    finally:
-        with contextlib.suppress(Exception):
-            future.result()  # never stop Orthanc while its start still runs
-        pool.shutdown()
-        pacs_archive.orthanc("stop", {**platform_env, "CT3DFLOW_STATE": str(state),
-                                      "ORTHANC_HTTP_PORT": str(pacs_archive.PORT)})
-
-
 @pytest.fixture(scope="session")
 def champion(_chain_in_background):
     """The chain's CT-3DFlow champion, registered with its voxel-map operating point (tests/chain.py): its

@@ -1,7 +1,6 @@
-"""Screening a PACS: a real Orthanc with its DICOMweb plugin (platform/orthanc.sh, on 127.0.0.1), seeded over
-STOW-RS (conftest starts and seeds it in the background when the session starts, and stops it: tests/
-pacs_archive.py); the screening job on the session's real Ray head; the DICOM SEG and SR it stores back read
-over DICOMweb with highdicom and pydicom.
+"""Screening a PACS: a real Orthanc with its DICOMweb plugin (platform/orthanc.sh, on 127.0.0.1, started and
+stopped here), seeded over STOW-RS; the screening job on the session's real Ray head; the DICOM SEG and SR it
+stores back read over DICOMweb with highdicom and pydicom.
 """
 
 from __future__ import annotations
@@ -9,41 +8,96 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import raycli
 import yaml
 from chain import GLOW
-from pacs_archive import INSTALLED, SECRETS
-from pacs_archive import client as _client
-from pacs_archive import datasets as _datasets
-from pacs_archive import orthanc as _orthanc
+from dicom_helpers import write_dicom_series as helper_series
+from pydicom.uid import generate_uid
 
 from ct3dflow.synthetic import make_phantom, write_dicom_series
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow, pytest.mark.pacs,
-              pytest.mark.skipif(not INSTALLED, reason="Orthanc not installed: apt-get install orthanc "
-                                                        "orthanc-dicomweb")]
+              pytest.mark.skipif(shutil.which("Orthanc") is None and not Path("/usr/sbin/Orthanc").exists(),
+                                 reason="Orthanc not installed: apt-get install orthanc orthanc-dicomweb")]
 
 ROOT = Path(__file__).resolve().parents[1]
+LUNG1 = ROOT.parent / "shared" / "data" / "nsclc-lung1-001" / "image"
+PORT = 8052
+SECRETS = {"name": "PACS^SECRET^PERSON", "pid": "PACS-PID-90210", "birth": "19510203"}
+
+
+def _orthanc(action: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "platform" / "orthanc.sh"), action], env=env, capture_output=True,
+                          text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
-def pacs(_pacs_in_background):
-    """Orthanc, started by conftest when the session started (tests/pacs_archive.py)."""
-    p, _ = _pacs_in_background.result()
-    assert oct(p["credentials"].stat().st_mode & 0o777) == "0o600"
-    return p
+def pacs(platform_env, tmp_path_factory):
+    state = tmp_path_factory.mktemp("orthanc")
+    env = {**platform_env, "CT3DFLOW_STATE": str(state), "ORTHANC_HTTP_PORT": str(PORT)}
+    r = _orthanc("start", env)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        creds = state / f"orthanc-{PORT}" / "credentials.json"
+        assert oct(creds.stat().st_mode & 0o777) == "0o600"
+        yield {"url": f"http://127.0.0.1:{PORT}/dicom-web", "credentials": creds, "env": env,
+               "storage": state / f"orthanc-{PORT}" / "storage"}
+    finally:
+        _orthanc("stop", env)
+
+
+def _client(pacs):
+    from ct3dflow.adapters.dicomweb import DicomWebSource
+
+    src = DicomWebSource.from_config(f"dicomweb+{pacs['url']}", {"credentials_file": str(pacs["credentials"])})
+    return src.client()
+
+
+def _datasets(files, name=SECRETS["name"], pid=SECRETS["pid"]):
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = name, pid, SECRETS["birth"]
+        out.append(ds)
+    return out
 
 
 @pytest.fixture(scope="module")
-def seeded(_pacs_in_background):
-    """The six studies seeded over STOW-RS when the session started (tests/pacs_archive.py)."""
-    return _pacs_in_background.result()[1]
+def seeded(pacs, tmp_path_factory):
+    """Six studies over STOW-RS: two normal phantoms, one abnormal (a large consolidation), LUNG1-001 (when
+    ../shared/data holds it), an MR study and a study whose CT series holds only localizers."""
+    d = tmp_path_factory.mktemp("seed")
+    client = _client(pacs)
+    studies = {}
+    for name, seed, kind in (("normal-1", 701, None), ("normal-2", 702, None), ("consolidation", 703, "consolidation")):
+        ph = make_phantom(seed, kind, size="small")
+        files = write_dicom_series(ph, d / name)
+        ds = _datasets(files)
+        client.store_instances(ds)
+        studies[name] = {"uid": str(ds[0].StudyInstanceUID), "phantom": ph, "kind": kind}
+    if LUNG1.is_dir():
+        ds = _datasets(sorted(LUNG1.glob("*.dcm")))
+        client.store_instances(ds)
+        studies["lung1"] = {"uid": str(ds[0].StudyInstanceUID), "kind": "tumour"}
+    hu = make_phantom(704, size="small").hu.astype(np.float32)
+    mr_uid = generate_uid()
+    helper_series(hu[::4, ::2, ::2], d / "mr", spacing=(3.2, 3.2, 10.0), modality="MR", study_uid=mr_uid)
+    client.store_instances(_datasets(sorted((d / "mr").glob("*.dcm"))))
+    studies["mr"] = {"uid": mr_uid, "kind": "mr"}
+    loc_uid = generate_uid()
+    helper_series(hu[:3, ::2, ::2], d / "loc", spacing=(3.2, 3.2, 10.0), study_uid=loc_uid,
+                  image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    client.store_instances(_datasets(sorted((d / "loc").glob("*.dcm"))))
+    studies["localizer"] = {"uid": loc_uid, "kind": "localizer"}
+    return studies
 
 
 def _config(path: Path, work: Path, pacs, tracking_uri: str, credentials=None) -> Path:
