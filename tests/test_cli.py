@@ -68,6 +68,7 @@ def chain(tmp_path_factory):
     return {"dir": d, "manifest": manifest, "cache": cache, "model": model, "seconds": time.time() - t0}
 
 
+@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_phantoms_and_preprocess(chain):
     m = pd.read_parquet(chain["manifest"])
     assert len(m) == 9 and m["study_id"].is_unique
@@ -77,6 +78,7 @@ def test_phantoms_and_preprocess(chain):
     assert sorted(s["study_id"]) == sorted(m["study_id"]) and (s["status"] == "ok").all()
 
 
+@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_train_local_writes_model_and_checkpoint(chain):
     from ct3dflow.flow import Glow3D
 
@@ -88,6 +90,7 @@ def test_train_local_writes_model_and_checkpoint(chain):
     assert state["step"] == 60
 
 
+@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_score_local_one_row_per_study(chain):
     m = pd.read_parquet(chain["manifest"])
     res = pd.read_parquet(chain["dir"] / "scores" / "results.parquet")
@@ -104,6 +107,7 @@ def test_score_local_one_row_per_study(chain):
         assert int(z["size"]) == 16 and int(z["stride"]) == 16 and np.isfinite(z["log_p"]).all()
 
 
+@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_tune_local_operating_point(chain):
     op = json.loads((chain["dir"] / "operating_point.json").read_text())
     assert op["schema"] == "ct3dflow.operating_point/2" and op["map"] == "patch"
@@ -115,6 +119,7 @@ def test_tune_local_operating_point(chain):
     assert op["validation"]["n"] == n_val and 0.0 <= op["validation"]["auroc"] <= 1.0
 
 
+@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_scored_outputs_geometry_and_preview(chain):
     from PIL import Image
 
@@ -142,6 +147,7 @@ def test_scored_outputs_geometry_and_preview(chain):
         assert np.asarray(png.convert("L"), dtype=float).std() > 5.0  # not a blank picture
 
 
+@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_evaluate_json(chain):
     ev = json.loads((chain["dir"] / "evaluation.json").read_text())
     m = ev["metrics"]
@@ -153,6 +159,7 @@ def test_evaluate_json(chain):
     assert set(ev["per_kind"]) <= {"nodule", "ground_glass", "consolidation", "emphysema", "honeycombing"}
 
 
+@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_voxel_map_chain(chain):
     """score-local --map voxel stores one raw map per study; tune-local recognises the maps and writes a
     voxel operating point (healthy depth bands from the healthy validation studies); score-local with that
@@ -195,6 +202,7 @@ def test_voxel_map_chain(chain):
     assert ev["metrics"]["n"] == 3 and 0.0 <= ev["metrics"]["auroc"] <= 1.0
 
 
+@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_score_local_refuses_a_patch_point_for_the_voxel_map(chain):
     d = chain["dir"]
     with pytest.raises(SystemExit, match="operating point of the patch map"):
@@ -205,6 +213,7 @@ def test_score_local_refuses_a_patch_point_for_the_voxel_map(chain):
 
 
 # ----------------------------------------------------------------------------------------- learning
+@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_tiny_flow_learns_healthy_phantom_patches(chain):
     """80 steps (≈ 8 s on one idle core) on healthy phantom patches of the cache lower the bits/dim of
     held-out healthy patches (other studies) clearly below those of the ActNorm-initialised flow (by 1.7–1.9
