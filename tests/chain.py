@@ -1,7 +1,7 @@
 """The platform's chain, run once per test session with `ray job submit` against the session's real Ray head
 and MLflow server (conftest's ``jobs_done``): for CT-3DFlow on the voxel map (the platform default) train
 (stopped after its first checkpoint, then resumed) → tune → the nightly screening of tonight's archive (a
-hostile one, tests/nightly.py) → evaluate; for the AE baseline on the paper's patch map train → tune →
+hostile one, tests/tonight_archive.py) → evaluate; for the AE baseline on the paper's patch map train → tune →
 evaluate. The CT-3DFlow champion is announced as soon as it is tuned, and the nightly screening's outcome as
 soon as it is done, so the tests that need only those (test_pacs.py, test_screen.py) run beside the rest of
 the chain. Several test modules read the chain; conftest starts it in the background when the session starts,
@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import raycli
 import yaml
-from nightly import tonights_archive, write_config
+from tonight_archive import tonights_archive, write_config
 
 from ct3dflow.synthetic import make_archive
 

@@ -1,7 +1,7 @@
 """The nightly screening job (jobs/screen.py) against a real Ray head and MLflow server (conftest).
 
 The chain's nightly screening (tests/chain.py) of a hostile archive (≥ 20 kinds of bad input beside good DICOM
-and NIfTI phantoms) and tonight's new studies (tests/nightly.py): one row per study, the champion's map and
+and NIfTI phantoms) and tonight's new studies (tests/tonight_archive.py): one row per study, the champion's map and
 operating point, flags, privacy. Then re-runs that score only what is new, an actor killed mid-run and a job
 stopped mid-run and submitted again.
 """
@@ -21,8 +21,8 @@ import pytest
 import raycli
 import yaml
 from chain import GLOW
-from nightly import PATCH, SHAPE, SPACING, write_config
 from raycli import job_logs, job_status, stop_job
+from tonight_archive import PATCH, SHAPE, SPACING, write_config
 
 from ct3dflow.discovery import discover_studies, hash_uids
 from ct3dflow.synthetic import make_phantom, write_dicom_series, write_nifti
@@ -130,20 +130,13 @@ def tiny_model(champion, mlflow_server):
 
 
 
-@pytest.fixture(scope="module")
-def hostile(nightly):
-    """The chain's nightly screening of tonight's archive (tests/chain.py, tests/nightly.py) with the CT-3DFlow
-    champion: the archive, its expectations, the job's work folder, configuration and logs."""
-    return nightly
-
-
 @pytest.mark.ray
 @pytest.mark.mlflow
 @pytest.mark.slow
-def test_hostile_archive_one_row_per_study(hostile, tiny_model):
-    exp, a = hostile["exp"], hostile["archive"]
+def test_hostile_archive_one_row_per_study(nightly, tiny_model):
+    exp, a = nightly["exp"], nightly["archive"]
     assert len(exp) - 2 >= 24 and len([k for k, (s, _) in exp.items() if s == "error"]) >= 20
-    df = one_row_per_study(hostile["work"], len(exp))
+    df = one_row_per_study(nightly["work"], len(exp))
     df["rel"] = [Path(p).relative_to(a).as_posix() for p in df["path"]]
     assert set(df["rel"]) == set(exp)
     for r in df.itertuples():
@@ -157,28 +150,28 @@ def test_hostile_archive_one_row_per_study(hostile, tiny_model):
             assert r.map_kind == "voxel" and Path(r.map_path).name == "atypicality_map.nii.gz"
         assert r.model == f"models:/{MODEL_NAME}/{tiny_model['version']}"
         assert r.model_version == f"{MODEL_NAME}/{tiny_model['version']}"
-    s = summary_of(hostile["logs"])
+    s = summary_of(nightly["logs"])
     n_ok = sum(1 for v in exp.values() if v[0] == "ok")
     assert (s["found"], s["scored"], s["skipped"], s["errors"]) == (len(exp), n_ok, 0, len(exp) - n_ok)
-    assert "operating point from model version tag" in hostile["logs"]
+    assert "operating point from model version tag" in nightly["logs"]
 
 
 @pytest.mark.ray
 @pytest.mark.mlflow
 @pytest.mark.slow
-def test_screening_follows_the_champions_map_kind_and_flags_the_lesions(hostile, tiny_model):
+def test_screening_follows_the_champions_map_kind_and_flags_the_lesions(nightly, tiny_model):
     """The nightly screening with the CT-3DFlow champion: tonight's studies are mapped with the voxel map of
     the model version's operating point and decided with that point, and the flow flags the abnormal phantoms
     (large lesions) above the normal ones. (The AE's patch map runs through the same Ray Data scorer in its
     evaluate job: test_tune_evaluate.py.)"""
-    res = pd.read_parquet(hostile["work"] / "results" / "results.parquet").set_index("path")
-    truth = hostile["tonight"]
+    res = pd.read_parquet(nightly["work"] / "results" / "results.parquet").set_index("path")
+    truth = nightly["tonight"]
     res = res.loc[list(truth)]
     assert (res.status == "ok").all(), res[["error"]]
     assert (res.map_kind == "voxel").all() and res.predicted_abnormal.notna().all()
     op = tiny_model["op"]
     assert (res.threshold_cm3 == op["threshold_cm3"]).all()
-    assert (hostile["work"] / "results" / "report.html").exists()
+    assert (nightly["work"] / "results" / "report.html").exists()
     sick = res[[truth[p] is not None for p in res.index]]
     normal = res[[truth[p] is None for p in res.index]]
     assert sick.predicted_abnormal.any(), res[["abnormal_volume_cm3", "threshold_cm3"]]
@@ -188,18 +181,18 @@ def test_screening_follows_the_champions_map_kind_and_flags_the_lesions(hostile,
 @pytest.mark.ray
 @pytest.mark.mlflow
 @pytest.mark.slow
-def test_privacy_no_patient_data_in_results_logs_or_mlflow(hostile, mlflow_server, tmp_path):
+def test_privacy_no_patient_data_in_results_logs_or_mlflow(nightly, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    secrets = [*hostile["secrets"].values(), "PHANTOM^", "Phantom^Test", "PHANTOM-0001"]
-    blobs = {"logs": hostile["logs"]}
-    res = hostile["work"] / "results"
+    secrets = [*nightly["secrets"].values(), "PHANTOM^", "Phantom^Test", "PHANTOM-0001"]
+    blobs = {"logs": nightly["logs"]}
+    res = nightly["work"] / "results"
     for p in [res / "results.parquet", *(res / "parts").glob("*.parquet")]:
         blobs[str(p)] = p.read_bytes().decode("latin-1")
     df = pd.read_parquet(res / "results.parquet")
     blobs["errors"] = "\n".join(df["error"])
     # raw DICOM UIDs never appear in what the job writes or says; only hashed ones
-    ours = "\n".join(ln for ln in hostile["logs"].splitlines() if "[ct3dflow]" in ln)
+    ours = "\n".join(ln for ln in nightly["logs"].splitlines() if "[ct3dflow]" in ln)
     assert "uid:" in blobs["errors"]
     assert not re.search(r"\b\d+(?:\.\d+){4,}\b", blobs["errors"] + ours)
     run_id = json.loads((res / "last_run.json").read_text(encoding="utf-8"))["mlflow_run_id"]
@@ -218,7 +211,7 @@ def test_privacy_no_patient_data_in_results_logs_or_mlflow(hostile, mlflow_serve
     for where, text in blobs.items():
         for s in secrets:
             assert s not in text, f"{s!r} leaked into {where}"
-    assert run.info.status == "FINISHED" and run.data.metrics["found"] == len(hostile["exp"])
+    assert run.info.status == "FINISHED" and run.data.metrics["found"] == len(nightly["exp"])
 
 
 def test_manifest_mode_duplicates_and_missing_paths(tmp_path):
