@@ -21,8 +21,10 @@ _DEFAULTS: dict = {
     "data": {"manifest": None, "cache_dir": None},
     "preprocess": {},
     "train": {},
+    # preprocess_concurrency / sampling_concurrency: at most this many preprocessing / patch-sampling tasks at
+    # once (None: as many as the free CPUs allow; each runs in a Ray worker process of the job's own)
     "ray": {"num_workers": 1, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 1,
-            "max_failures": 1, "preprocess_concurrency": None},
+            "max_failures": 1, "preprocess_concurrency": None, "sampling_concurrency": None},
     # map: voxel (the platform default, beyond the paper) or patch (the paper's Log P map); stride and batch
     # size default per kind (voxel 12, patch: patch size - 10); precision (every kind): auto (bf16 autocast where the
     # hardware runs bf16 natively, else fp32), fp32 or bf16

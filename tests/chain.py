@@ -129,7 +129,10 @@ def _run_chain(env: dict, tmp: Path, champion: Future | None, nightly: Future | 
            "data": {"manifest": str(tune_manifest), "cache_dir": str(tmp / "cache")},
            "train": TINY_TRAIN, "scoring": {"stride": 8, "batch_size": 32}, "tune": TUNE,
            "ray": {"num_workers": 2, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5, "log_every": 5,
-                   "preprocess_workers": 1, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5},
+                   "preprocess_workers": 1, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5,
+                   # one Ray worker process each: a process costs a job ≈ 5 CPU-s to start on 2 cores, and
+                   # these studies and patches are tiny (docs/BENCHMARKS.md)
+                   "preprocess_concurrency": 1, "sampling_concurrency": 1},
            "mlflow": {"experiment": "ct3dflow-te-train", "comparison_experiment": "ct3dflow-te-comparison",
                       "registered_model": GLOW}}
     config = tmp / "cfg.yaml"

@@ -36,6 +36,11 @@ def _platform_env(state: Path) -> dict:
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN_PATH"] = str(state / "ray_auth_token")
     env["PATH"] = f"{Path(os.sys.executable).parent}:{env['PATH']}"
+    # the test head's own housekeeping, which a 2-core runner pays for beside every test (docs/BENCHMARKS.md):
+    # no Prometheus metrics from every worker (nothing here scrapes them), the node's stats every 30 s instead of
+    # 5, and the log monitor looks for new workers' log files every 0.5 s instead of every 0.1 s
+    env.update(RAY_enable_metrics_collection="false", REPORTER_UPDATE_INTERVAL_MS="30000",
+               RAY_LOG_MONITOR_MANY_FILES_THRESHOLD="0")
     return env
 
 

@@ -30,7 +30,7 @@ def write_config(path: Path, work: Path, tracking_uri: str, registered_model: st
     """A screening job's configuration (jobs/screen.py) for the session's Ray head and MLflow server."""
     cfg = {"name": "screen-test", "work_dir": str(work), "data": {"cache_dir": str(work / "cache")},
            "scoring": {"stride": stride, "batch_size": 64},
-           "ray": {"preprocess_workers": 2, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5,
+           "ray": {"preprocess_workers": 1, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5,
                    "use_gpu": "auto", **ray},
            "mlflow": {"tracking_uri": tracking_uri, "experiment": "ct3dflow-screen",
                       "registered_model": registered_model, "system_metrics": False}}

@@ -55,11 +55,14 @@ def _sample_study_patches(batch: dict) -> dict:
 
 
 def training_patch_dataset(cache_dir, study_ids: list[str], n_patches: int, patch_size: int,
-                           min_lung_fraction: float, seed: int = 0, patches_per_task: int = 32):
+                           min_lung_fraction: float, seed: int = 0, patches_per_task: int = 32,
+                           concurrency: int | None = None):
     """A lazily sampled dataset of ``n_patches`` healthy training patches ``{"patch": (S,S,S) float32}``.
 
     Patches are drawn on the fly from the cached volumes (500,000 stored 48³ patches would be 221 GB);
     each task samples ``patches_per_task`` from one study, studies visited in a seeded random order.
+    ``concurrency`` caps the sampling tasks that run at once (None: as many as the free CPUs allow); every
+    task runs in a Ray worker process of its own job, and on a small node each costs seconds to start.
     """
     if not study_ids:
         raise ValueError("no training studies: the manifest needs rows with split 'train' that preprocessed ok")
@@ -72,4 +75,4 @@ def training_patch_dataset(cache_dir, study_ids: list[str], n_patches: int, patc
     # a fraction of a CPU: on a small node the trainers hold whole CPUs, and a sampler that waits for a
     # free one would starve them (a deadlock, not an error)
     return ray.data.from_items(items, override_num_blocks=min(len(items), 64)).map_batches(
-        _sample_study_patches, batch_size=1, batch_format="numpy", num_cpus=0.25)
+        _sample_study_patches, batch_size=1, batch_format="numpy", num_cpus=0.25, concurrency=concurrency)
