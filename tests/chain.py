@@ -28,8 +28,8 @@ TINY_TRAIN = {"levels": 2, "steps": 2, "width": 8, "patch_size": 16, "batch_size
               "lr": 2e-3, "warmup_steps": 5, "val_every": 30, "n_val_patches": 8, "checkpoint_every": 10,
               "min_lung_fraction": 0.5, "seed": 0}
 # exact ties on purpose: every v_min below one voxel (0.008 cm³) gives the same volumes, so the tie-break decides
-# (two trials per kind: one round of Ray Tune trials on two CPUs)
-TUNE = {"num_samples": 1, "threshold_cm3": [0.0, 1.0e6], "seed": 0, "n_boot": 200,
+# (two trials per kind, one after the other in one reused trial actor)
+TUNE = {"num_samples": 1, "threshold_cm3": [0.0, 1.0e6], "seed": 0, "n_boot": 200, "max_concurrent_trials": 1,
         "voxel": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [2.0]}, "v_min_cm3": {"grid": [0.0, 0.0001]}},
         "patch": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [-1.0]}, "v_min_cm3": {"grid": [0.0, 0.0001]}}}
 GLOW, AE = "ct3dflow-glow3d-te", "ct3dflow-ae-te"

@@ -11,7 +11,8 @@ it off the validation ROC by the operating point's rule (the search module says 
 The space is the map kind's own (:attr:`MapKind.space`, every value a grid point), overridden per kind in
 ``cfg.tune.<kind>`` (``tune.voxel.tau_z: {grid: [3, 4, 5]}``): ``[lo, hi]`` → ``tune.uniform(lo, hi)``;
 ``{"grid": [...]}`` or a list of other length → ``tune.grid_search``; ``{"choice": [...]}``; a number → fixed.
-``num_samples`` (1: each grid point once), ``seed``, ``cpus_per_trial`` (default 1), ``threshold_cm3``
+``num_samples`` (1: each grid point once), ``seed``, ``cpus_per_trial`` (default 1), ``max_concurrent_trials``
+(default: as many as the CPUs hold), ``threshold_cm3``
 (``[lo, hi]`` clips T), ``threshold_rule`` (``best_f1`` | ``specificity``), ``target_specificity`` and
 ``reference_folds`` (the cross-fitting of the healthy reference) are read as well.
 """
@@ -109,8 +110,12 @@ def run_search(kind: MapKind, studies, tune_cfg: dict, storage_path: str | Path,
     fn = tune.with_resources(fn, {"cpu": float(tune_cfg.get("cpus_per_trial", 1))})
     tuner = tune.Tuner(
         fn, param_space=param_space(kind, tune_cfg),
+        # a trial is seconds of NumPy over stored scores; a fresh actor per trial would cost as much to start
         tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=int(tune_cfg.get("num_samples", 1)),
-                                    search_alg=BasicVariantGenerator(random_state=int(tune_cfg.get("seed", 0)))),
+                                    search_alg=BasicVariantGenerator(  # 0: no limit
+                                        random_state=int(tune_cfg.get("seed", 0)),
+                                        max_concurrent=int(tune_cfg.get("max_concurrent_trials") or 0)),
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(Path(storage_path).resolve()), verbose=1),
     )
     rows = []
