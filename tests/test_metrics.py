@@ -87,3 +87,19 @@ def test_table1():
     lines = t.strip().splitlines()
     assert lines[0] == "| Method | AUROC | F1 | Accuracy |" and len(lines) == 4
     assert "| baseline | — | 0.500 | 0.500 |" in t
+
+
+def test_auroc_equals_sklearns_with_ties_and_one_class():
+    """The bootstrap's AUROC (midranks) against sklearn's roc_auc_score, on scores with many ties (abnormal
+    volumes are often exactly 0) and without; one class present gives NaN."""
+    from sklearn.metrics import roc_auc_score
+
+    from ct3dflow.metrics import _auroc
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(2, 60))
+        y = rng.integers(0, 2, n)
+        s = rng.integers(0, 4, n).astype(float) if trial % 2 else rng.normal(size=n)
+        expected = roc_auc_score(y, s) if 0 < y.sum() < n else float("nan")
+        assert _auroc(y, s) == pytest.approx(expected, abs=1e-12, nan_ok=True), (y, s)
