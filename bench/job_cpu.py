@@ -40,8 +40,7 @@ def main() -> None:
     args = p.parse_args()
 
     import raycli
-    import yaml
-    from chain import AE_ARGS, AE_CLOCK, TINY_TRAIN, TUNE, sentinel_manifest
+    from chain import AE_ARGS, AE_CLOCK, sentinel_manifest, write_chain_config
     from conftest import _platform_env, _run
 
     from ct3dflow.synthetic import make_archive
@@ -57,16 +56,9 @@ def main() -> None:
     env.update(kv.split("=", 1) for kv in args.head_env)
     make_archive(work / "archive", n_normal=6, n_abnormal=4, seed=3, splits=(0.5, 0.25, 0.25))
     manifest, _ = sentinel_manifest(work / "archive" / "manifest.parquet", work / "tune_manifest.parquet")
-    ray_cfg = {"num_workers": 2, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5, "log_every": 5,
-               "preprocess_workers": 1, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5,
-               **json.loads(args.ray)}
-    cfg = {"name": "bench-glow", "work_dir": str(work / "work"),
-           "data": {"manifest": str(manifest), "cache_dir": str(work / "cache")},
-           "train": TINY_TRAIN, "scoring": {"stride": 8, "batch_size": 32}, "tune": TUNE, "ray": ray_cfg,
-           "mlflow": {"experiment": "bench-job-cpu", "comparison_experiment": "bench-job-cpu-comparison",
-                      "registered_model": "bench-glow"}}
-    config = work / "cfg.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    ray = {"preprocess_concurrency": None, "sampling_concurrency": None, **json.loads(args.ray)}  # Ray's defaults
+    config = write_chain_config(work / "cfg.yaml", "bench-glow", work / "work", manifest, work / "cache",
+                                experiment="bench-job-cpu", registered_model="bench-glow", **ray)
     started = []
     try:
         for script in ("ray-head.sh", "mlflow-server.sh"):

@@ -65,6 +65,23 @@ def add_broken_rows(manifest: Path, folder: Path, dup_id: str, dup_path: str) ->
     return {"missing": "not found", "empty": "empty", "notdicom": "none is DICOM", dup_id: "duplicate"}
 
 
+def write_chain_config(path: Path, name: str, work: Path, manifest: Path, cache: Path, experiment: str = "ct3dflow-te",
+                       registered_model: str = GLOW, **ray) -> Path:
+    """The chain's job configuration (tiny CT-3DFlow, two Ray Train workers on half a CPU each); ``ray`` overrides
+    its ray section (bench/job_cpu.py)."""
+    cfg = {"name": name, "work_dir": str(work), "data": {"manifest": str(manifest), "cache_dir": str(cache)},
+           "train": TINY_TRAIN, "scoring": {"stride": 8, "batch_size": 32}, "tune": TUNE,
+           "ray": {"num_workers": 2, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5, "log_every": 5,
+                   "preprocess_workers": 1, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5,
+                   # one Ray worker process each: a process costs a job ≈ 5 CPU-s to start on 2 cores, and
+                   # these studies and patches are tiny (docs/BENCHMARKS.md)
+                   "preprocess_concurrency": 1, "sampling_concurrency": 1, **ray},
+           "mlflow": {"experiment": f"{experiment}-train", "comparison_experiment": f"{experiment}-comparison",
+                      "registered_model": registered_model}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def train_stopped_then_resumed(env: dict, config: Path, run_dir: Path, run) -> dict:
     """The CT-3DFlow train job is submitted, stopped (`ray job stop`) once its first checkpoint is on disk, and
     submitted again with the same name: the second submission resumes it and gives the chain its model."""
@@ -125,18 +142,7 @@ def _run_chain(env: dict, tmp: Path, champion: Future | None, nightly: Future | 
     if ready is not None:
         ready()
     work = tmp / "work"
-    cfg = {"name": "te-glow", "work_dir": str(work),
-           "data": {"manifest": str(tune_manifest), "cache_dir": str(tmp / "cache")},
-           "train": TINY_TRAIN, "scoring": {"stride": 8, "batch_size": 32}, "tune": TUNE,
-           "ray": {"num_workers": 2, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5, "log_every": 5,
-                   "preprocess_workers": 1, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5,
-                   # one Ray worker process each: a process costs a job ≈ 5 CPU-s to start on 2 cores, and
-                   # these studies and patches are tiny (docs/BENCHMARKS.md)
-                   "preprocess_concurrency": 1, "sampling_concurrency": 1},
-           "mlflow": {"experiment": "ct3dflow-te-train", "comparison_experiment": "ct3dflow-te-comparison",
-                      "registered_model": GLOW}}
-    config = tmp / "cfg.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config = write_chain_config(tmp / "cfg.yaml", "te-glow", work, tune_manifest, tmp / "cache")
     evaluate = ("--set", f"data.manifest={real}")
     out: dict = {"tmp": tmp, "work": work, "df": df, "sentinels": sentinels, "statuses": {}, "config": config,
                  "broken": broken}

