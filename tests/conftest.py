@@ -14,6 +14,7 @@ import pytest
 # before any test module loads torch: importing the package sets OMP_WAIT_POLICY (libgomp reads it when torch
 # loads), which the session's subprocesses and Ray head inherit; the Ray jobs share the 2 cores with the tests
 import ct3dflow  # noqa: E402, F401
+from ct3dflow.adapters.small_node import SMALL_NODE_ENV  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PLATFORM = ROOT / "platform"
@@ -36,12 +37,8 @@ def _platform_env(state: Path) -> dict:
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN_PATH"] = str(state / "ray_auth_token")
     env["PATH"] = f"{Path(os.sys.executable).parent}:{env['PATH']}"
-    # the test head's own housekeeping, which a 2-core runner pays for beside every test (docs/BENCHMARKS.md):
-    # no Prometheus metrics from every worker (nothing here scrapes them), the node's stats every 30 s instead of
-    # 5, and the log monitor looks for new workers' log files every 0.5 s instead of every 0.1 s
-    env.update(RAY_enable_metrics_collection="false", REPORTER_UPDATE_INTERVAL_MS="30000",
-               RAY_LOG_MONITOR_MANY_FILES_THRESHOLD="0",
-               RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")  # one actor less per Ray Train job: one node never drains
+    # the test head's own housekeeping, which a 2-core runner pays for beside every test (docs/BENCHMARKS.md)
+    env.update(SMALL_NODE_ENV)
     return env
 
 

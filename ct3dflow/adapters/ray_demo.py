@@ -78,8 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="work/demo", help="work folder (archives, cache, runs, MLflow, results)")
     p.add_argument("--config", default=str(CONFIGS / "demo.yaml"))
     p.add_argument("--ae-config", default=str(CONFIGS / "demo-ae.yaml"))
-    p.add_argument("--train-normal", type=int, default=24)
-    p.add_argument("--val", type=int, nargs=2, default=(8, 10), metavar=("NORMAL", "ABNORMAL"))
+    p.add_argument("--train-normal", type=int, default=16)
+    p.add_argument("--val", type=int, nargs=2, default=(6, 5), metavar=("NORMAL", "ABNORMAL"))
     p.add_argument("--test", type=int, nargs=2, default=(12, 20), metavar=("NORMAL", "ABNORMAL"))
     p.add_argument("--fresh", action="store_true", help="delete the work folder first")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -125,7 +125,9 @@ def main(argv=None) -> int:
     from . import ray_data
     from .ray_jobs import evaluate_job, preprocess_job, train_job, tune_job
     from .ray_screen import screen_job
+    from .small_node import use_small_node_settings
 
+    use_small_node_settings()  # before ray.init: its processes inherit the environment
     # the dashboard serves the State API Ray Train's controller polls (without it, its log fills with errors)
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              configure_logging=False)
