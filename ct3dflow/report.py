@@ -36,6 +36,7 @@ tr.flagged td{background:#fdf1f0} tr.error td{background:#fff8e6}
 .b-none{background:#9aa3b2;color:#fff} td.num{text-align:right;font-variant-numeric:tabular-nums}
 img.thumb{width:THUMBpx;border:1px solid #ccd2dc;border-radius:4px;display:block}
 .op{font-family:ui-monospace,Menlo,monospace;font-size:13px;background:#f3f5f9;padding:6px 8px;border-radius:4px}
+td.path{overflow-wrap:anywhere;min-width:12em;font-size:12px;color:#5b6577}
 """.replace("THUMB", str(THUMB_WIDTH))
 
 
