@@ -28,7 +28,7 @@ demo: venv
 	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo
 
 # the detection recipe of docs/RESULTS.md itself (K=8, width 64, voxel map at stride 12, 2,700 iterations) on the
-# demo's former archive sizes, without the demo's clock (≈ 25 min of bf16 Ray Train on 2 AMD EPYC cores with
+# demo's former archive sizes, without the demo's clock; the AE baseline as in `make demo` (≈ 25 min of bf16 Ray Train on 2 AMD EPYC cores with
 # AVX-512; not re-measured)
 demo-full: venv
 	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo-full --train-normal 24 --val 8 10 \

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--test", type=int, nargs=2, default=(12, 20), metavar=("NORMAL", "ABNORMAL"))
     p.add_argument("--fresh", action="store_true", help="delete the work folder first")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a CT-3DFlow setting, e.g. --set train.iterations=2000 (make demo-full)")
+                   help="override a CT-3DFlow setting, e.g. --set train.iterations=2700 (make demo-full)")
     a = p.parse_args(argv)
 
     work = Path(a.work).resolve()
