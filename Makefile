@@ -28,8 +28,8 @@ demo: venv
 	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo
 
 # the detection recipe of docs/RESULTS.md itself (K=8, width 64, voxel map at stride 12, 2,700 iterations) on the
-# demo's former archive sizes, without the demo's clock; the AE baseline as in `make demo` (≈ 25 min of bf16 Ray Train on 2 AMD EPYC cores with
-# AVX-512; not re-measured)
+# demo's former archive sizes, without the demo's clock; the AE baseline as in `make demo` (≈ 25 min of bf16 Ray
+# Train on 2 AMD EPYC cores with AVX-512; not re-measured)
 demo-full: venv
 	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo-full --train-normal 24 --val 8 10 \
 	  --set train.steps=8 --set train.width=64 --set scoring.stride=12 --set train.iterations=2700 \

@@ -43,6 +43,7 @@ def main() -> None:
     from chain import AE_ARGS, AE_CLOCK, sentinel_manifest, write_chain_config
     from conftest import _platform_env, _run
 
+    from ct3dflow.adapters.small_node import SMALL_NODE_ENV
     from ct3dflow.synthetic import make_archive
 
     work = Path(args.work)
@@ -51,8 +52,8 @@ def main() -> None:
     env = _platform_env(work / "state")
     env.update(RAY_HEAD_PORT="6395", RAY_DASHBOARD_PORT="8279", MLFLOW_PORT="5059",
                RAY_ADDRESS="http://127.0.0.1:8279", MLFLOW_TRACKING_URI="http://127.0.0.1:5059")
-    for k in [k for k in env if k.startswith(("RAY_enable_metrics", "REPORTER_", "RAY_LOG_MONITOR", "RAY_TRAIN_"))]:
-        del env[k]  # the head as the platform starts it, unless --head-env says otherwise
+    for k in SMALL_NODE_ENV:
+        env.pop(k, None)  # the head as the platform starts it, unless --head-env says otherwise
     env.update(kv.split("=", 1) for kv in args.head_env)
     make_archive(work / "archive", n_normal=6, n_abnormal=4, seed=3, splits=(0.5, 0.25, 0.25))
     manifest, _ = sentinel_manifest(work / "archive" / "manifest.parquet", work / "tune_manifest.parquet")

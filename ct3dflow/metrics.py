@@ -55,9 +55,9 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float:
     n_neg = len(y) - n_pos
     if not (n_pos and n_neg):
         return float("nan")
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    midrank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank of each distinct score, ties averaged
-    ranks = midrank[inverse.reshape(-1)]
+    from scipy.stats import rankdata
+
+    ranks = rankdata(s)  # 1-based, tied scores share their mean rank
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
