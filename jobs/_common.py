@@ -26,5 +26,8 @@ def job_config(description: str, extra=None):
 def init_ray():
     import ray
 
+    from ct3dflow.adapters.ray_data import quiet_progress
+
     ray.init(log_to_driver=True)
+    quiet_progress()  # every dataset of the job, the train job's patch stream in its split coordinator too
     return ray

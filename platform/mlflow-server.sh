@@ -18,8 +18,7 @@ PY
 case "${1:-}" in
   start)
     if healthy; then echo "MLflow already serving at $MLFLOW_TRACKING_URI"; exit 0; fi
-    # create the schema once, in this process, before the server's workers race on it
-    "$VENV_BIN/python" -c "import mlflow; mlflow.tracking.MlflowClient('sqlite:///$MLFLOW_DIR/mlflow.db').search_experiments()" >/dev/null 2>&1
+    # `mlflow server` creates and migrates the SQLite schema itself before it starts its one uvicorn worker
     # MLflow 3's job runner (a dozen huey consumers, ~240 MB each) serves GenAI features we do not use
     MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
       setsid nohup "$VENV_BIN/mlflow" server --backend-store-uri "sqlite:///$MLFLOW_DIR/mlflow.db" \

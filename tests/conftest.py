@@ -43,8 +43,9 @@ def _platform_env(state: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def platform_env(tmp_path_factory) -> dict:
-    return _platform_env(tmp_path_factory.mktemp("platform"))
+def platform_env(request, tmp_path_factory) -> dict:
+    early = request.config.stash.get(EARLY, None)
+    return early["env"] if early else _platform_env(tmp_path_factory.mktemp("platform"))
 
 
 def _run(script: str, action: str, env: dict, timeout: int) -> subprocess.CompletedProcess:
@@ -65,33 +66,81 @@ def _service(script: str, start_timeout: int, stop_timeout: int, env: dict):
 
 
 SERVICES = {"ray_head": ("ray-head.sh", 240, 120), "mlflow_server": ("mlflow-server.sh", 300, 60)}
+EARLY = pytest.StashKey[dict]()
+
+
+def _start(name: str, env: dict) -> subprocess.CompletedProcess:
+    return _run(SERVICES[name][0], "start", env, SERVICES[name][1])
+
+
+def _stop_services(started: dict, env: dict, pool: ThreadPoolExecutor) -> None:
+    """Stop the started services side by side (each stop waits for its processes to exit), never one whose
+    start still runs."""
+    def stop(name):
+        with contextlib.suppress(Exception):
+            started[name].result()
+        _run(SERVICES[name][0], "stop", env, SERVICES[name][2])
+
+    for future in [pool.submit(stop, name) for name in started]:
+        with contextlib.suppress(Exception):
+            future.result()
+    pool.shutdown()
+
+
+def _whole_suite(config) -> bool:
+    """`make test`: pytest with its test paths and no selection, so every module runs and needs both services
+    and the platform chain."""
+    o = config.option
+    return (config.args_source is pytest.Config.ArgsSource.TESTPATHS and not o.collectonly and not o.keyword
+            and not o.markexpr and not o.deselect and not getattr(o, "lf", False))
+
+
+def pytest_sessionstart(session):
+    """For the whole suite, the Ray head, the MLflow server and the chain start before collection: collecting
+    30 modules keeps one core busy for 10–16 s (on a clean clone Python compiles torch's, Ray's and MLflow's
+    bytecode then), and the services' starts mostly wait. The session fixtures below take them over and stop
+    them; ``pytest_sessionfinish`` stops them if no fixture ever did (a collection error, say)."""
+    config = session.config
+    if not _whole_suite(config):
+        return
+    factory = config._tmp_path_factory  # what the tmp_path_factory fixture returns
+    env = _platform_env(factory.mktemp("platform"))
+    pool = ThreadPoolExecutor(2, thread_name_prefix="service")
+    early = {"env": env, "pool": pool, "owned": False,
+             "services": {name: pool.submit(_start, name, env) for name in SERVICES}}
+    early["chain"] = _start_chain(env, early["services"], factory)
+    config.stash[EARLY] = early
+
+
+def pytest_sessionfinish(session):
+    early = session.config.stash.get(EARLY, None)
+    if early and not early["owned"]:
+        _stop_services(early["services"], early["env"], early["pool"])
+        early["chain"]["pool"].shutdown(wait=True)
 
 
 @pytest.fixture(scope="session")
 def _services(request, platform_env):
     """The Ray head and the MLflow server that the selected tests need, started side by side in the background
-    when the session starts (each start mostly waits; the first tests need neither and run meanwhile), and
-    stopped again, side by side, at the end of the session, also when tests fail. Returns name → Future of the
-    start."""
-    names = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
-    if any(_chain_rank(item) for item in request.session.items):
-        names |= set(SERVICES)  # the chain asks for both by name, at run time
-    wanted = [name for name in SERVICES if name in names]
-    pool = ThreadPoolExecutor(2, thread_name_prefix="service")
-    started = {name: pool.submit(_run, SERVICES[name][0], "start", platform_env, SERVICES[name][1]) for name in wanted}
-
-    def stop(name):
-        with contextlib.suppress(Exception):
-            started[name].result()  # never stop a service while its start still runs
-        _run(SERVICES[name][0], "stop", platform_env, SERVICES[name][2])
+    (before collection for the whole suite, else when the first test starts: each start mostly waits, and the
+    first tests need neither and run meanwhile), and stopped again, side by side, at the end of the session,
+    also when tests fail. Returns name → Future of the start."""
+    early = request.config.stash.get(EARLY, None)
+    if early:  # the whole suite: started by pytest_sessionstart
+        pool, started = early["pool"], early["services"]
+        early["owned"] = True
+    else:
+        pool = ThreadPoolExecutor(2, thread_name_prefix="service")
+        names = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
+        if any(_chain_rank(item) for item in request.session.items):
+            names |= set(SERVICES)  # the chain asks for both by name, at run time
+        wanted = [name for name in SERVICES if name in names]
+        started = {name: pool.submit(_start, name, platform_env) for name in wanted}
 
     try:
         yield started
     finally:
-        for future in [pool.submit(stop, name) for name in started]:  # side by side: each waits for its exit
-            with contextlib.suppress(Exception):
-                future.result()
-        pool.shutdown()
+        _stop_services(started, platform_env, pool)
 
 
 def _wait_started(name: str, started: dict) -> None:
@@ -140,27 +189,34 @@ def pytest_collection_modifyitems(session, config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _chain_in_background(request, tmp_path_factory):
-    """Starts the platform chain (tests/chain.py) in a thread at the start of the session when any selected
-    test reads it; ``champion`` and ``jobs_done`` wait for their part of it."""
-    if not any(_chain_rank(item) for item in request.session.items):
+    """The platform chain (tests/chain.py) in a thread, started before collection for the whole suite, else at
+    the first test when any selected test reads it; ``champion`` and ``jobs_done`` wait for their part of it."""
+    early = request.config.stash.get(EARLY, None)
+    if not early and not any(_chain_rank(item) for item in request.session.items):
         yield None
         return
-    from chain import run_chain
-
     services = request.getfixturevalue("_services")  # started in the background; the chain waits for them
-    env = request.getfixturevalue("platform_env")
-    pool = ThreadPoolExecutor(1, thread_name_prefix="chain")
-    champion, nightly = Future(), Future()
+    chain = early["chain"] if early else _start_chain(request.getfixturevalue("platform_env"), services,
+                                                      tmp_path_factory)
+    try:
+        yield chain
+    finally:
+        chain["pool"].shutdown(wait=True)  # never stop the Ray head under a running job
+
+
+def _start_chain(env: dict, services: dict, tmp_path_factory) -> dict:
+    """tests/chain.py in a thread: it writes its archives, waits for the services and runs its jobs;
+    ``champion`` and ``nightly`` are set halfway, ``done`` at the end."""
+    from chain import run_chain
 
     def services_up():
         for name in SERVICES:
             _wait_started(name, services)
 
-    future = pool.submit(run_chain, env, tmp_path_factory.mktemp("chain"), champion, nightly, services_up)
-    try:
-        yield {"champion": champion, "nightly": nightly, "done": future}
-    finally:
-        pool.shutdown(wait=True)  # never stop the Ray head under a running job
+    pool = ThreadPoolExecutor(1, thread_name_prefix="chain")
+    champion, nightly = Future(), Future()
+    done = pool.submit(run_chain, env, tmp_path_factory.mktemp("chain"), champion, nightly, services_up)
+    return {"champion": champion, "nightly": nightly, "done": done, "pool": pool}
 
 
 @pytest.fixture(scope="session")
