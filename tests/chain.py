@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -138,9 +138,12 @@ def _run_chain(env: dict, tmp: Path, champion: Future | None, nightly: Future | 
     tune_manifest, sentinels = sentinel_manifest(real, tmp / "tune_manifest.parquet")
     dup = df[df.split != "test"].iloc[0]  # a duplicate of a test study would bring the test split back in
     broken = add_broken_rows(tune_manifest, tmp / "broken", str(dup.study_id), str(real.parent / dup.path))
-    tonight = tonights_archive(tmp / "nightly" / "archive")
     if ready is not None:
         ready()
+    # tonight's archive is needed by the nightly screening only: written while the first jobs run
+    tonight_pool = ThreadPoolExecutor(1, thread_name_prefix="tonight")
+    tonight = tonight_pool.submit(tonights_archive, tmp / "nightly" / "archive")
+    tonight_pool.shutdown(wait=False)
     work = tmp / "work"
     config = write_chain_config(tmp / "cfg.yaml", "te-glow", work, tune_manifest, tmp / "cache")
     evaluate = ("--set", f"data.manifest={real}")
@@ -163,7 +166,7 @@ def _run_chain(env: dict, tmp: Path, champion: Future | None, nightly: Future | 
     out["model_file"] = next((work / "ray_results").glob("te-glow/model.pt"))
     if champion is not None:
         champion.set_result({"model_file": out["model_file"], "registered_model": GLOW})
-    out["nightly"] = nightly_screening(run, tonight, tmp / "nightly", env["MLFLOW_TRACKING_URI"])
+    out["nightly"] = nightly_screening(run, tonight.result(), tmp / "nightly", env["MLFLOW_TRACKING_URI"])
     if nightly is not None:
         nightly.set_result(out["nightly"])
     clock = tuple(a for k, v in AE_CLOCK.items() for a in ("--set", f"train.{k}={v}"))
