@@ -17,7 +17,10 @@ difference of its map from the reference variant's (fp32, the reference layers) 
 * ``fast`` — the fast encoder of :mod:`ct3dflow.flow.fast` forced on the CPU (folded ActNorm, tap GEMMs);
 * batch sizes;
 * ``--grids``: only the window grids at the default precision (bf16 autocast where native): stride 12, stride
-  12 with interleaved grids (``scoring.phases`` 2 and 4) and stride 6.
+  12 with interleaved grids (``scoring.phases`` 2 and 4) and stride 6;
+* ``--layouts``: only the weights' memory layout at stride 12 and the default precision, twice each in turn:
+  contiguous (the CPU scorer before 2026-12-06) against channels-last (:func:`ct3dflow.models.
+  channels_last_on_cpu`, the CPU scorer's layout since).
 
 Whether a variant is *as good* is decided by validation AUROC on the detection experiment (docs/RESULTS.md),
 not here; this measures the time and the numerical distance.
@@ -71,6 +74,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--grids", action="store_true", help="only the window grids (stride, phases) in bf16 autocast")
+    ap.add_argument("--layouts", action="store_true", help="only contiguous against channels-last weights")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "ct3dflow-bench-voxel"
@@ -112,10 +116,21 @@ def main() -> None:
         name = "bf16 autocast" if auto else "fp32"
         for stride, phases in ((6, 1), (12, 1), (12, 2), (12, 4)):
             run(name, model, stride, 32, autocast=auto, phases=phases)
+    elif a.layouts:
+        import copy
+
+        from ct3dflow.models import channels_last_on_cpu
+
+        auto = bf16_available("cpu")
+        cl = channels_last_on_cpu(copy.deepcopy(model), "cpu")
+        for _ in range(2):
+            run(f"contiguous weights ({'bf16 autocast' if auto else 'fp32'})", model, 12, 32, autocast=auto)
+            run(f"channels-last weights ({'bf16 autocast' if auto else 'fp32'})", cl, 12, 32, autocast=auto)
     else:
         precision_rows(run, model, a)
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    lines = [SECTION + (" — window grids" if a.grids else ""), "",
+    title = SECTION + (" — window grids" if a.grids else " — weight layouts" if a.layouts else "")
+    lines = [title, "",
              f"- date: {datetime.now().isoformat(timespec='seconds')}; CPU: {cpu_model()}, {a.threads} torch threads "
              f"(AMX tiles: {'yes' if amx else 'no'}, bf16 instructions: "
              f"{'yes' if torch.cpu._is_avx512_bf16_supported() else 'no'})",
@@ -123,7 +138,7 @@ def main() -> None:
              f"- input: a phantom chest on the 2 mm grid, {study.volume.shape[2]} × {study.volume.shape[1]} × "
              f"{study.volume.shape[0]} voxels, {inside.sum() * 8e-3:.0f} cm³ in the permissive mask; {which}",
              "", "| variant | stride | phases | batch | windows | seconds | max relative difference from "
-             + ("stride 6 |" if a.grids else "fp32 |"),
+             + ("stride 6 |" if a.grids else "the first row |" if a.layouts else "fp32 |"),
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['stride']} | {r['phases']} | {r['batch']} | {r['windows']} | "
               f"{r['seconds']:.1f} | {r['max_rel_diff']:.1e} |" for r in rows]
@@ -134,7 +149,7 @@ def main() -> None:
                "bf16's" if not Path(a.model).exists() else
                "oneDNN kept fp32 convolutions on this CPU, so those rows time fp32 again")
         lines += ["", f"Notes: {', '.join(sorted(set(same)))} gave the fp32 map bit for bit: {why}."]
-    publish(SECTION + (" — window grids" if a.grids else ""), lines, a.write_docs)
+    publish(title, lines, a.write_docs)
 
 
 def precision_rows(run, model, a) -> None:

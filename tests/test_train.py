@@ -270,3 +270,26 @@ def test_train_local_stops_when_diverged(tmp_path):
     with pytest.raises(FloatingPointError):
         train_local(cfg, _endless(data, 4, 0), None, tmp_path, "cpu")
     assert (tmp_path / "diverged.pt").exists() and not (tmp_path / "model.pt").exists()
+
+
+def test_cpu_trainer_keeps_conv_weights_channels_last_and_trains_as_the_contiguous_layout():
+    """On the CPU the trainer puts the convolution weights in the channels-last layout (oneDNN's fast one,
+    docs/BENCHMARKS.md); three updates give the contiguous layout's losses and weights up to float32 rounding."""
+    cfg = _tiny_cfg(patch_size=8, width=8)
+    data = smooth_lung_patches(8, 8, seed=7)
+    torch.manual_seed(0)
+    fast = FlowTrainer(cfg.build_model(), cfg)
+    convs = [m.weight for m in fast.glow.modules() if isinstance(m, torch.nn.Conv3d) and m.weight.shape[2] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous()
+                         for w in convs)
+    torch.manual_seed(0)
+    plain = FlowTrainer(cfg.build_model(), cfg)
+    plain.glow.to(memory_format=torch.contiguous_format)
+    assert all(m.weight.is_contiguous() for m in plain.glow.modules() if isinstance(m, torch.nn.Conv3d))
+    for t in (fast, plain):
+        t.initialise(data)
+    for _ in range(3):
+        a, b = fast.train_step(data), plain.train_step(data)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for p, q in zip(fast.glow.parameters(), plain.glow.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

@@ -228,3 +228,39 @@ def test_an_operating_point_without_phases_or_merge_keeps_the_scoring_it_was_cho
     new = resolve_settings(VOXEL, {"stride": 6}, 24, point({"stride": 12, "patch_size": 24, "phases": 2}))
     assert (new["stride"], new["phases"], new["merge"]) == (12, 2, "mean")
     assert resolve_settings(VOXEL, job, 24)["phases"] == 2  # no point: the job's scoring
+
+
+def test_cpu_scorers_run_channels_last_and_give_the_contiguous_maps():
+    """On the CPU both scorers (the voxel map's encoder, the patch map's log_prob) run the reference layers with
+    channels-last convolution weights, oneDNN's fast layout (docs/BENCHMARKS.md): the same map and the same
+    log-likelihoods as the contiguous layout, up to float32 summation order."""
+    import copy
+
+    from ct3dflow.models import prepare_flow_encoder, prepare_for_scoring
+
+    g = _glow()
+    with torch.no_grad():  # trained-like weights: a fresh coupling ends in zeros
+        gen = torch.Generator().manual_seed(5)
+        for p in g.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    rng = np.random.default_rng(6)
+    vol = (0.05 * rng.standard_normal((12, 16, 20)) - 0.3).astype(np.float32)
+    grid = window_grid(vol, np.ones(vol.shape, bool), 8, 4)
+    reference = voxel_log_p_volume(g, grid, part="top_latent")
+    x = torch.from_numpy(vol[None, None, :8, :8, :8]).repeat(3, 1, 1, 1, 1)
+    with torch.no_grad():
+        log_p = g.log_prob(x)
+
+    def convs_channels_last(model):
+        w = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+        return bool(w) and all(t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
+                               for t in w if t.shape[2] > 1)
+
+    assert not convs_channels_last(g)
+    enc = prepare_flow_encoder(copy.deepcopy(g), "cpu")
+    assert enc.fast is None and convs_channels_last(enc)
+    np.testing.assert_allclose(voxel_log_p_volume(enc, grid, part="top_latent"), reference, rtol=1e-5, atol=1e-6)
+    scorer = prepare_for_scoring(copy.deepcopy(g), "cpu")
+    assert convs_channels_last(scorer)
+    with torch.no_grad():
+        torch.testing.assert_close(scorer.log_prob(x), log_p, rtol=1e-6, atol=1e-3)
