@@ -199,7 +199,9 @@ def main(argv=None) -> int:
         print(f"  {call:8s} {Path(r.path).relative_to(tonight)}: {r.abnormal_volume_cm3:.1f} cm³ "
               f"(truth: {t['truth']}{lesion}){'' if ok else '   <- wrong'}")
         if not ok:
-            wrong.append(f"{Path(r.path).relative_to(tonight)}: {call} for a {t['truth']} study")
+            kind = t["truth"].replace("_", " ")
+            wrong.append(f"{Path(r.path).relative_to(tonight)}: {call} for {'an' if kind[0] in 'aeiou' else 'a'} "
+                         f"{kind} study")
     print("  got wrong: " + ("; ".join(wrong) if wrong else "nothing"))
     stage_times = list(times.items())
     print("\nwall time per stage: " + ", ".join(
