@@ -31,9 +31,9 @@ def channels_last_on_cpu(model, device):
     """On the CPU, ``model`` with its 3-D convolution weights in the channels-last layout (in place; returned).
 
     oneDNN's 3-D convolutions then run without reordering their operands, and the activations follow the
-    weights' layout through every elementwise step: on 2 AMD EPYC cores with AVX2, a window of the detection
-    model scored in 20.6 ms instead of 28.9 ms, a training step of it took 1.37 s instead of 1.66 s, and the
-    AE baseline scored 1.2× faster (docs/BENCHMARKS.md). The numbers equal the contiguous layout's up to
+    weights' layout through every elementwise step: on 2 AMD EPYC cores with AVX2, the detection model's voxel
+    map of a realistic study took 21.0 s instead of 29.2 s, a training step of it 1.40 s instead of 1.62 s
+    (docs/BENCHMARKS.md). The numbers equal the contiguous layout's up to
     float32 summation order. Elsewhere (CUDA) the model is returned unchanged: the fast path has its own layout.
     """
     if torch.device(device).type == "cpu":

@@ -142,6 +142,10 @@ class FlowTrainer:
         self.cfg = cfg
         self.device = torch.device(device)
         self.glow = _unwrap(model)
+        if model is self.glow:  # not yet wrapped in DDP, whose gradient buckets follow the layout it saw
+            from .models import channels_last_on_cpu
+
+            channels_last_on_cpu(self.glow, self.device)
         self.optimizer = torch.optim.Adam(self.glow.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.skipped_steps = 0
@@ -153,10 +157,6 @@ class FlowTrainer:
         rank = torch.distributed.get_rank() if _distributed() else 0
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(cfg.seed) * 1000 + rank)
-        if self.model is self.glow:  # not yet wrapped in DDP, whose gradient buckets follow the layout it saw
-            from .models import channels_last_on_cpu
-
-            channels_last_on_cpu(self.glow, self.device)
         if cfg.fast and self.device.type == "cuda" and isinstance(self.glow, Glow3D):
             from .flow.fast import optimise
 
