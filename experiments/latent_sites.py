@@ -20,12 +20,12 @@ stays. This script measures both on one model and one validation split:
    does: median/MAD of the energy; the mean vector and a shrunk covariance (10 % towards the identity;
    ``--covariance diagonal`` keeps only its diagonal) of the σ-smoothed mean vectors. Statistics per site:
    ``|z|`` of the energy (the voxel map's term), the squared distance of the mean vector from its band's
-   healthy mean, its Mahalanobis distance, and the larger of the energy z and the Mahalanobis z
-   (``combined``). Site AUROC per kind (references in-sample): lesion sites (≥ 50 % lesion) of abnormal
-   studies against every permissive-mask site of the normal studies. Patient AUROC by the platform's
-   decision (sites with z > τ in components ≥ v_min, their volume), **cross-fitted** as the platform's
-   search is (``--folds``, default 4: each study judged by references fitted without its fold's normals),
-   the in-sample figure beside it;
+   healthy mean, its Mahalanobis distance, the larger of the energy z and the Mahalanobis z (``combined``)
+   and the larger of the energy z and the mean-shift z (``energy or shift``). Site AUROC per kind
+   (references in-sample): lesion sites (≥ 50 % lesion) of abnormal studies against every permissive-mask
+   site of the normal studies. Patient AUROC by the platform's decision (sites with z > τ in components
+   ≥ v_min, their volume), **cross-fitted** as the platform's search is (``--folds``, default 4: each study
+   judged by references fitted without its fold's normals), the in-sample figure beside it;
 3. **test** (``--test``) — the test split extracted too and tested once per statistic at its best
    cross-fitted validation point (σ, τ, v_min), with the references of all validation normals and T by the
    best validation F1.
@@ -55,7 +55,7 @@ from ct3dflow.detect.voxel_map import DEFAULT_DEPTH_BINS, smooth_in_mask  # noqa
 from ct3dflow.pipeline import manifest_rows  # noqa: E402
 
 SITE = 4  # voxels per lattice site and axis: half a coarsest cell at L = 3
-STATISTICS = ("energy", "mean shift", "Mahalanobis", "combined")
+STATISTICS = ("energy", "mean shift", "Mahalanobis", "combined", "energy or shift")
 
 
 def log(msg: str) -> None:
@@ -200,6 +200,7 @@ def site_statistics(s: dict, ref: dict) -> dict:
             out[name][sel] = (out[name][sel] - ref[name][b][0]) / ref[name][b][1]
     out["energy"] = ez
     out["combined"] = np.maximum(ez, out["Mahalanobis"])
+    out["energy or shift"] = np.maximum(ez, out["mean shift"])  # no covariance to overfit
     return out
 
 
