@@ -13,7 +13,9 @@ freshly initialised (the speed is the same; say which in the output). Then, in o
 2. **the whole row, sequentially**: :func:`ct3dflow.detect.batch.score_locally` (hash, read, resample, masks,
    cache, voxel map, decision, NIfTI + PNG) from a cold cache, with 1 and with 2 torch threads;
 3. **the Ray job**: :func:`ct3dflow.adapters.ray_screen.screen_job` in a fresh process on ``ray.init(num_cpus=2)``
-   from a cold cache, with 1 and with 2 scoring actors, the MLflow run on a local SQLite store made beforehand.
+   from a cold cache, with 1 and with 2 scoring actors, the MLflow run on a local SQLite store made beforehand;
+   then with one actor of ``--actor-threads`` torch threads (``ray.scoring_threads``; default 2: on 2 cores it
+   scores as the 2-thread loop does while a preprocessing task prepares the next study beside it).
 
 ``--write-docs`` replaces this benchmark's section of docs/BENCHMARKS.md.
 """
@@ -145,10 +147,11 @@ def run_sequential(d: Path, arch: Path, model_path: Path, threads: int) -> dict:
 
 
 def run_ray_child(d: Path, arch: Path | str, model_path: Path, actors: int, source: dict | None = None,
-                  label: str = "") -> dict:
+                  label: str = "", threads: int | None = None) -> dict:
     """In a fresh process (one ray.init per process): the screening job on a 2-CPU local Ray. ``arch`` is a folder
-    or a ``dicomweb+`` URL (then ``source`` holds its credentials)."""
-    work = d / f"ray{actors}{'-pacs' if source else ''}"
+    or a ``dicomweb+`` URL (then ``source`` holds its credentials). ``threads``: ray.scoring_threads (torch threads
+    per actor; None: Ray's default, one for the actors' half CPU)."""
+    work = d / f"ray{actors}{'-pacs' if source else ''}{f'-t{threads}' if threads else ''}"
     code = f"""
 import json, sys, time
 sys.path.insert(0, {str(ROOT)!r})
@@ -161,7 +164,8 @@ ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 cfg = load_config({str(ROOT / "configs" / "screen.yaml")!r}, {{
     "work_dir": {str(work)!r}, "data": {{"cache_dir": {str(work / "cache")!r}}},
     "operating_point": json.load(open({str(d / "op.json")!r})),
-    "ray": {{"preprocess_workers": 2, "scoring_actors": {actors}, "preprocess_cpus": 0.5, "scoring_cpus": 0.5}},
+    "ray": {{"preprocess_workers": 2, "scoring_actors": {actors}, "preprocess_cpus": 0.5, "scoring_cpus": 0.5,
+            "scoring_threads": {threads!r}}},
     "mlflow": {{"tracking_uri": db, "system_metrics": False}}, "source": {source or {}!r}}})
 t0 = time.time()
 s = screen_job(cfg, {str(arch)!r}, model={str(model_path)!r})
@@ -176,7 +180,8 @@ print("BENCH " + json.dumps(s))
     if not m:
         raise RuntimeError(f"ray run with {actors} actor(s) failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     s = json.loads(m.group(1))
-    row = {"mode": f"Ray job, 2 CPUs, {actors} scoring actor{'s' if actors > 1 else ''} (whole row){label}",
+    each = f" with {threads} torch threads{' each' if actors > 1 else ''}" if threads else ""
+    row = {"mode": f"Ray job, 2 CPUs, {actors} scoring actor{'s' if actors > 1 else ''}{each} (whole row){label}",
            "studies": s["found"], "ok": s["ok"], "seconds": s["seconds"],
            "seconds_per_study": s["seconds"] / s["found"]}
     print(row, flush=True)
@@ -228,6 +233,8 @@ def main() -> None:
     ap.add_argument("--strides", type=int, nargs="+", default=[12, 6])
     ap.add_argument("--pacs", action="store_true", help="also the PACS path (needs Orthanc + its DICOMweb plugin)")
     ap.add_argument("--skip-alone", action="store_true", help="no scoring-alone and sequential rows")
+    ap.add_argument("--actor-threads", type=int, nargs="*", default=[2],
+                    help="also the Ray job with one scoring actor of this many torch threads (ray.scoring_threads)")
     ap.add_argument("--small", action="store_true", help="the tests' small phantoms instead of realistic studies")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
@@ -238,7 +245,9 @@ def main() -> None:
         arch, model_path, which, info = make_inputs(d, args.studies, Path(args.model), args.small)
         alone = [] if args.skip_alone else run_scoring_alone(d, arch, model_path, args.strides)
         seq = [] if args.skip_alone else [run_sequential(d, arch, model_path, t) for t in (1, 2)]
-        ray_rows = [run_ray_child(d, arch, model_path, n) for n in ((2,) if args.skip_alone else (1, 2))]
+        configs = [(2, None)] if args.skip_alone else [(1, None), (2, None)]
+        configs += [(1, t) for t in args.actor_threads]
+        ray_rows = [run_ray_child(d, arch, model_path, n, threads=t) for n, t in configs]
         seeding = None
         if args.pacs:
             pacs_row, seeding = run_pacs(d, arch, model_path)

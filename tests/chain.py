@@ -126,7 +126,8 @@ def nightly_screening(run, tonight: dict, folder: Path, tracking_uri: str) -> di
     version's tag) over tonight's archive (``tonights_archive``): the archive, its expectations, the job's work
     folder and logs."""
     work = folder / "work"
-    cfg = write_config(folder / "screen.yaml", work, tracking_uri, GLOW)
+    # one actor of 2 torch threads on its half CPU (ray.scoring_threads), as a 2-core node would run it
+    cfg = write_config(folder / "screen.yaml", work, tracking_uri, GLOW, scoring_threads=2)
     sid = "te-screen-nightly"
     logs = run(sid, "jobs/screen.py", "--archive", str(tonight["archive"]), "--run-name", sid, config=cfg)
     return {**tonight, "work": work, "cfg": cfg, "logs": logs}

@@ -154,6 +154,19 @@ def test_hostile_archive_one_row_per_study(nightly, tiny_model):
     n_ok = sum(1 for v in exp.values() if v[0] == "ok")
     assert (s["found"], s["scored"], s["skipped"], s["errors"]) == (len(exp), n_ok, 0, len(exp) - n_ok)
     assert "operating point from model version tag" in nightly["logs"]
+    # ray.scoring_threads reached the actor (the driver's plan and the actor's own line)
+    assert "1 scoring actor(s) on 0.5 CPU, 2 torch threads each" in nightly["logs"]
+    assert re.search(r"scoring actor pid \d+ loaded \S+ on cpu \(voxel map, 2 torch thread\(s\)\)", nightly["logs"])
+
+
+def test_scoring_threads_setting_is_a_whole_number_or_unset():
+    from ct3dflow.adapters.ray_score import scoring_threads
+
+    assert scoring_threads({}) is None and scoring_threads({"scoring_threads": None}) is None
+    assert scoring_threads({"scoring_threads": 2}) == 2 and scoring_threads({"scoring_threads": 3.0}) == 3
+    for bad in (1.5, -1, "two", True):
+        with pytest.raises(ValueError, match="ray.scoring_threads must be a whole number"):
+            scoring_threads({"scoring_threads": bad})
 
 
 @pytest.mark.ray

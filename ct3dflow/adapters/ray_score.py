@@ -30,18 +30,20 @@ def log(msg: str) -> None:
 class ScoringActor:
     """A Ray actor holding the model (loaded once) around the core :class:`ct3dflow.detect.batch.Scorer`."""
 
-    def __init__(self, ref: dict, plan: dict, use_gpu: bool, model=None):
+    def __init__(self, ref: dict, plan: dict, use_gpu: bool, model=None, threads: int | None = None):
         import torch
 
         self.ref = ModelRef(**ref)
         if isinstance(model, list):  # [ObjectRef]: the driver's model through the object store
             model = ray.get(model[0])
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        threads = os.environ.get("CT3DFLOW_TORCH_THREADS")
+        # ray.scoring_threads; else Ray's OMP_NUM_THREADS, one per whole CPU the actor holds (at least one)
+        threads = threads or os.environ.get("CT3DFLOW_TORCH_THREADS")
         if threads:
             torch.set_num_threads(int(threads))
         self.scorer = Scorer(plan, model if model is not None else self.ref.load(), device)
-        log(f"scoring actor pid {os.getpid()} loaded {self.ref.version} on {device} ({self.scorer.kind.name} map)")
+        log(f"scoring actor pid {os.getpid()} loaded {self.ref.version} on {device} ({self.scorer.kind.name} map, "
+            f"{torch.get_num_threads()} torch thread(s))")
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch
@@ -67,6 +69,19 @@ def gpu_plan(ray_cfg: dict) -> tuple[bool, float]:
     return False, gpus
 
 
+def scoring_threads(ray_cfg: dict) -> int | None:
+    """``ray.scoring_threads``: torch threads per scoring actor (None: Ray's default, one per whole CPU it holds).
+    Threads beyond the actor's CPUs oversubscribe the node on purpose: on 2 cores one actor with 2 threads
+    scores as fast as the sequential loop and its CPU share still leaves a preprocessing task room to run
+    beside it (docs/BENCHMARKS.md)."""
+    v = ray_cfg.get("scoring_threads")
+    if v in (None, "", 0):
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
+        raise ValueError(f"ray.scoring_threads must be a whole number ≥ 1 (torch threads per scoring actor), got {v!r}")
+    return int(v)
+
+
 def run_scoring(entries: list[dict], plan: ScoringPlan, ref: ModelRef, ray_cfg: dict,
                 on_row: Callable[[int, int, dict], None] | None = None, before=None, after=None, model=None
                 ) -> tuple[pd.DataFrame, dict[str, dict]]:
@@ -90,8 +105,10 @@ def run_scoring(entries: list[dict], plan: ScoringPlan, ref: ModelRef, ray_cfg: 
         if cpus and n_actors * score_cpus + pre_cpus > cpus:
             # actors hold their CPUs for the whole run: leave room for a preprocessing task, or it waits forever
             score_cpus = pre_cpus = round(cpus / (n_actors + 1), 3)
+        threads = scoring_threads(ray_cfg)
         log(f"{len(entries)} studies: {n_pre} preprocessing task(s) of {pre_cpus:g} CPU, {n_actors} scoring "
-            f"actor(s) on {'GPU' if use_gpu else f'{score_cpus:g} CPU'} (cluster CPUs {cpus:g}, GPUs {gpus:g}); "
+            f"actor(s) on {'GPU' if use_gpu else f'{score_cpus:g} CPU'}"
+            f"{f', {threads} torch threads each' if threads else ''} (cluster CPUs {cpus:g}, GPUs {gpus:g}); "
             f"{plan.kind} map {plan.settings}")
         quiet_progress()
         ds = ray.data.from_items(entries, override_num_blocks=len(entries))
@@ -103,7 +120,8 @@ def run_scoring(entries: list[dict], plan: ScoringPlan, ref: ModelRef, ray_cfg: 
             ScoringActor, batch_format="pandas", batch_size=int(ray_cfg.get("studies_per_batch", 1)),
             fn_constructor_kwargs={"ref": ref.to_dict(), "plan": plan.to_dict(), "use_gpu": use_gpu,
                                    # in a list: Ray would not resolve a nested ObjectRef by itself
-                                   "model": None if model is None else [ray.put(model.cpu().eval())]},
+                                   "model": None if model is None else [ray.put(model.cpu().eval())],
+                                   "threads": threads},
             num_gpus=1 if use_gpu else 0, num_cpus=score_cpus, compute=ray.data.ActorPoolStrategy(size=n_actors),
             max_restarts=int(ray_cfg.get("actor_max_restarts", -1)),
             max_task_retries=int(ray_cfg.get("actor_max_task_retries", -1)),
