@@ -14,8 +14,8 @@ freshly initialised (the speed is the same; say which in the output). Then, in o
    cache, voxel map, decision, NIfTI + PNG) from a cold cache, with 1 and with 2 torch threads;
 3. **the Ray job**: :func:`ct3dflow.adapters.ray_screen.screen_job` in a fresh process on ``ray.init(num_cpus=2)``
    from a cold cache, with 1 and with 2 scoring actors, the MLflow run on a local SQLite store made beforehand;
-   then with one actor of ``--actor-threads`` torch threads (``ray.scoring_threads``; default 2: on 2 cores it
-   scores as the 2-thread loop does while a preprocessing task prepares the next study beside it).
+   then with one actor of ``--actor-threads`` torch threads (``ray.scoring_threads``; default 2: the loop's
+   threads in one actor, a preprocessing task beside it).
 
 ``--write-docs`` replaces this benchmark's section of docs/BENCHMARKS.md.
 """

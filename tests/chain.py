@@ -126,7 +126,7 @@ def nightly_screening(run, tonight: dict, folder: Path, tracking_uri: str) -> di
     version's tag) over tonight's archive (``tonights_archive``): the archive, its expectations, the job's work
     folder and logs."""
     work = folder / "work"
-    # one actor of 2 torch threads on its half CPU (ray.scoring_threads), as a 2-core node would run it
+    # one actor of 2 torch threads on its half CPU: ray.scoring_threads reaches the actor (test_screen.py)
     cfg = write_config(folder / "screen.yaml", work, tracking_uri, GLOW, scoring_threads=2)
     sid = "te-screen-nightly"
     logs = run(sid, "jobs/screen.py", "--archive", str(tonight["archive"]), "--run-name", sid, config=cfg)

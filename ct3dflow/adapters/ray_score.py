@@ -71,9 +71,9 @@ def gpu_plan(ray_cfg: dict) -> tuple[bool, float]:
 
 def scoring_threads(ray_cfg: dict) -> int | None:
     """``ray.scoring_threads``: torch threads per scoring actor (None: Ray's default, one per whole CPU it holds).
-    Threads beyond the actor's CPUs oversubscribe the node on purpose: on 2 cores one actor with 2 threads
-    scores as fast as the sequential loop and its CPU share still leaves a preprocessing task room to run
-    beside it (docs/BENCHMARKS.md)."""
+    More threads than the actor's CPUs oversubscribe the node: on 2 cores one actor of 2 threads was slower
+    than two actors of one (0.79× against 0.94× of a 2-thread loop, docs/BENCHMARKS.md); the setting is for
+    nodes where Ray's count is not what the hardware wants (e.g. fractional CPUs on a big node)."""
     v = ray_cfg.get("scoring_threads")
     if v in (None, "", 0):
         return None
