@@ -215,14 +215,14 @@ def folds_of(studies: list[dict], ids: list[str], k: int) -> np.ndarray:
     return fold
 
 
-def counts(stats: dict, inside: np.ndarray, taus, v_mins=(0.0,)) -> dict:
+def counts(stats: dict, inside: np.ndarray, taus, v_mins=(0.0,), names=STATISTICS) -> dict:
     """{(statistic, τ, v_min): abnormal volume in cm³} of one study, by the platform's decision
     (:func:`ct3dflow.detect.decision.abnormal_region`): its sites with z > τ, components under v_min removed
     (a site is 4³ voxels of 2 mm)."""
     from ct3dflow.detect.decision import abnormal_region
 
     out = {}
-    for n in STATISTICS:
+    for n in names:
         for t in taus:
             for v in v_mins:
                 out[(n, t, v)] = abnormal_region(-stats[n], inside, -t, v, (2.0 * SITE,) * 3)[0]
@@ -292,14 +292,17 @@ def analyse(a) -> str:
               "best validation F1", "",
               "| statistic | σ, τ, v_min | val AUROC (cross-fitted) | **test AUROC (95 % CI)** | specificity | "
               "normals' median cm³ | " + " | ".join(kinds) + " |", "|---" * (6 + len(kinds)) + "|"]
+    test_stats: dict[float, list[dict]] = {}  # σ → the test studies' z against all validation normals
     for n in STATISTICS:
         best = max(((r[0], -sg, t, v) for (m, sg, t, v), r in val_auc.items() if m == n))
         cf, sigma, tau, v_min = best[0], -best[1], best[2], best[3]
-        prepare(studies, sigma)
-        prepare(tests, sigma)
-        ref = fit_reference(normals, a.covariance)
-        vol = np.array([counts(site_statistics(s, ref), s["inside"], [tau], [v_min])[(n, tau, v_min)]
-                        for s in tests])
+        if sigma not in test_stats:
+            prepare(studies, sigma)
+            prepare(tests, sigma)
+            ref = fit_reference(normals, a.covariance)
+            test_stats[sigma] = [site_statistics(s, ref) for s in tests]
+        vol = np.array([counts(z, s["inside"], [tau], [v_min], [n])[(n, tau, v_min)]
+                        for z, s in zip(test_stats[sigma], tests, strict=True)])
         t_val = choose_threshold(y, np.asarray(val_auc[(n, sigma, tau, v_min)][1]), "f1")
         m = patient_metrics(yt, vol, t_val)
         ci = bootstrap_ci(yt, vol, t_val)

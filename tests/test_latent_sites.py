@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-latent_sites = pytest.importorskip("latent_sites")
+import latent_sites  # noqa: E402
 
 SHAPE = (10, 10, 10)
 
