@@ -237,11 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", nargs="*", help="only these splits (default: all)")
     s.add_argument("--operating-point", help="operating_point.json from tune-local (it names its map kind)")
     s.add_argument("--map", choices=sorted(MAP_KINDS), default=None,
-                   help="voxel (default): per-voxel coarse-latent map, beyond the paper; patch: the paper's Log P map")
+                   help="anatomy (default): the per-voxel coarse-latent map against a reference per band of depth "
+                        "and position in the lung, beyond the paper; voxel: the same map, depth bands only; patch: the "
+                        "paper's Log P map")
     s.add_argument("--part", choices=["top_latent", "all"], default=None,
                    help="voxel map: which local log-likelihood terms (ct3dflow.flow.local)")
     s.add_argument("--stride", type=int, default=None,
-                   help="grid stride (default: patch size − 10 for the patch map, 12 for the voxel map)")
+                   help="grid stride (default: patch size − 10 for the patch map, 12 for the voxel kinds)")
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")

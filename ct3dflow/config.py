@@ -25,13 +25,14 @@ _DEFAULTS: dict = {
     # once (None: as many as the free CPUs allow; each runs in a Ray worker process of the job's own)
     "ray": {"num_workers": 1, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 1,
             "max_failures": 1, "preprocess_concurrency": None, "sampling_concurrency": None},
-    # map: voxel (the platform default, beyond the paper) or patch (the paper's Log P map); stride and batch
-    # size default per kind (voxel 12, patch: patch size - 10); precision (every kind): auto (bf16 autocast where the
-    # hardware runs bf16 natively, else fp32), fp32 or bf16
+    # map: anatomy (the platform default, beyond the paper: the voxel map against a healthy reference per band of
+    # depth and position in the lung), voxel (the same map, depth bands only) or patch (the paper's Log P map);
+    # stride and batch size default per kind (voxel kinds 12, patch: patch size - 10); precision (every kind): auto
+    # (bf16 autocast where the hardware runs bf16 natively, else fp32), fp32 or bf16
     # voxel kinds: merge: mean (default) or gaussian (overlapping windows weighted towards their centres; unmeasured)
-    "scoring": {"map": "voxel", "stride": None, "batch_size": None},
+    "scoring": {"map": "anatomy", "stride": None, "batch_size": None},
     "operating_point": {},  # a whole operating point (tune-local's JSON) for models without one
-    # the search space is the map kind's own; override per kind: tune.voxel.tau_z: {grid: [3, 4, 5]}
+    # the search space is the map kind's own; override per kind: tune.anatomy.tau_z: {grid: [3, 4, 5]}
     # reference_folds: the healthy reference is cross-fitted over this many folds of the validation normals
     # (ct3dflow.detect.search; 1 = fitted and judged on the same normals, as before 2026-12-02)
     "tune": {"num_samples": 1, "threshold_cm3": None, "threshold_rule": "best_f1", "target_specificity": None,

@@ -2,13 +2,14 @@
 
     .venv/bin/python experiments/detection.py --out work/experiments/detection
 
-(≈ 30 min on 2 idle cores: 14 min of training, then the voxel map and the paper's map; docs/RESULTS.md).
+(≈ 30 min on 2 idle cores: 14 min of training, then the platform's map and the paper's; docs/RESULTS.md).
 ``--device cuda`` trains and scores on a GPU. Every stage is skipped when its output exists, unless
 ``--force STAGE``.
 
 Protocol (kept from issue 3): one archive of healthy phantoms for training and healthy + abnormal (every
 pathology kind) for validation and test; a 3D GLOW trained on healthy training patches under a wall-clock
-budget; then for each map kind (``--maps``, default the voxel map and the paper's patch map):
+budget; then for each map kind (``--maps``, default the platform's — the voxel map against the anatomy-banded
+reference, ``anatomy`` — and the paper's patch map):
 
 1. **score** — :func:`ct3dflow.detect.batch.score_locally` over val and test (the scorer and resume rule of
    every path); for the voxel map once per stride of ``--voxel-strides``;
@@ -38,12 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ct3dflow.cache import StudyCache  # noqa: E402
-from ct3dflow.detect import OperatingPoint, get_kind  # noqa: E402
+from ct3dflow.detect import DEFAULT_KIND, OperatingPoint, get_kind  # noqa: E402
 from ct3dflow.detect.batch import ScoringPlan, entries_of_rows, score_locally  # noqa: E402
 from ct3dflow.detect.evaluate import evaluate  # noqa: E402
 from ct3dflow.detect.outputs import write_json  # noqa: E402
 from ct3dflow.detect.row import load_scored_studies, write_outputs_of  # noqa: E402
 from ct3dflow.detect.search import DEFAULT_REFERENCE_FOLDS, grid_search, threshold_rule  # noqa: E402
+from ct3dflow.detect.voxel_map import VoxelMap  # noqa: E402
 from ct3dflow.metrics import bootstrap_ci, patient_metrics  # noqa: E402
 from ct3dflow.pipeline import cached_patches, manifest_rows  # noqa: E402
 from ct3dflow.preprocess import PreprocessConfig  # noqa: E402
@@ -267,9 +269,10 @@ def stage_kind(a, kind_name: str, rows, cache: Path, model_path: Path, out: Path
     kind = get_kind(kind_name)
     torch.set_num_threads(a.threads)
     model = load_patch_scorer(model_path).to(a.device).eval()
-    strides = a.voxel_strides if kind.name == "voxel" else [a.patch_stride]
+    per_voxel = isinstance(kind, VoxelMap)  # the voxel map and the kinds built on it (anatomy)
+    strides = a.voxel_strides if per_voxel else [a.patch_stride]
     rule = threshold_rule("specificity" if a.target_specificity else "best_f1", a.target_specificity)
-    space = {"sigma_vox": a.voxel_sigma, "tau_z": a.voxel_tau, "v_min_cm3": a.v_min} if kind.name == "voxel" else \
+    space = {"sigma_vox": a.voxel_sigma, "tau_z": a.voxel_tau, "v_min_cm3": a.v_min} if per_voxel else \
         {"sigma_vox": a.patch_sigma, "tau_z": a.patch_tau, "v_min_cm3": a.v_min}
     val_rows = [r for r in rows if r["split"] == "val"]
     chosen = None
@@ -347,7 +350,8 @@ def parse_args(argv=None):
     p.add_argument("--n-val-patches", type=int, default=64)
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads: 2 on 2 idle cores; use 1 if other jobs share the cores")
-    p.add_argument("--maps", nargs="+", default=["voxel", "patch"], help="map kinds to run (ct3dflow.detect)")
+    p.add_argument("--maps", nargs="+", default=[DEFAULT_KIND, "patch"],
+                   help="map kinds to run (ct3dflow.detect; default: the platform's and the paper's)")
     p.add_argument("--voxel-strides", type=int, nargs="+", default=[12],
                    help="voxel map strides to compare on validation (the best is tested)")
     p.add_argument("--voxel-part", default="top_latent", choices=["top_latent", "all"])
@@ -357,7 +361,7 @@ def parse_args(argv=None):
                    help="how the voxel map merges overlapping windows (ct3dflow.detect.voxel_map.window_weight)")
     p.add_argument("--voxel-sigma", type=float, nargs="+", default=[1.0, 2.0])
     p.add_argument("--voxel-tau", type=float, nargs="+", default=[2.0, 3.0, 4.0, 5.0, 6.0],
-                   help="voxel map: |z| thresholds against the depth-banded healthy reference")
+                   help="voxel kinds: |z| thresholds against the healthy reference")
     p.add_argument("--patch-stride", type=int, default=12)
     p.add_argument("--patch-sigma", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     p.add_argument("--patch-tau", type=float, nargs="+", default=[-3.0, -2.5, -2.0, -1.5, -1.0, -0.5])

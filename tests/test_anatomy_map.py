@@ -1,5 +1,6 @@
-"""The anatomy-aware reference (ct3dflow.detect.anatomy_map): bands read off the lung mask, quantile
-calibration, and the point of it — normal hilar structure stops being flagged, a lesion still is."""
+"""The anatomy-aware reference (ct3dflow.detect.anatomy_map, the platform's default kind): bands read off the
+lung mask, MAD or quantile calibration, and the point of it — normal hilar structure stops being flagged, a
+lesion still is."""
 
 from __future__ import annotations
 
@@ -34,20 +35,26 @@ def test_coordinates_follow_the_lungs():
     assert full.max() == 3 * 3 * 3 - 1 and (full[~m] == -1).all() and (d[m] >= 0).all()
 
 
-def _healthy_map(rng, m, hilum_boost=6.0):
-    """Smooth noise, plus bright normal 'vessels' near each lung's medial edge at mid-height (the hilum)."""
+def _healthy_map(rng, m, hilum_boost=6.0, bimodal=True):
+    """Smooth noise, plus normal 'vessels' near each lung's medial edge at mid-height (the hilum): bright in
+    half of the hilar voxels (``bimodal``), or raised throughout a hilum that fills the medial, mid-height band
+    (a band's median and MAD can absorb a shift only where the band is the structure; test_mad_bands_...)."""
     v = ndimage.gaussian_filter(rng.standard_normal(m.shape), 1.0)
     _, lat, ver = anatomy_coordinates(m)
-    hilum = m & (lat < 0.25) & (np.abs(ver - 0.5) < 0.2)
-    v[hilum] += hilum_boost * (rng.random(hilum.sum()) < 0.5)
+    if bimodal:
+        hilum = m & (lat < 0.25) & (np.abs(ver - 0.5) < 0.2)
+        v[hilum] += hilum_boost * (rng.random(hilum.sum()) < 0.5)
+    else:
+        hilum = m & (lat < 1 / 3) & (ver >= 1 / 3) & (ver < 2 / 3)
+        v[hilum] += hilum_boost * (0.8 + 0.4 * rng.random(hilum.sum()))
     return v.astype(np.float32)
 
 
-def _studies(rng, labels):
+def _studies(rng, labels, bimodal=True):
     m = _lungs()
     out = []
     for i, y in enumerate(labels):
-        v = _healthy_map(rng, m)
+        v = _healthy_map(rng, m, bimodal=bimodal)
         if y:  # a lesion in the periphery: low values in a 5³ block
             z, yy, x = 20 + int(rng.integers(-4, 4)), 24, 10
             v[z - 2:z + 3, yy - 2:yy + 3, x - 2:x + 3] -= 6.0
@@ -55,33 +62,71 @@ def _studies(rng, labels):
     return out
 
 
-def test_hilar_structure_is_absorbed_and_the_lesion_is_still_found():
+@pytest.mark.parametrize("kind, bimodal", [(AnatomyMap(), False), (AnatomyMap(calibration="quantile"), True)],
+                         ids=["mad-raised-hilum", "quantile-bimodal-hilum"])
+def test_hilar_structure_is_absorbed_and_the_lesion_is_still_found(kind, bimodal):
+    """Median/MAD bands (the default) absorb a hilum whose values are raised throughout its band; a hilum where
+    only some voxels are bright (a two-mode band) needs the quantile calibration: its MAD sits in one mode."""
     rng = np.random.default_rng(0)
-    val = _studies(rng, [0] * 6 + [1] * 6)
+    val = _studies(rng, [0] * 6 + [1] * 6, bimodal)
     space = {"sigma_vox": [0.0], "tau_z": [4.0], "v_min_cm3": [0.0]}
     depth_op, _ = grid_search(get_kind("voxel"), val, space)
-    anat_op, _ = grid_search(AnatomyMap(), val, space)
-    fresh = _studies(rng, [0, 0, 0, 1, 1, 1])
+    anat_op, _ = grid_search(kind, val, space)
+    fresh = _studies(rng, [0, 0, 0, 1, 1, 1], bimodal)
     normal = [s for s in fresh if s.label == 0]
 
-    def volumes(kind, op, studies):
-        return np.array([kind.decide(s.score, s.permissive, SP, op)[0] for s in studies])
+    def volumes(k, op, studies):
+        return np.array([k.decide(s.score, s.permissive, SP, op)[0] for s in studies])
 
     depth_normal = volumes(get_kind("voxel"), depth_op, normal)
-    anat_normal = volumes(AnatomyMap(), anat_op, normal)
+    anat_normal = volumes(kind, anat_op, normal)
     assert np.median(depth_normal) > 5.0, "the depth reference should flag the hilar 'vessels' of normal studies"
     assert np.median(anat_normal) < 0.2 * np.median(depth_normal)
-    sick = volumes(AnatomyMap(), anat_op, [s for s in fresh if s.label == 1])
+    sick = volumes(kind, anat_op, [s for s in fresh if s.label == 1])
     assert sick.min() > anat_normal.max(), (sick, anat_normal)
     again = OperatingPoint.from_dict(anat_op.to_dict())
-    assert again.reference["type"] == "anatomy" and again.reference["calibration"] == "quantile"
+    assert again.reference["type"] == "anatomy" and again.reference["calibration"] == kind.calibration
+
+
+def test_mad_bands_do_not_absorb_a_two_mode_hilum():
+    """Why the quantile calibration exists: with half of the hilar voxels bright, the band's median and MAD
+    sit in the dark mode, and the bright normal voxels stay flagged (the limit of the default)."""
+    rng = np.random.default_rng(0)
+    val = _studies(rng, [0] * 6 + [1] * 6, bimodal=True)
+    op, _ = grid_search(AnatomyMap(), val, {"sigma_vox": [0.0], "tau_z": [4.0], "v_min_cm3": [0.0]})
+    normal = _studies(rng, [0, 0, 0], bimodal=True)
+    assert np.median([AnatomyMap().decide(s.score, s.permissive, SP, op)[0] for s in normal]) > 5.0
+
+
+def test_the_platform_default_is_the_anatomy_reference_with_mad_and_old_quantile_points_still_map():
+    """``scoring.map`` unset means the anatomy kind with median/MAD bands; a point fitted with the quantile
+    calibration (before it was the default) carries its calibration and maps exactly as it was chosen."""
+    from ct3dflow.config import load_config
+
+    kind = get_kind(None)
+    assert kind.name == "anatomy" and kind.calibration == "mad" and load_config(None).scoring["map"] == "anatomy"
+    rng = np.random.default_rng(3)
+    val = _studies(rng, [0] * 4)
+    params = {"sigma_vox": 1.0}
+    old = AnatomyMap(calibration="quantile")
+    ref_q = old.fit_reference([s.score for s in val], [s.permissive for s in val], params)
+    ref_mad = kind.fit_reference([s.score for s in val], [s.permissive for s in val], params)
+    assert ref_q["calibration"] == "quantile" and "quantiles" in ref_q["bands"][0]
+    assert ref_mad["calibration"] == "mad" and "quantiles" not in ref_mad["bands"][0]
+    s = _studies(rng, [1])[0]
+    a_q = kind.atypicality(s.score, s.permissive, params, ref_q)
+    np.testing.assert_array_equal(a_q, old.atypicality(s.score, s.permissive, params, ref_q))
+    a_mad = kind.atypicality(s.score, s.permissive, params, ref_mad)
+    inside = s.permissive != 0
+    # the two calibrations differ, so the equality above means something
+    assert not np.allclose(a_q[inside], a_mad[inside])
 
 
 def test_quantile_calibration_makes_healthy_z_standard_normal_per_band():
     rng = np.random.default_rng(1)
     m = _lungs()
     heavy = [np.where(m, rng.standard_t(2, m.shape), np.nan).astype(np.float32) for _ in range(4)]  # heavy tails
-    kind = AnatomyMap(lateral=1, vertical=1)
+    kind = AnatomyMap(lateral=1, vertical=1, calibration="quantile")
     ref = kind.fit_reference([VoxelScore(h, 8) for h in heavy], [m] * 4, {"sigma_vox": 0.0})
     z = -kind.atypicality(VoxelScore(np.where(m, rng.standard_t(2, m.shape), np.nan).astype(np.float32), 8), m,
                           {"sigma_vox": 0.0}, ref)

@@ -7,8 +7,8 @@ on a local Ray (started in this process) and a local MLflow (SQLite under the wo
 2. Ray Data preprocessing into the study cache;
 3. Ray Train of CT-3DFlow (the detection recipe of docs/RESULTS.md, scaled to the time) and, cheaply, of the
    AE baseline of the paper's Table 1;
-4. Ray Tune chooses each model's operating point on validation only (CT-3DFlow: the voxel map; AE: the
-   paper's patch map), scoring on Ray Data actors;
+4. Ray Tune chooses each model's operating point on validation only (CT-3DFlow: the voxel map against the
+   anatomy-banded healthy reference; AE: the paper's patch map), scoring on Ray Data actors;
 5. the test split, touched once per model: Table 1 with 95 % intervals and the per-kind sensitivity;
 6. the nightly screening job over "tonight's" archive (new DICOM series and NIfTI files, a few of them
    broken) with the champion: found / scored / flagged / errors, each error's reason, and what it got wrong;

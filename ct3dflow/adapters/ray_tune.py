@@ -9,7 +9,7 @@ volumes) go to the object store once, through ``tune.with_parameters``. T is not
 it off the validation ROC by the operating point's rule (the search module says why).
 
 The space is the map kind's own (:attr:`MapKind.space`, every value a grid point), overridden per kind in
-``cfg.tune.<kind>`` (``tune.voxel.tau_z: {grid: [3, 4, 5]}``): ``[lo, hi]`` → ``tune.uniform(lo, hi)``;
+``cfg.tune.<kind>`` (``tune.anatomy.tau_z: {grid: [3, 4, 5]}``): ``[lo, hi]`` → ``tune.uniform(lo, hi)``;
 ``{"grid": [...]}`` or a list of other length → ``tune.grid_search``; ``{"choice": [...]}``; a number → fixed.
 ``num_samples`` (1: each grid point once), ``seed``, ``cpus_per_trial`` (default 1), ``max_concurrent_trials``
 (default: as many as the CPUs hold), ``threshold_cm3``
@@ -46,7 +46,7 @@ def param_space(kind: MapKind, tune_cfg: dict) -> dict:
     flat = [k for k in LEGACY_KEYS if k in tune_cfg]
     if flat:
         raise ValueError(f"tune.{flat[0]} is given for no map kind: put the search space under the kind, e.g. "
-                         f"tune.{kind.name}.{flat[0]} (the voxel and the patch map search different ranges)")
+                         f"tune.{kind.name}.{flat[0]} (the voxel kinds and the patch map search different ranges)")
     over = dict(tune_cfg.get(kind.name) or {})
     unknown = sorted(set(over) - set(kind.space))
     if unknown:

@@ -5,10 +5,10 @@ Shaped like MONAI's sliding-window inference, with the decision of the paper aft
     grid (splitter)  →  kind.score (predictor)  →  kind.atypicality (merger → map)  →  decision (v_min, T)
     grid.py             patch_map.py / voxel_map.py                                     decision.py
 
-* :data:`MAP_KINDS` — the registry of map kinds behind one interface (:class:`MapKind`): ``voxel`` (the
-  coarse-latent voxel map against a depth-banded healthy reference; not in the paper), ``anatomy`` (the same
-  map against an anatomy-aware, quantile-calibrated reference; not in the paper) and ``patch`` (the paper's
-  Log P map).
+* :data:`MAP_KINDS` — the registry of map kinds behind one interface (:class:`MapKind`): ``anatomy`` (the
+  platform default: the coarse-latent voxel map against a healthy reference per band of depth and position in
+  the lung; not in the paper), ``voxel`` (the same map against a depth-banded reference only; not in the
+  paper) and ``patch`` (the paper's Log P map).
 * :mod:`.search` — the one operating-point search (objective, T rule, tie-break); :mod:`.evaluate` — the
   one evaluation; :mod:`.operating_point` — the one schema; :mod:`.row` — ``score_row``; :mod:`.batch` —
   a scoring run over many studies with one resume rule (the CLI loops it, the Ray adapter distributes it).
@@ -24,7 +24,7 @@ from .voxel_map import VoxelMap
 
 #: every map kind, by the name configurations and operating points use (``scoring.map``, ``"map"``)
 MAP_KINDS: dict[str, MapKind] = {"voxel": VoxelMap(), "anatomy": AnatomyMap(), "patch": PatchMap()}
-DEFAULT_KIND = "voxel"
+DEFAULT_KIND = "anatomy"  # beat the depth-only voxel reference in 5 of 7 runs (docs/RESULTS.md)
 
 
 def get_kind(name: str | None) -> MapKind:

@@ -1,5 +1,6 @@
 """The voxel-level map (not in the paper): the flow's coarsest latent mapped per voxel, against a healthy
-reference that knows how deep into the lung a voxel lies. The platform's default kind.
+reference that knows how deep into the lung a voxel lies. The platform's default kind, ``anatomy``
+(:mod:`.anatomy_map`), is this map with a reference that also knows where in the lung a voxel lies.
 
 The paper gives each window one number and blurs those numbers (:mod:`.patch_map`). On our phantoms that
 map does not separate sick from healthy studies (docs/RESULTS.md): a window's log-likelihood sums every
