@@ -1,7 +1,7 @@
 """The nightly screening on realistic studies: seconds per study, and the Ray job against a sequential loop.
 
     .venv/bin/python bench/screen.py [--studies 4] [--model work/experiments/detection/model/model.pt]
-                                     [--strides 12 6] [--write-docs]
+                                     [--strides 12 6] [--map anatomy] [--write-docs]
 
 Inputs, made once: ``--studies`` chest phantoms written as DICOM series of 512 × 512 × 300 slices
 (0.7 × 0.7 × 1.0 mm, as a thin-slice chest CT; ≈ 150 × 179 × 179 voxels on the 2 mm grid), and the detection
@@ -9,7 +9,9 @@ model of ``experiments/detection.py`` (L=3, K=8, width 64, 24³) when it exists,
 freshly initialised (the speed is the same; say which in the output). Then, in one run, on this machine:
 
 1. **scoring alone**: the voxel map of each study through the core scorer (:class:`ct3dflow.detect.batch.Scorer`,
-   the one the Ray actors run), at each ``--strides`` (the default first), 2 torch threads;
+   the one the Ray actors run), at each ``--strides`` (the default first), 2 torch threads; then **the decision
+   alone** on that map (σ-smoothing, z against the healthy reference, components, volume) with the depth
+   reference (``voxel``) and with the anatomy bands (``anatomy``), each fitted on the first (healthy) study;
 2. **the whole row, sequentially**: :func:`ct3dflow.detect.batch.score_locally` (hash, read, resample, masks,
    cache, voxel map, decision, NIfTI + PNG) from a cold cache, with 1 and with 2 torch threads;
 3. **the Ray job**: :func:`ct3dflow.adapters.ray_screen.screen_job` in a fresh process on ``ray.init(num_cpus=2)``
@@ -40,14 +42,19 @@ from _machine import cpu_model, write_docs_section
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ct3dflow.detect import DEFAULT_KIND  # noqa: E402
+
 SHAPE, SPACING = (300, 512, 512), (0.7, 0.7, 1.0)  # (z, y, x) slices, (x, y, z) mm
 DETECTION_MODEL = ROOT / "work" / "experiments" / "detection" / "model" / "model.pt"
 SECTION = "## Archive screening on realistic studies (`bench/screen.py`)"
+DECISION_PARAMS = {"sigma_vox": 2.0, "tau_z": 4.0, "v_min_cm3": 1.0}  # speed only: not a tuned point
 PACS_SECTION = "## Archive screening, the folder path against the PACS path (`bench/screen.py --pacs`, issue 13)"
 
 
-def make_inputs(d: Path, n: int, model_path: Path | None, small: bool = False) -> tuple[Path, Path, str, dict]:
-    """The archive (n DICOM studies, 2 of every 3 abnormal), the model and an operating point for it."""
+def make_inputs(d: Path, n: int, model_path: Path | None, small: bool = False,
+                map_kind: str = "anatomy") -> tuple[Path, Path, str, dict]:
+    """The archive (n DICOM studies, 2 of every 3 abnormal), the model and an operating point of ``map_kind`` for
+    it (the whole-row and Ray rows decide with it)."""
     import torch
 
     from ct3dflow.detect import OperatingPoint, get_kind
@@ -78,13 +85,13 @@ def make_inputs(d: Path, n: int, model_path: Path | None, small: bool = False) -
         which = "an initialised, untrained model of the detection architecture (no detection model on disk)"
     # an operating point whose reference comes from one healthy study (speed only: the numbers are not tuned)
     model = load_patch_scorer(d / "model.pt")
-    voxel = get_kind("voxel")
+    kind = get_kind(map_kind)
     healthy = preprocess_study(arch / "study00", PreprocessConfig())
-    settings = voxel.settings({}, model.patch_size)
-    score = voxel.score(voxel.prepare(model, "cpu"), healthy, settings)
-    params = {"sigma_vox": 2.0, "tau_z": 4.0, "v_min_cm3": 1.0}
-    ref = voxel.fit_reference([score], [healthy.permissive], params)
-    op = OperatingPoint("voxel", params, 5.0, ref, {k: settings[k] for k in ("patch_size", "stride", "part")})
+    settings = kind.settings({}, model.patch_size)
+    score = kind.score(kind.prepare(model, "cpu"), healthy, settings)
+    ref = kind.fit_reference([score], [healthy.permissive], DECISION_PARAMS)
+    op = OperatingPoint(kind.name, DECISION_PARAMS, 5.0, ref,
+                        {k: settings[k] for k in ("patch_size", "stride", "part")})
     op.save(d / "op.json")
     return arch, d / "model.pt", which, {"grid": list(healthy.volume.shape), "windows": score.n_windows}
 
@@ -94,7 +101,7 @@ def run_scoring_alone(d: Path, arch: Path, model_path: Path, strides: list[int])
     import torch
 
     from ct3dflow.cache import StudyCache
-    from ct3dflow.detect import get_kind
+    from ct3dflow.detect import OperatingPoint, get_kind
     from ct3dflow.models import load_patch_scorer
     from ct3dflow.preprocess import PreprocessConfig
 
@@ -109,16 +116,30 @@ def run_scoring_alone(d: Path, arch: Path, model_path: Path, strides: list[int])
     rows = []
     for stride in strides:
         settings = kind.settings({"stride": stride}, model.patch_size)
-        secs, windows = [], []
+        secs, windows, maps = [], [], []
         for p in studies:
             st = cache.load(p.name)
             t0 = time.time()
             score = kind.score(predictor, st, settings)
             secs.append(time.time() - t0)
             windows.append(score.n_windows)
+            maps.append((st, score))
         rows.append({"mode": f"voxel map only, stride {stride} (core scorer, 2 threads)", "studies": len(studies),
                      "seconds_per_study": sum(secs) / len(secs), "windows": sum(windows) / len(windows)})
         print(rows[-1], flush=True)
+        if stride != strides[0]:
+            continue
+        for name in ("voxel", "anatomy"):  # the decision on the default stride's maps
+            k = get_kind(name)
+            ref = k.fit_reference([maps[0][1]], [maps[0][0].permissive], DECISION_PARAMS)
+            op = OperatingPoint(name, DECISION_PARAMS, 5.0, ref, {})
+            t0 = time.time()
+            for st, score in maps:
+                k.decide(score, st.permissive, st.spacing, op)
+            rows.append({"mode": f"decision only, {name} reference (σ-smoothing, z, components, volume)",
+                         "studies": len(studies), "seconds_per_study": (time.time() - t0) / len(maps),
+                         "windows": float("nan")})
+            print(rows[-1], flush=True)
     return rows
 
 
@@ -236,18 +257,22 @@ def main() -> None:
     ap.add_argument("--actor-threads", type=int, nargs="*", default=[2],
                     help="also the Ray job with one scoring actor of this many torch threads (ray.scoring_threads)")
     ap.add_argument("--small", action="store_true", help="the tests' small phantoms instead of realistic studies")
+    ap.add_argument("--map", default=DEFAULT_KIND, choices=["voxel", "anatomy"],
+                    help="the operating point's kind for the whole-row and Ray rows (default: the platform's, "
+                         "%(default)s)")
+    ap.add_argument("--skip-ray", action="store_true", help="no Ray rows")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     started = datetime.now().isoformat(timespec="seconds")
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="ct3dflow-bench-screen-") as tmp:
         d = Path(tmp)
-        arch, model_path, which, info = make_inputs(d, args.studies, Path(args.model), args.small)
+        arch, model_path, which, info = make_inputs(d, args.studies, Path(args.model), args.small, args.map)
         alone = [] if args.skip_alone else run_scoring_alone(d, arch, model_path, args.strides)
         seq = [] if args.skip_alone else [run_sequential(d, arch, model_path, t) for t in (1, 2)]
         configs = [(2, None)] if args.skip_alone else [(1, None), (2, None)]
         configs += [(1, t) for t in args.actor_threads]
-        ray_rows = [run_ray_child(d, arch, model_path, n, threads=t) for n, t in configs]
+        ray_rows = [] if args.skip_ray else [run_ray_child(d, arch, model_path, n, threads=t) for n, t in configs]
         seeding = None
         if args.pacs:
             pacs_row, seeding = run_pacs(d, arch, model_path)
@@ -263,12 +288,12 @@ def main() -> None:
         f"- load average (1, 5, 15 min) before: {load_before}; after: {load_average()}",
         f"- input: {args.studies} phantom chest CTs as DICOM series of {source}, {info['grid'][2]} × "
         f"{info['grid'][1]} × {info['grid'][0]} on the 2 mm grid, {info['windows']} windows of 24³ at stride "
-        f"{args.strides[0]}; model: {which}",
+        f"{args.strides[0]}; model: {which}; the whole rows decide with a {args.map} operating point",
     ]
     if alone:
         lines += ["", "| mode | studies | s per study | windows per study |", "|---|---|---|---|"]
-        lines += [f"| {r['mode']} | {r['studies']} | {r['seconds_per_study']:.1f} | {r['windows']:.0f} |"
-                  for r in alone]
+        lines += [f"| {r['mode']} | {r['studies']} | {r['seconds_per_study']:.1f} | "
+                  f"{'—' if r['windows'] != r['windows'] else format(r['windows'], '.0f')} |" for r in alone]
     lines += ["", f"| mode | studies | ok | seconds | s per study | studies/min | vs {baseline} |",
               "|---|---|---|---|---|---|---|"]
     for r in seq + ray_rows:
