@@ -154,7 +154,8 @@ def run_sequential(d: Path, arch: Path, model_path: Path, threads: int) -> dict:
     torch.set_num_threads(threads)
     model = load_patch_scorer(model_path)
     tag = f"seq{threads}"
-    plan = ScoringPlan.make("voxel", {}, model.patch_size, json.loads((d / "op.json").read_text()), str(model_path),
+    op = json.loads((d / "op.json").read_text())
+    plan = ScoringPlan.make(op["map"], {}, model.patch_size, op, str(model_path),
                             "bench/1", PreprocessConfig(patch_size=model.patch_size).to_dict(), d / tag / "cache",
                             d / tag / "results")
     t0 = time.time()
