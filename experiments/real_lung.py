@@ -16,7 +16,8 @@ these patients have outside the tumour zone, and the only lesion is LUNG1-001's 
 
 Protocol: the detection model of docs/RESULTS.md (3D GLOW, L=3, K=8, width 64, 24³) trained for
 ``--train-minutes`` on windows of ≥ 50 % strict lung from those volumes; the voxel map (stride 12) of every
-volume; the healthy reference (the ``--kind``'s: ``voxel`` depth bands or the ``anatomy`` bands) fitted on the
+volume; the healthy reference (the ``--kind``'s: ``voxel`` depth bands or the ``anatomy`` bands, median and MAD
+since 2026-12-06, quantile-calibrated in docs/RESULTS.md's run) fitted on the
 training lung tissue (the tumour zone left out); then LUNG1-001's z map against it. Reported: the voxel AUROC
 of tumour voxels against contralateral (right) lung voxels, the tumour's median z, the rank of the tumour among
 the map's abnormal components (|z| > τ, components ≥ 1 cm³, ranked by their most extreme z), and the preview.

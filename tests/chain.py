@@ -1,12 +1,11 @@
-"""The platform's chain, run once per test session with `ray job submit` against the session's real Ray head
-and MLflow server (conftest's ``jobs_done``): for CT-3DFlow on the platform's default map (``anatomy``: the voxel
-map against the anatomy-banded reference) train
-(stopped after its first checkpoint, then resumed) → tune → the nightly screening of tonight's archive (a
-hostile one, tests/tonight_archive.py) → evaluate; for the AE baseline on the paper's patch map train → tune →
-evaluate. The CT-3DFlow champion is announced as soon as it is tuned, and the nightly screening's outcome as
-soon as it is done, so the tests that need only those (test_pacs.py, test_screen.py) run beside the rest of
-the chain. Several test modules read the chain; conftest starts it in the background when the session starts,
-while the tests that do not need it run.
+"""The platform's chain, run once per test session with `ray job submit` against the session's real Ray head and
+MLflow server (conftest's ``jobs_done``): for CT-3DFlow on the platform's default map (``anatomy``: the voxel map
+against the anatomy-banded reference) train (stopped after its first checkpoint, then resumed) → tune → the nightly
+screening of tonight's archive (a hostile one, tests/tonight_archive.py) → evaluate; for the AE baseline on the
+paper's patch map train → tune → evaluate. The CT-3DFlow champion is announced as soon as it is tuned, and the
+nightly screening's outcome as soon as it is done, so the tests that need only those (test_pacs.py, test_screen.py)
+run beside the rest of the chain. Several test modules read the chain; conftest starts it in the background when
+the session starts, while the tests that do not need it run.
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ def test_coordinates_follow_the_lungs():
 def _healthy_map(rng, m, hilum_boost=6.0, bimodal=True):
     """Smooth noise, plus normal 'vessels' near each lung's medial edge at mid-height (the hilum): bright in
     half of the hilar voxels (``bimodal``), or raised throughout a hilum that fills the medial, mid-height band
-    (a band's median and MAD can absorb a shift only where the band is the structure; test_mad_bands_...)."""
+    (a band's median and MAD absorb a shift only where the band is the structure; see
+    test_mad_bands_do_not_absorb_a_two_mode_hilum)."""
     v = ndimage.gaussian_filter(rng.standard_normal(m.shape), 1.0)
     _, lat, ver = anatomy_coordinates(m)
     if bimodal:
