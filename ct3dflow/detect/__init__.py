@@ -24,7 +24,7 @@ from .voxel_map import VoxelMap
 
 #: every map kind, by the name configurations and operating points use (``scoring.map``, ``"map"``)
 MAP_KINDS: dict[str, MapKind] = {"voxel": VoxelMap(), "anatomy": AnatomyMap(), "patch": PatchMap()}
-DEFAULT_KIND = "anatomy"  # beat the depth-only voxel reference in 5 of 7 runs (docs/RESULTS.md)
+DEFAULT_KIND = "anatomy"  # beat the depth-only voxel reference in 6 of 9 runs (docs/RESULTS.md)
 
 
 def get_kind(name: str | None) -> MapKind:

@@ -22,10 +22,10 @@ and changes the reference:
   set degrades to the depth reference instead of failing.
 
 Why the default: on the detection experiment's phantoms, searched with the cross-fitted search and tested once,
-this reference beat the depth reference of :mod:`.voxel_map` in 5 of 7 model-and-direction runs (A→A, A→B,
-B→A, B→B at full training length, 2026-12-02 and 2026-12-06), on cross-fitted validation and on test alike, by
-a mean of +0.057 test AUROC (docs/RESULTS.md). Operating points store their reference with its calibration,
-so points fitted with the quantile calibration keep mapping as they were chosen.
+this reference beat the depth reference of :mod:`.voxel_map` in 6 of 9 model-and-direction runs (A→A over three
+training seeds, A→B, B→A, B→B, at full training length, 2026-12-02 and 2026-12-06), on cross-fitted validation
+and on test alike, by a mean of +0.051 test AUROC (docs/RESULTS.md). Operating points store their reference
+with its calibration, so points fitted with the quantile calibration keep mapping as they were chosen.
 
 Everything else — σ-smoothing in the mask, ``|z| > τ``, components ≥ v_min, T — is the voxel map's. The
 reference is fitted on the healthy *validation* studies (the hospital's own), never on test studies.
