@@ -26,8 +26,8 @@ def job_config(description: str, extra=None):
 def init_ray():
     import ray
 
-    from ct3dflow.adapters.ray_data import quiet_progress
+    from ct3dflow.adapters.ray_data import configure_data_context
 
     ray.init(log_to_driver=True)
-    quiet_progress()  # every dataset of the job, the train job's patch stream in its split coordinator too
+    configure_data_context()  # every dataset of the job, the train job's patch stream in its split coordinator too
     return ray

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     # the dashboard serves the State API Ray Train's controller polls (without it, its log fills with errors)
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
              configure_logging=False)
-    ray_data.quiet_progress()
+    ray_data.configure_data_context()
     models = {"CT-3DFlow": {"cfg": flow_cfg}, "AE": {"cfg": ae_cfg}}
     try:
         _stage(2, "Ray Data: preprocessing on CPU workers → study cache", t0, times)

@@ -90,7 +90,7 @@ def run_scoring(entries: list[dict], plan: ScoringPlan, ref: ModelRef, ray_cfg: 
     task stage before the preparation (e.g. a PACS retrieval) and after the scoring (e.g. the write-back).
     ``model``: the model the driver loaded for ``ref``; the actors then take it from the object store
     instead of each loading it from the registry (the same weights: ``ref`` pins the version)."""
-    from .ray_data import quiet_progress
+    from .ray_data import configure_data_context
 
     outcomes: dict[str, dict] = {}
     if entries:
@@ -110,7 +110,7 @@ def run_scoring(entries: list[dict], plan: ScoringPlan, ref: ModelRef, ray_cfg: 
             f"actor(s) on {'GPU' if use_gpu else f'{score_cpus:g} CPU'}"
             f"{f', {threads} torch threads each' if threads else ''} (cluster CPUs {cpus:g}, GPUs {gpus:g}); "
             f"{plan.kind} map {plan.settings}")
-        quiet_progress()
+        configure_data_context()
         ds = ray.data.from_items(entries, override_num_blocks=len(entries))
         tasks = {"num_cpus": pre_cpus, "compute": ray.data.TaskPoolStrategy(size=n_pre)}
         if before:
