@@ -289,7 +289,7 @@ def main() -> None:
         f"- load average (1, 5, 15 min) before: {load_before}; after: {load_average()}",
         f"- input: {args.studies} phantom chest CTs as DICOM series of {source}, {info['grid'][2]} × "
         f"{info['grid'][1]} × {info['grid'][0]} on the 2 mm grid, {info['windows']} windows of 24³ at stride "
-        f"{args.strides[0]}; model: {which}; the whole rows decide with a {args.map} operating point",
+        f"{args.strides[0]}; model: {which}; the whole rows decide with an operating point of the {args.map} kind",
     ]
     if alone:
         lines += ["", "| mode | studies | s per study | windows per study |", "|---|---|---|---|"]
