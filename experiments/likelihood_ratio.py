@@ -35,42 +35,20 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from transfer import CANDIDATES, SPACE, scores_for, summarise  # noqa: E402 - the crosswise experiment's
+
 from ct3dflow.detect import get_kind  # noqa: E402
-from ct3dflow.detect.anatomy_map import AnatomyMap  # noqa: E402
-from ct3dflow.detect.batch import ScoringPlan, entries_of_rows, score_locally  # noqa: E402
 from ct3dflow.detect.evaluate import evaluate  # noqa: E402
 from ct3dflow.detect.outputs import write_json  # noqa: E402
 from ct3dflow.detect.row import load_scored_studies  # noqa: E402
 from ct3dflow.detect.search import DEFAULT_REFERENCE_FOLDS, grid_search  # noqa: E402
 from ct3dflow.pipeline import manifest_rows  # noqa: E402
-from ct3dflow.preprocess import PreprocessConfig  # noqa: E402
 
-REFERENCES = {"depth": get_kind("voxel"), "anatomy-mad": AnatomyMap(lateral=3, vertical=3, calibration="mad")}
-SPACE = {"sigma_vox": [1.0, 2.0], "tau_z": [2.0, 3.0, 4.0, 5.0, 6.0], "v_min_cm3": [0.0, 1.0, 5.0]}
+REFERENCES = {k: CANDIDATES[k] for k in ("depth", "anatomy-mad")}  # the depth bands and the platform default
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def score_all(model_file: Path, rows, data: Path, out: Path, stride: int, threads: int) -> dict:
-    """``part="all"`` voxel-map results of the val and test rows with one model (resumable)."""
-    import torch
-
-    from ct3dflow.models import load_patch_scorer
-
-    torch.set_num_threads(threads)
-    model = load_patch_scorer(model_file)
-    res = {}
-    for split in ("val", "test"):
-        todo = [r for r in rows if r["split"] == split]
-        plan = ScoringPlan.make("voxel", {"stride": stride, "part": "all", "batch_size": 32}, model.patch_size,
-                                None, str(model_file), model_file.parent.parent.name, PreprocessConfig().to_dict(),
-                                data / "cache", out / split)
-        t = time.time()
-        res[split], _ = score_locally(entries_of_rows(todo), plan, model)
-        log(f"  {model_file} on {split}: {len(todo)} studies, {time.time() - t:.0f} s")
-    return res
 
 
 def ratio_studies(main, ref):
@@ -82,13 +60,6 @@ def ratio_studies(main, ref):
         v = s.score.voxel_map - r.score.voxel_map  # NaN where either is NaN
         out.append(dataclasses.replace(s, score=dataclasses.replace(s.score, voxel_map=v.astype(np.float32))))
     return out
-
-
-def summarise(ev: dict) -> dict:
-    m = ev["metrics"]
-    return {"auroc": m["auroc"], "auroc_ci": ev["ci"]["auroc"], "f1": m["f1"], "sensitivity": m["sensitivity"],
-            "specificity": m["specificity"], "normal_volume_median_cm3": ev["normal_volume_cm3"]["median"],
-            "per_kind_auroc": {k: v["auroc"] for k, v in ev["per_kind"].items()}}
 
 
 def main(argv=None) -> int:
@@ -109,8 +80,8 @@ def main(argv=None) -> int:
     rows = manifest_rows(data / "archive" / "manifest.parquet")
     voxel = get_kind("voxel")
     t0 = time.time()
-    res_main = score_all(Path(a.main), rows, data, out / "main-all", a.stride, a.threads)
-    res_ref = score_all(Path(a.ref), rows, data, out / "ref-all", a.stride, a.threads)
+    _, res_main = scores_for(Path(a.main), data, out / "main-all", a.stride, a.threads, part="all")
+    _, res_ref = scores_for(Path(a.ref), data, out / "ref-all", a.stride, a.threads, part="all")
     top = Path(a.top_latent) if a.top_latent else data / f"voxel-stride{a.stride}"
     splits = {}
     for split in ("val", "test"):

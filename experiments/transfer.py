@@ -65,8 +65,9 @@ def log(msg: str) -> None:
 
 
 def scores_for(model_file: Path, data_run: Path, out: Path, stride: int, threads: int,
-               precision: str = DEFAULT_PRECISION):
-    """Voxel-map results of ``data_run``'s val and test studies with the model in ``model_file`` (resumable)."""
+               precision: str = DEFAULT_PRECISION, part: str = "top_latent"):
+    """Voxel-map results of ``data_run``'s val and test studies with the model in ``model_file`` (resumable);
+    ``part``: which local log-likelihood terms are mapped (:mod:`ct3dflow.flow.local`)."""
     import torch
 
     from ct3dflow.models import load_patch_scorer
@@ -78,7 +79,7 @@ def scores_for(model_file: Path, data_run: Path, out: Path, stride: int, threads
     res = {}
     for split in ("val", "test"):
         todo = [r for r in rows if r["split"] == split]
-        scoring = {"stride": stride, "batch_size": 32, "precision": precision}
+        scoring = {"stride": stride, "part": part, "batch_size": 32, "precision": precision}
         plan = ScoringPlan.make("voxel", scoring, model.patch_size, None,
                                 str(model_file), model_run.name, PreprocessConfig().to_dict(),
                                 data_run / "cache", out / split)
