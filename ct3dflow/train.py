@@ -57,6 +57,10 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-5
     warmup_steps: int = 1000
+    # the last part of a run at lr × lr_decay_factor (0: no decay): after this fraction of ``iterations``, or of
+    # ``max_minutes`` when a clock is set, whichever comes first (docs/RESULTS.md's recipe: 0.8 and 0.1)
+    lr_decay_at: float = 0.0
+    lr_decay_factor: float = 0.1
     # max global gradient norm of the bits/dim loss (<= 0 disables); the paper-sized model starts at ≈ 14
     # (docs/BENCHMARKS.md), so 50 only catches spikes
     grad_clip: float = 50.0
@@ -78,6 +82,13 @@ class TrainConfig:
     # time a machine has, e.g. `make demo`); counted from the first update of each attempt, so a resumed run
     # gets a new budget. The model is saved where it stopped, and the run records the steps it reached.
     max_minutes: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.lr_decay_at < 1.0:
+            raise ValueError(f"train.lr_decay_at = {self.lr_decay_at:g}: a fraction of the run in [0, 1) "
+                             "(0 turns the decay off; the recipe uses 0.8)")
+        if not 0.0 < self.lr_decay_factor <= 1.0:
+            raise ValueError(f"train.lr_decay_factor = {self.lr_decay_factor:g}: a factor in (0, 1] (the recipe: 0.1)")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -149,6 +160,7 @@ class FlowTrainer:
         self.optimizer = torch.optim.Adam(self.glow.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.skipped_steps = 0
+        self.lr_decayed_by_clock = False  # the clock's share of the decay rule (lr_at has the steps' share)
         why_not = cpu_bf16_refusal(cfg, self.device) if cfg.bf16 else None
         self.bf16 = bool(cfg.bf16) and why_not is None
         if why_not:
@@ -168,10 +180,20 @@ class FlowTrainer:
 
     # ------------------------------------------------------------------------------------------ steps
     def lr_at(self, step: int) -> float:
-        """Learning rate of the ``step``-th update (1-based): linear warm-up to ``cfg.lr``."""
-        if self.cfg.warmup_steps <= 0:
-            return self.cfg.lr
-        return self.cfg.lr * min(1.0, step / self.cfg.warmup_steps)
+        """Learning rate of the ``step``-th update (1-based): linear warm-up to ``cfg.lr``, then ``cfg.lr`` ×
+        ``lr_decay_factor`` once the updates done pass ``lr_decay_at`` of ``iterations`` (or the clock did)."""
+        lr = self.cfg.lr if self.cfg.warmup_steps <= 0 else self.cfg.lr * min(1.0, step / self.cfg.warmup_steps)
+        return lr * self.cfg.lr_decay_factor if self.in_lr_decay(step) else lr
+
+    def in_lr_decay(self, step: int) -> bool:
+        at = self.cfg.lr_decay_at
+        return at > 0 and (self.lr_decayed_by_clock or (step - 1) / self.cfg.iterations > at)
+
+    def note_clock(self, fraction_spent: float) -> None:
+        """Tell the trainer how much of its wall-clock budget is spent: past ``lr_decay_at`` the decay starts
+        (and stays). Under DDP every rank must pass the same value (the Ray loop agrees on it first)."""
+        if 0 < self.cfg.lr_decay_at < fraction_spent:
+            self.lr_decayed_by_clock = True
 
     def initialise(self, batch: torch.Tensor) -> bool:
         """ActNorm data initialisation, once (no-op when already initialised). Call before DDP wraps.
@@ -263,6 +285,7 @@ class FlowTrainer:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "skipped_steps": self.skipped_steps,
+            "lr_decayed_by_clock": self.lr_decayed_by_clock,
             "rng": rng,
             "config": self.cfg.to_dict(),
         }
@@ -272,6 +295,7 @@ class FlowTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.lr_decayed_by_clock = bool(state.get("lr_decayed_by_clock", False))
         rng = state.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"].cpu())
@@ -307,6 +331,12 @@ class TimeBudget:
     def spent(self) -> bool:
         return time.monotonic() >= self.deadline
 
+    def fraction_spent(self) -> float:
+        """Share of the budget used so far (0 without a limit)."""
+        if not self.limited:
+            return 0.0
+        return 1.0 - max(0.0, self.deadline - time.monotonic()) / (60.0 * self.minutes)
+
 
 def train_local(
     cfg: TrainConfig,
@@ -340,6 +370,7 @@ def train_local(
     consecutive_skips = 0
     budget = TimeBudget(cfg.max_minutes)
     while trainer.step < cfg.iterations and not budget.spent():
+        trainer.note_clock(budget.fraction_spent())
         batch = pending.pop(0) if pending else next(batches)
         metrics = trainer.train_step(batch)
         metrics["skipped_steps"] = trainer.skipped_steps

@@ -26,7 +26,6 @@ No test label is read before the test stage; test labels are used only for the m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -105,7 +104,8 @@ def stage_train(a, rows, cache: Path, mdir: Path) -> Path:
     torch.manual_seed(seed)
     cfg = TrainConfig(levels=a.levels, steps=a.steps, width=a.width, patch_size=a.patch_size,
                       batch_size=a.batch_size, iterations=a.iterations or a.max_iterations, lr=a.lr, weight_decay=1e-5,
-                      warmup_steps=a.warmup, grad_clip=50.0, min_lung_fraction=0.5, seed=seed,
+                      warmup_steps=a.warmup, lr_decay_at=a.decay_at, lr_decay_factor=0.1, grad_clip=50.0,
+                      min_lung_fraction=0.5, seed=seed,
                       fast=False)  # eager layers on every device: the experiment measures the method, not speed
     c = StudyCache(cache)
     train_ids = [r["study_id"] for r in rows if r["split"] == "train" and r["label"] == 0]
@@ -122,17 +122,14 @@ def stage_train(a, rows, cache: Path, mdir: Path) -> Path:
         f"batch {a.batch_size}, {model.num_parameters():,} parameters, budget "
         f"{f'{a.iterations} steps' if a.iterations else f'{a.train_minutes:g} min'}; held-out "
         f"healthy {hist[0]['val_bpd']:.3f} bits/dim after ActNorm init")
-    budget, run, decayed = 60.0 * a.train_minutes, [], False
+    budget, run = 60.0 * a.train_minutes, []
     if a.iterations:  # a step budget: the wall clock no longer decides how far the model gets
         budget = float("inf")
     while trainer.step < cfg.iterations:
         el = time.time() - t0
         if el > budget:
             break
-        used = max(el / budget, trainer.step / cfg.iterations)
-        if not decayed and used > a.decay_at:  # the last part of the budget at lr/10
-            trainer.cfg = dataclasses.replace(trainer.cfg, lr=a.lr / 10)
-            decayed = True
+        trainer.note_clock(el / budget)  # the last part of the budget (steps or clock) at lr/10
         m = trainer.train_step(next(batches))
         run.append(m["bits_per_dim"])
         if trainer.step in a.snapshots:

@@ -64,12 +64,13 @@ def ball_dilate(mask: np.ndarray, mm: float, spacing=(2.0, 2.0, 2.0)) -> np.ndar
 def train(studies, exclude, a, out: Path):
     import torch
 
-    from ct3dflow.train import FlowTrainer, TrainConfig, patch_batches_from_arrays
+    from ct3dflow.train import FlowTrainer, TimeBudget, TrainConfig, patch_batches_from_arrays
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = TrainConfig(levels=3, steps=8, width=64, patch_size=24, batch_size=16, iterations=1_000_000, lr=1e-3,
-                      warmup_steps=100, weight_decay=1e-5, min_lung_fraction=0.5, seed=0, fast=False)
+                      warmup_steps=100, lr_decay_at=0.8, weight_decay=1e-5, min_lung_fraction=0.5, seed=0,
+                      fast=False)
     batches = patch_batches_from_arrays([s.volume for s in studies], [s.strict for s in studies], cfg, seed=0,
                                         exclude=exclude)
     model = cfg.build_model()
@@ -77,11 +78,9 @@ def train(studies, exclude, a, out: Path):
     trainer.initialise(torch.cat([next(batches) for _ in range(4)]))
     held = torch.cat([next(batches) for _ in range(4)])  # same tissue: a check of the fit, not a validation
     t0, first = time.time(), trainer.validate(held)
-    while time.time() - t0 < 60 * a.train_minutes:
-        if time.time() - t0 > 0.8 * 60 * a.train_minutes and trainer.cfg.lr == cfg.lr:
-            import dataclasses
-
-            trainer.cfg = dataclasses.replace(trainer.cfg, lr=cfg.lr / 10)
+    budget = TimeBudget(a.train_minutes)
+    while not budget.spent():
+        trainer.note_clock(budget.fraction_spent())  # the last 20 % at lr/10
         trainer.train_step(next(batches))
         if trainer.step % 500 == 0:
             log(f"  step {trainer.step}: {trainer.validate(held):.3f} bits/dim ({time.time() - t0:.0f} s)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -255,11 +257,15 @@ def test_train_local_stops_on_its_time_budget_and_saves_the_model(tmp_path):
     assert not TimeBudget(0).limited and not TimeBudget(0).spent() and TimeBudget(1e-9).limited
     cfg = _tiny_cfg(patch_size=8, width=8, iterations=10**6, checkpoint_every=10**6, val_every=0, batch_size=4,
                     max_minutes=0.01)  # 0.6 s: a handful of steps, never a million
+    cfg = dataclasses.replace(cfg, warmup_steps=0, lr_decay_at=0.5)  # and the second half of the clock at lr/10
     logged: list[int] = []
+    rates: list[float] = []
     train_local(cfg, _endless(smooth_lung_patches(16, 8, seed=3), 4, 0), None, tmp_path, "cpu",
-                lambda s, m: logged.append(s))
+                lambda s, m: (logged.append(s), rates.append(m["lr"])))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert 0 < state["step"] == logged[-1] < 10**6
+    decayed = int(np.argmax(np.isclose(rates, 1e-4)))
+    assert 0 < decayed and np.allclose(rates[:decayed], 1e-3) and np.allclose(rates[decayed:], 1e-4), rates
     assert (tmp_path / MODEL_NAME).exists()
 
 
@@ -293,3 +299,27 @@ def test_cpu_trainer_keeps_conv_weights_channels_last_and_trains_as_the_contiguo
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     for p, q in zip(fast.glow.parameters(), plain.glow.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_the_last_part_of_a_run_goes_at_a_tenth_of_the_rate_by_steps_or_by_clock():
+    """``train.lr_decay_at`` (docs/RESULTS.md's recipe: the last 20 % at lr/10): past that fraction of the
+    iterations, or of the clock, whichever comes first; the clock's share survives a checkpoint."""
+    cfg = _tiny_cfg(patch_size=8, width=4, lr=1e-3, warmup_steps=0, iterations=10, lr_decay_at=0.8)
+    trainer = FlowTrainer(cfg.build_model(), cfg)
+    # the 9th update follows 8 done (0.8, not past it); the 10th follows 9 (0.9)
+    assert [trainer.lr_at(s) for s in (1, 9, 10)] == pytest.approx([1e-3, 1e-3, 1e-4])
+    trainer.note_clock(0.5)
+    assert trainer.lr_at(1) == pytest.approx(1e-3)
+    trainer.note_clock(0.81)
+    trainer.note_clock(0.0)  # once started, it stays
+    assert trainer.lr_at(1) == pytest.approx(1e-4)
+    again = FlowTrainer(cfg.build_model(), cfg)
+    again.load_state_dict(trainer.state_dict())
+    assert again.lr_at(1) == pytest.approx(1e-4)
+    off = FlowTrainer(cfg.build_model(), dataclasses.replace(cfg, lr_decay_at=0.0))
+    off.note_clock(0.99)
+    assert off.lr_at(10) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match=r"train.lr_decay_at = 1: a fraction of the run in \[0, 1\)"):
+        TrainConfig.from_dict({"lr_decay_at": 1.0})
+    with pytest.raises(ValueError, match="train.lr_decay_factor"):
+        TrainConfig(lr_decay_factor=0.0)
