@@ -31,7 +31,7 @@ demo: venv
 # demo's former archive sizes, without the demo's clock; the AE baseline as in `make demo` (≈ 25 min of bf16 Ray
 # Train on 2 AMD EPYC cores with AVX-512; not re-measured)
 demo-full: venv
-	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo-full --train-normal 24 --val 8 10 \
+	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo-full --train-normal 48 --val 8 10 \
 	  --set train.steps=8 --set train.width=64 --set scoring.stride=12 --set train.iterations=2700 \
 	  --set train.max_minutes=0 --set train.val_every=900 --set train.checkpoint_every=900
 

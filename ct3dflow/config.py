@@ -22,9 +22,14 @@ _DEFAULTS: dict = {
     "preprocess": {},
     "train": {},
     # preprocess_concurrency / sampling_concurrency: at most this many preprocessing / patch-sampling tasks at
-    # once (None: as many as the free CPUs allow; each runs in a Ray worker process of the job's own)
+    # once (None: as many as the free CPUs allow; each runs in a Ray worker process of the job's own);
+    # patches_per_task: patches a sampling task draws from its one study (≈ 15 ms to load it and find its windows,
+    # shared by these); shuffle_buffer: patches a trainer draws its batches from. Together they set how many
+    # studies a batch mixes: 8 and 512 give ≈ 12 of 48 in a batch of 16, like the experiment's sampler (a study
+    # per patch); 32 and 64, the former fixed values, gave 2–3 (docs/RESULTS.md)
     "ray": {"num_workers": 1, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 1,
-            "max_failures": 1, "preprocess_concurrency": None, "sampling_concurrency": None},
+            "max_failures": 1, "preprocess_concurrency": None, "sampling_concurrency": None,
+            "patches_per_task": 8, "shuffle_buffer": 512},
     # map: anatomy (the platform default, beyond the paper: the voxel map against a healthy reference per band of
     # depth and position in the lung), voxel (the same map, depth bands only) or patch (the paper's Log P map);
     # stride and batch size default per kind (voxel kinds 12, patch: patch size - 10); precision (every kind): auto
@@ -132,10 +137,11 @@ def validate(cfg: JobConfig) -> None:
     kind = cfg.scoring.get("map")
     if kind is not None and kind not in MAP_KINDS:
         raise ValueError(f"setting scoring.map is {kind!r}; choose one of {sorted(MAP_KINDS)}")
-    for key in ("stride", "batch_size"):
-        v = cfg.scoring.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"setting scoring.{key} expects a positive integer, got {v!r}")
+    for section, key in (("scoring", "stride"), ("scoring", "batch_size"), ("ray", "patches_per_task"),
+                         ("ray", "shuffle_buffer")):
+        v = getattr(cfg, section).get(key)
+        if (v is not None or section == "ray") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"setting {section}.{key} expects a positive integer, got {v!r}")
 
 
 def parse_overrides(pairs: list[str] | None) -> dict:

@@ -76,9 +76,10 @@ def preprocess_manifest(manifest_path, cache_dir, preprocess_cfg: dict, concurre
 
 
 def _sample_study_patches(batch: dict) -> dict:
-    """One task's patches as one block ``{"patch": (n, S, S, S)}``: a row per patch would cost Ray Data more
-    than the sampling itself (docs/BENCHMARKS.md)."""
-    out = []
+    """One task's patches as one block ``{"patch": (n, S, S, S), "study": (n,)}`` (``study``: the study's index in
+    the training list, so a trainer can count how many studies its batches mix): a row per patch would cost Ray
+    Data more than the sampling itself (docs/BENCHMARKS.md)."""
+    out, study_index = [], []
     for i in range(len(batch["study_id"])):
         study = StudyCache(str(batch["cache_dir"][i])).load(str(batch["study_id"][i]), mmap=True)
         size, frac = int(batch["patch_size"][i]), float(batch["min_lung_fraction"][i])
@@ -86,13 +87,15 @@ def _sample_study_patches(batch: dict) -> dict:
         valid = valid_patch_corners(study.strict, size, frac)
         corners = sample_patch_corners(study.strict, size, int(batch["n"][i]), frac, rng, valid_corners=valid)
         out.append(extract_patches(study.volume, corners, size))
-    return {"patch": np.concatenate(out).astype(np.float32, copy=False)}
+        study_index.append(np.full(len(corners), int(batch["study_index"][i]), dtype=np.int32))
+    return {"patch": np.concatenate(out).astype(np.float32, copy=False), "study": np.concatenate(study_index)}
 
 
 def training_patch_dataset(cache_dir, study_ids: list[str], n_patches: int, patch_size: int,
-                           min_lung_fraction: float, seed: int = 0, patches_per_task: int = 32,
+                           min_lung_fraction: float, seed: int = 0, patches_per_task: int = 8,
                            concurrency: int | None = None):
-    """A lazily sampled dataset of ``n_patches`` healthy training patches ``{"patch": (S,S,S) float32}``.
+    """A lazily sampled dataset of ``n_patches`` healthy training patches ``{"patch": (S,S,S) float32, "study":
+    int32}`` (``study``: an index into ``study_ids``).
 
     Patches are drawn on the fly from the cached volumes (500,000 stored 48³ patches would be 221 GB);
     each task samples ``patches_per_task`` from one study, studies visited in a seeded random order.
@@ -104,7 +107,8 @@ def training_patch_dataset(cache_dir, study_ids: list[str], n_patches: int, patc
     rng = np.random.default_rng(seed)
     n_tasks = -(-n_patches // patches_per_task)
     picks = rng.choice(len(study_ids), size=n_tasks, replace=True)
-    items = [{"cache_dir": str(cache_dir), "study_id": study_ids[i], "seed": int(seed * 1_000_003 + t),
+    items = [{"cache_dir": str(cache_dir), "study_id": study_ids[i], "study_index": int(i),
+              "seed": int(seed * 1_000_003 + t),
               "n": patches_per_task, "patch_size": patch_size, "min_lung_fraction": min_lung_fraction}
              for t, i in enumerate(picks)]
     # a fraction of a CPU: on a small node the trainers hold whole CPUs, and a sampler that waits for a

@@ -86,6 +86,7 @@ def train_job(cfg, summary: pd.DataFrame | None = None) -> dict:
         n_patches = int(tcfg.iterations * tcfg.batch_size * world * 1.1) + 4 * tcfg.batch_size * world
         ds = training_patch_dataset(cfg.cache_path, train_ids, n_patches, tcfg.patch_size,
                                     tcfg.min_lung_fraction, seed=tcfg.seed,
+                                    patches_per_task=int(cfg.ray["patches_per_task"]),
                                     concurrency=cfg.ray.get("sampling_concurrency"))
         result = fit(cfg, ds, str(init_file), str(val_file), run.info.run_id, uri, str(storage), cfg.name)
         if result.error:

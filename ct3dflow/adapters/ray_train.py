@@ -82,15 +82,20 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     log_every = max(1, int(config.get("log_every", 10)))
     budget, out_of_time = None, False
+    # the buffer mixes patches of many sampling tasks (each from one study) into a batch, as the local sampler does
     for batch in shard.iter_torch_batches(batch_size=tcfg.batch_size, drop_last=True,
-                                          local_shuffle_buffer_size=config.get("shuffle_buffer", 4 * tcfg.batch_size)):
+                                          local_shuffle_buffer_size=int(config["shuffle_buffer"])):
         if trainer.step >= tcfg.iterations:
             break
         x = batch["patch"].unsqueeze(1).to(device, torch.float32)
         budget = budget or TimeBudget(tcfg.max_minutes)  # from the first update, not the stream's start
+        if budget.limited and tcfg.lr_decay_at > 0 and not trainer.lr_decayed_by_clock:
+            # every rank decays at the same update, or their weights part
+            trainer.note_clock(1.0 if _any_rank(budget.fraction_spent() > tcfg.lr_decay_at, device) else 0.0)
         m = trainer.train_step(x)
         step = trainer.step
-        metrics = {"train_bits_per_dim": float(m["bits_per_dim"]), "loss": float(m["loss"]),
+        metrics = {"studies_per_batch": len(torch.unique(batch["study"])) if "study" in batch else float("nan"),
+                   "train_bits_per_dim": float(m["bits_per_dim"]), "loss": float(m["loss"]),
                    "lr": float(m["lr"]), "grad_norm": float(m.get("grad_norm", float("nan"))),
                    "skipped_steps": trainer.skipped_steps}
         out_of_time = budget.limited and _any_rank(budget.spent(), device)
@@ -157,6 +162,7 @@ def fit(job_cfg, train_ds, init_patches: str, val_patches: str | None, mlflow_ru
             "mlflow_tracking_uri": mlflow_tracking_uri, "log_every": r.get("log_every", 10),
             # ray.torch_threads, else one per CPU the worker holds (N workers sharing a node: no oversubscription)
             "torch_threads": int(r.get("torch_threads") or max(1, int(float(r.get("cpus_per_worker", 1))))),
+            "shuffle_buffer": int(r["shuffle_buffer"]),
         },
         scaling_config=ScalingConfig(
             num_workers=int(r.get("num_workers", 1)), use_gpu=use_gpu,
