@@ -63,6 +63,11 @@ def test_train_job_submit_logs_and_registers(jobs_done, mlflow_server):
     assert len(hist) >= 3 and max(m.step for m in hist) == TINY_TRAIN["iterations"]
     assert client.get_metric_history(result["run_id"], "val_bits_per_dim")
     assert any(k.startswith("system/") for k in run.data.metrics), "system metrics missing"
+    # the trainers' shuffle buffer mixes the sampling tasks (each one study's patches) into every batch: 4 patches
+    # from the 3 training studies hold 2.4 studies on average (1 to 1.5 with the former 32 patches a task and a
+    # buffer of 4 batches)
+    mix = [h.value for h in client.get_metric_history(result["run_id"], "studies_per_batch")]
+    assert len(mix) >= 10 and max(mix) <= 3 and np.mean(mix) >= 1.9, mix
     _registered_model_scores_a_patch(mlflow_server, GLOW, TINY_TRAIN["patch_size"])
 
 
@@ -82,6 +87,11 @@ def test_training_against_the_clock_stops_on_every_worker_and_registers(jobs_don
     stop = client.get_metric_history(result["run_id"], "stopped_by_time_budget")
     assert [(h.step, h.value) for h in stop] == [(result["steps"], 1.0)]
     assert max(h.step for h in client.get_metric_history(result["run_id"], "train_bits_per_dim")) == result["steps"]
+    # train.lr_decay_at = 0.5 of the clock: the second half at lr/10, from one step on (the ranks agree on it)
+    lr = np.array([h.value for h in sorted(client.get_metric_history(result["run_id"], "lr"), key=lambda h: h.step)])
+    decayed = np.isclose(lr, TINY_TRAIN["lr"] / 10)
+    first = int(np.argmax(decayed))
+    assert decayed[-1] and decayed[first:].all() and np.isclose(lr[:first], TINY_TRAIN["lr"]).any(), lr
     _registered_model_scores_a_patch(mlflow_server, AE, TINY_TRAIN["patch_size"])
 
 
@@ -119,3 +129,17 @@ def test_training_that_leaves_ray_data_no_whole_cpu_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"cpus_per_worker=1.5 leaves 0.5 .*Lower ray.cpus_per_worker"):
         check_cpus_left_for_data(2, 1, 1.5)
     check_cpus_left_for_data(2, 1, 1.0)
+
+
+def test_the_batch_mix_settings_are_positive_whole_numbers():
+    """ray.patches_per_task and ray.shuffle_buffer set how many studies a training batch mixes (8 and 512: ≈ 12 of
+    48 in a batch of 16, docs/RESULTS.md); a wrong value fails when the configuration loads, naming the setting."""
+    from ct3dflow.config import load_config, parse_overrides
+
+    cfg = load_config(None)
+    assert (cfg.ray["patches_per_task"], cfg.ray["shuffle_buffer"]) == (8, 512)
+    assert load_config(None, parse_overrides(["ray.shuffle_buffer=2048"])).ray["shuffle_buffer"] == 2048
+    with pytest.raises(ValueError, match=r"setting ray.patches_per_task expects a positive integer, got 0"):
+        load_config(None, parse_overrides(["ray.patches_per_task=0"]))
+    with pytest.raises(ValueError, match=r"setting ray.shuffle_buffer expects a positive integer, got 1000.0"):
+        load_config(None, parse_overrides(["ray.shuffle_buffer=1e3"]))

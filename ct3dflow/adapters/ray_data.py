@@ -68,7 +68,7 @@ def preprocess_manifest(manifest_path, cache_dir, preprocess_cfg: dict, concurre
     # one row per block so studies spread over the workers instead of queueing behind each other
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map(preprocess_row, fn_kwargs={"cache_dir": str(cache_dir), "cfg": preprocess_cfg},
-                num_cpus=1, concurrency=concurrency)
+                num_cpus=1, compute=ray.data.TaskPoolStrategy(size=concurrency))
     out = pd.DataFrame(ds.take_all(), columns=SUMMARY_COLUMNS)
     # keep the manifest's order for people reading the summary
     order = {r["study_id"]: i for i, r in reversed(list(enumerate(rows)))}
@@ -114,4 +114,5 @@ def training_patch_dataset(cache_dir, study_ids: list[str], n_patches: int, patc
     # a fraction of a CPU: on a small node the trainers hold whole CPUs, and a sampler that waits for a
     # free one would starve them (a deadlock, not an error)
     return ray.data.from_items(items, override_num_blocks=min(len(items), 64)).map_batches(
-        _sample_study_patches, batch_size=1, batch_format="numpy", num_cpus=0.25, concurrency=concurrency)
+        _sample_study_patches, batch_size=1, batch_format="numpy", num_cpus=0.25,
+        compute=ray.data.TaskPoolStrategy(size=concurrency))
