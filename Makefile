@@ -27,9 +27,9 @@ $(STAMP): pyproject.toml platform/install-venv.sh
 demo: venv
 	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo
 
-# the detection recipe of docs/RESULTS.md itself (K=8, width 64, voxel map at stride 12, 2,700 iterations) on the
-# demo's former archive sizes, without the demo's clock; the AE baseline as in `make demo` (≈ 25 min of bf16 Ray
-# Train on 2 AMD EPYC cores with AVX-512; not re-measured)
+# the detection recipe of docs/RESULTS.md itself (K=8, width 64, voxel map at stride 12, 2,700 iterations, the last
+# 20 % at lr/10) on the experiment's 48 training studies, without the demo's clock; the AE baseline as in `make demo`
+# (20 min on 2 AMD EPYC cores with AVX-512 BF16, 2026-12-06; docs/BENCHMARKS.md)
 demo-full: venv
 	$(BIN)/python -m ct3dflow.adapters.ray_demo --work $(WORK)/demo-full --train-normal 48 --val 8 10 \
 	  --set train.steps=8 --set train.width=64 --set scoring.stride=12 --set train.iterations=2700 \
