@@ -39,7 +39,8 @@ _DEFAULTS: dict = {
     "operating_point": {},  # a whole operating point (tune-local's JSON) for models without one
     # the search space is the map kind's own; override per kind: tune.anatomy.tau_z: {grid: [3, 4, 5]}
     # reference_folds: the healthy reference is cross-fitted over this many folds of the validation normals
-    # (ct3dflow.detect.search; 1 = fitted and judged on the same normals, as before 2026-12-02)
+    # (ct3dflow.detect.search; 1 = fitted and judged on the same normals, as before 2026-12-02); threshold_rule:
+    # best_f1, youden or specificity (with target_specificity)
     "tune": {"num_samples": 1, "threshold_cm3": None, "threshold_rule": "best_f1", "target_specificity": None,
              "reference_folds": 4, "n_boot": 1000, "seed": 0},
     "mlflow": {"tracking_uri": None, "experiment": None, "registered_model": "ct3dflow-glow3d"},

@@ -17,6 +17,7 @@ from ct3dflow.detect.search import (
     ScoredStudy,
     best_trial,
     check_studies,
+    choose_T,
     grid_search,
     reference_folds,
     threshold_rule,
@@ -151,7 +152,23 @@ def test_specificity_rule_buys_specificity_on_validation():
     with pytest.raises(ValueError, match="target"):
         threshold_rule("specificity")
     with pytest.raises(ValueError, match="unknown threshold rule"):
-        threshold_rule("youden")
+        threshold_rule("accuracy")
+
+
+def test_youden_rule_does_not_flag_everything_where_best_f1_does():
+    """On a weak map with many abnormal studies the best F1 can be "flag every study"; Youden's J (sensitivity +
+    specificity − 1, zero for flagging all) keeps a T that passes normals (the demo's rule)."""
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    vols = np.array([0.0, 1.0, 5.0, 0.5, 2.0, 6.0, 7.0])
+    assert choose_T(y, vols, threshold_rule("best_f1")) == pytest.approx(0.25)  # 6 of 7 flagged, 1 normal passes
+    assert choose_T(y, vols, threshold_rule("youden")) == pytest.approx(5.5)  # J 0.5: half the abnormal, no normal
+    rng = np.random.default_rng(2)
+    val = voxel_studies(rng, [0] * 6 + [1] * 6)
+    op, _ = grid_search(VOXEL, val, {"sigma_vox": [1.0], "tau_z": [2.0], "v_min_cm3": [0.0]}, threshold_rule("youden"))
+    again = OperatingPoint.from_dict(json.loads(json.dumps(op.to_dict())))
+    assert again.threshold_rule == {"rule": "youden"} and "Youden" in again.describe()
+    m = op.validation
+    assert m["sensitivity"] + m["specificity"] >= 1.0
 
 
 def test_patch_search_on_stored_scores_and_mixed_settings_refused():

@@ -13,7 +13,7 @@ The space is the map kind's own (:attr:`MapKind.space`, every value a grid point
 ``{"grid": [...]}`` or a list of other length → ``tune.grid_search``; ``{"choice": [...]}``; a number → fixed.
 ``num_samples`` (1: each grid point once), ``seed``, ``cpus_per_trial`` (default 1), ``max_concurrent_trials``
 (default: as many as the CPUs hold), ``threshold_cm3``
-(``[lo, hi]`` clips T), ``threshold_rule`` (``best_f1`` | ``specificity``), ``target_specificity`` and
+(``[lo, hi]`` clips T), ``threshold_rule`` (``best_f1`` | ``youden`` | ``specificity``), ``target_specificity`` and
 ``reference_folds`` (the cross-fitting of the healthy reference) are read as well.
 """
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEMA = "ct3dflow.operating_point/2"
-THRESHOLD_RULES = ("best_f1", "specificity")
+THRESHOLD_RULES = ("best_f1", "youden", "specificity")
 _LEGACY_PATCH = ("sigma_vox", "tau_z", "v_min_cm3", "threshold_cm3", "healthy_mean", "healthy_std")
 
 
@@ -67,6 +67,8 @@ class OperatingPoint:
         rule = self.threshold_rule.get("rule", "best_f1")
         if rule == "specificity":
             rule = f"validation specificity ≥ {self.threshold_rule.get('target'):g}"
+        elif rule == "youden":
+            rule = "best Youden's J on validation"
         return f"{self.map} map: {ps}, T = {self.threshold_cm3:.3g} cm³ ({rule})"
 
     @classmethod

@@ -5,8 +5,9 @@
   ties). A trial without both classes, or with a constant volume, scores AUROC 0.5.
 * **T** is read off the validation ROC of the volumes inside each trial, not searched: for fixed σ, τ,
   v_min one pass over the sorted volumes finds it exactly, and AUROC does not depend on it. The rule is the
-  operating point's: ``best_f1`` (ties to the larger T) or ``specificity`` (the lowest T whose validation
-  specificity reaches a target, for a hospital that sets one). ``t_range`` clips it.
+  operating point's: ``best_f1`` (ties to the larger T), ``youden`` (the most sensitivity + specificity, ties to
+  the larger T) or ``specificity`` (the lowest T whose validation specificity reaches a target, for a hospital
+  that sets one). ``t_range`` clips it.
 * **One tie-break**: the highest objective; exact ties go to the kind's stricter, simpler setting
   (:attr:`MapKind.tie_break`: smaller σ, the τ that flags less, larger v_min), so the choice does not depend
   on the order trials finished in. ``ct3dflow tune-local`` and the Ray Tune job call :func:`evaluate_params`
@@ -54,7 +55,9 @@ class ScoredStudy:
 
 
 def threshold_rule(rule: dict | str | None = None, target: float | None = None) -> dict:
-    """``{"rule": "best_f1"}`` or ``{"rule": "specificity", "target": 0.9}`` from a config value."""
+    """``{"rule": "best_f1"}``, ``{"rule": "youden"}`` (the most sensitivity + specificity: never "flag every
+    study" while the map ranks at all, which best F1 can be on a weak map with many abnormal studies) or
+    ``{"rule": "specificity", "target": 0.9}`` from a config value."""
     if isinstance(rule, dict):
         rule, target = rule.get("rule"), rule.get("target", target)
     rule = rule or "best_f1"
@@ -64,7 +67,7 @@ def threshold_rule(rule: dict | str | None = None, target: float | None = None) 
         if target is None or not 0.0 < float(target) <= 1.0:
             raise ValueError("the specificity rule needs a target in (0, 1], e.g. tune.target_specificity: 0.9")
         return {"rule": "specificity", "target": float(target)}
-    return {"rule": "best_f1"}
+    return {"rule": rule}
 
 
 def choose_T(y, volumes, rule: dict, t_range=(0.0, math.inf)) -> float:
@@ -72,6 +75,8 @@ def choose_T(y, volumes, rule: dict, t_range=(0.0, math.inf)) -> float:
     rule = threshold_rule(rule)
     if rule["rule"] == "specificity":
         t = choose_threshold(y, volumes, criterion="specificity", target=rule["target"])
+    elif rule["rule"] == "youden":
+        t = choose_threshold(y, volumes, criterion="youden")
     else:
         t = choose_threshold(y, volumes, criterion="f1")
     lo, hi = t_range
