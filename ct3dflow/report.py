@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .detect.operating_point import describe_rule
+
 REPORT_FILE = "report.html"
 THUMB_WIDTH = 360
 
@@ -93,9 +95,7 @@ def render_report(results: pd.DataFrame, summary: dict, base_dir=None) -> str:
     op = summary.get("operating_point")
     if op:
         params = ", ".join(f"{k} = {v:g}" for k, v in op.get("params", {}).items())
-        rule = op.get("threshold_rule", {})
-        rule_txt = "best F1 on validation" if rule.get("rule") != "specificity" else \
-            f"validation specificity ≥ {rule.get('target'):g}"
+        rule_txt = describe_rule(op.get("threshold_rule", {}))
         op_txt = (f"{op.get('map')} map; {params}; T = {op.get('threshold_cm3'):.3g} cm³ ({rule_txt}); "
                   f"from the {summary.get('operating_point_source', '')}")
     else:

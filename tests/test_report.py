@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import re
 import shutil
@@ -106,3 +107,14 @@ def test_report_in_headless_chromium_shows_rows_and_thumbnails(tmp_path):
     assert cols.size and (cols.max() - cols.min()) >= 300  # 360-pixel-wide thumbnails
     gaps = np.diff(rows)
     assert (gaps > 10).sum() >= 1, "the two thumbnails are not separate pictures"
+
+
+def test_report_names_the_rule_that_chose_T(tmp_path):
+    """Each threshold rule in words, as the CLI and the jobs' logs say it (a Youden point once read "best F1")."""
+    results, summary = _results(tmp_path)
+    for rule, words in (({"rule": "youden"}, "best Youden's J on validation"),
+                        ({"rule": "best_f1"}, "best F1 on validation")):
+        summary["operating_point"]["threshold_rule"] = rule
+        (tmp_path / rule["rule"]).mkdir()
+        page = write_screening_report(tmp_path / rule["rule"], results, summary).read_text(encoding="utf-8")
+        assert html.escape(words) in page, words

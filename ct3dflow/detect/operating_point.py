@@ -29,6 +29,14 @@ THRESHOLD_RULES = ("best_f1", "youden", "specificity")
 _LEGACY_PATCH = ("sigma_vox", "tau_z", "v_min_cm3", "threshold_cm3", "healthy_mean", "healthy_std")
 
 
+def describe_rule(rule: dict) -> str:
+    """How T was chosen, in words (the CLI, the jobs' logs and the screening report)."""
+    name = (rule or {}).get("rule", "best_f1")
+    if name == "specificity":
+        return f"validation specificity ≥ {rule.get('target'):g}"
+    return "best Youden's J on validation" if name == "youden" else "best F1 on validation"
+
+
 @dataclass
 class OperatingPoint:
     map: str
@@ -64,12 +72,7 @@ class OperatingPoint:
 
     def describe(self) -> str:
         ps = ", ".join(f"{k} = {v:g}" for k, v in self.params.items())
-        rule = self.threshold_rule.get("rule", "best_f1")
-        if rule == "specificity":
-            rule = f"validation specificity ≥ {self.threshold_rule.get('target'):g}"
-        elif rule == "youden":
-            rule = "best Youden's J on validation"
-        return f"{self.map} map: {ps}, T = {self.threshold_cm3:.3g} cm³ ({rule})"
+        return f"{self.map} map: {ps}, T = {self.threshold_cm3:.3g} cm³ ({describe_rule(self.threshold_rule)})"
 
     @classmethod
     def from_dict(cls, d: dict) -> OperatingPoint:
