@@ -24,9 +24,9 @@ _DEFAULTS: dict = {
     # preprocess_concurrency / sampling_concurrency: at most this many preprocessing / patch-sampling tasks at
     # once (None: as many as the free CPUs allow; each runs in a Ray worker process of the job's own);
     # patches_per_task: patches a sampling task draws from its one study (≈ 15 ms to load it and find its windows,
-    # shared by these); shuffle_buffer: patches a trainer draws its batches from. Together they set how many
-    # studies a batch mixes: 8 and 512 give ≈ 12 of 48 in a batch of 16, like the experiment's sampler (a study
-    # per patch); 32 and 64, the former fixed values, gave 2–3 (docs/RESULTS.md)
+    # shared by these); shuffle_buffer: patches a trainer draws its batches from. With the blocks of many tasks a
+    # long run makes, a batch of 16 mixes ≈ 12 of 48 studies either way, like the experiment's sampler (a study per
+    # patch); in a short run a block is one task, and the buffer alone mixes (MLflow logs studies_per_batch)
     "ray": {"num_workers": 1, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 1,
             "max_failures": 1, "preprocess_concurrency": None, "sampling_concurrency": None,
             "patches_per_task": 8, "shuffle_buffer": 512},
