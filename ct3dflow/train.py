@@ -191,7 +191,7 @@ class FlowTrainer:
 
     def note_clock(self, fraction_spent: float) -> None:
         """Tell the trainer how much of its wall-clock budget is spent: past ``lr_decay_at`` the decay starts
-        (and stays). Under DDP every rank must pass the same value (the Ray loop agrees on it first)."""
+        (and stays). Under DDP the ranks must agree on it (the Ray loop all-reduces the flag instead)."""
         if 0 < self.cfg.lr_decay_at < fraction_spent:
             self.lr_decayed_by_clock = True
 

@@ -104,7 +104,7 @@ def stage_train(a, rows, cache: Path, mdir: Path) -> Path:
     torch.manual_seed(seed)
     cfg = TrainConfig(levels=a.levels, steps=a.steps, width=a.width, patch_size=a.patch_size,
                       batch_size=a.batch_size, iterations=a.iterations or a.max_iterations, lr=a.lr, weight_decay=1e-5,
-                      warmup_steps=a.warmup, lr_decay_at=a.decay_at, lr_decay_factor=0.1, grad_clip=50.0,
+                      warmup_steps=a.warmup, lr_decay_at=a.decay_at, grad_clip=50.0,
                       min_lung_fraction=0.5, seed=seed,
                       fast=False)  # eager layers on every device: the experiment measures the method, not speed
     c = StudyCache(cache)

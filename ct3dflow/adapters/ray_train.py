@@ -91,10 +91,10 @@ def train_loop_per_worker(config: dict) -> None:
         budget = budget or TimeBudget(tcfg.max_minutes)  # from the first update, not the stream's start
         if budget.limited and tcfg.lr_decay_at > 0 and not trainer.lr_decayed_by_clock:
             # every rank decays at the same update, or their weights part
-            trainer.note_clock(1.0 if _any_rank(budget.fraction_spent() > tcfg.lr_decay_at, device) else 0.0)
+            trainer.lr_decayed_by_clock = _any_rank(budget.fraction_spent() > tcfg.lr_decay_at, device)
         m = trainer.train_step(x)
         step = trainer.step
-        metrics = {"studies_per_batch": len(torch.unique(batch["study"])) if "study" in batch else float("nan"),
+        metrics = {"studies_per_batch": len(torch.unique(batch["study"])),
                    "train_bits_per_dim": float(m["bits_per_dim"]), "loss": float(m["loss"]),
                    "lr": float(m["lr"]), "grad_norm": float(m.get("grad_norm", float("nan"))),
                    "skipped_steps": trainer.skipped_steps}
