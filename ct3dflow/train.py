@@ -82,6 +82,11 @@ class TrainConfig:
     # time a machine has, e.g. `make demo`); counted from the first update of each attempt, so a resumed run
     # gets a new budget. The model is saved where it stopped, and the run records the steps it reached.
     max_minutes: float = 0.0
+    # fine-tuning: start from this trained model file (a ``.pt`` of Glow3D.save or the baseline's) instead of a
+    # fresh model, e.g. a model trained elsewhere adapted to a site's own healthy studies (issue 16; whether it
+    # helps depends on the site: measure it on validation, docs/RESULTS.md). Its ActNorm is already initialised,
+    # so the data initialisation is skipped; the architecture settings must be the model's.
+    init_model: str = ""
 
     def __post_init__(self):
         if not 0.0 <= self.lr_decay_at < 1.0:
@@ -106,12 +111,31 @@ class TrainConfig:
         if self.model == "ae":
             from .baselines import ConvAE3D
 
-            return ConvAE3D(depth=self.levels, width=self.width, patch_size=self.patch_size)
+            model = ConvAE3D(depth=self.levels, width=self.width, patch_size=self.patch_size)
+            return self._start_from(model) if self.init_model else model
         if self.model != "glow3d":
             raise ValueError(f"unknown train.model {self.model!r}: use 'glow3d' or 'ae'")
         model = Glow3D(self.levels, self.steps, self.width, in_channels=1, patch_size=self.patch_size)
         model.gradient_checkpointing = self.gradient_checkpointing
-        return model
+        return self._start_from(model) if self.init_model else model
+
+    def _start_from(self, fresh):
+        """The model of ``init_model``, checked to be what this section would build (``fresh``)."""
+        from .models import load_patch_scorer
+
+        path = Path(self.init_model)
+        if not path.is_file():
+            raise FileNotFoundError(f"train.init_model {self.init_model!r} is not a file: give the path of a trained "
+                                    "model (a model.pt; the Ray train job also takes models:/NAME@champion), or leave "
+                                    "train.init_model empty to train a new model")
+        saved = load_patch_scorer(path, map_location="cpu")
+        if type(saved) is not type(fresh) or saved.config() != fresh.config():
+            raise ValueError(f"train.init_model {path} is a {type(saved).__name__} {saved.config()}, but the train "
+                             f"section builds a {type(fresh).__name__} {fresh.config()}: set train.model, levels, "
+                             "steps, width and patch_size to the model's")
+        if isinstance(saved, Glow3D):
+            saved.gradient_checkpointing = self.gradient_checkpointing
+        return saved
 
 
 # the coarsest level, in voxels per side, below which oneDNN's CPU bf16 conv3d weight gradients break

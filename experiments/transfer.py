@@ -23,6 +23,10 @@ the other folds' normals, so a reference that bends to its own normals no longer
 validation AUROC is recorded beside it. The stored reference is fitted on all healthy validation studies of
 the family screened (the hospital's own normals), never on test studies. Writes
 ``<out>/transfer.json`` and ``<out>/transfer.md``, and previews of the test studies each direction gets wrong.
+
+``--adapt-steps N`` (site adaptation): in a crosswise direction the model is first fine-tuned for N steps on the
+screened family's healthy *training* studies (a site's own normal archive; never its validation or test studies)
+through the platform's trainer (``train_local`` with ``train.init_model``), then scored as above.
 """
 
 from __future__ import annotations
@@ -87,6 +91,38 @@ def scores_for(model_file: Path, data_run: Path, out: Path, stride: int, threads
         res[split], _ = score_locally(entries_of_rows(todo), plan, model)
         log(f"  {model_run.name} → {data_run.name} {split}: {len(todo)} studies, {time.time() - t:.0f} s")
     return rows, res
+
+
+def adapt(model_file: Path, data_run: Path, out: Path, steps: int, lr: float, threads: int) -> Path:
+    """``model_file`` fine-tuned for ``steps`` updates on ``data_run``'s healthy training studies (resumable);
+    the settings are the detection recipe's (batch 16, 24³, the last 20 % at lr/10, fp32)."""
+    import torch
+
+    from ct3dflow.models import load_patch_scorer
+    from ct3dflow.pipeline import cached_patches
+    from ct3dflow.train import MODEL_NAME, TrainConfig, patch_batches_from_arrays, train_local
+
+    if (out / MODEL_NAME).exists():
+        return out / MODEL_NAME
+    torch.set_num_threads(threads)
+    arch = load_patch_scorer(model_file).config()
+    cfg = TrainConfig(levels=arch["levels"], steps=arch["steps"], width=arch["width"], patch_size=arch["patch_size"],
+                      batch_size=16, iterations=steps, lr=lr, weight_decay=1e-5, warmup_steps=min(50, steps // 10),
+                      lr_decay_at=0.8, grad_clip=50.0, min_lung_fraction=0.5, val_every=100, n_val_patches=64,
+                      checkpoint_every=0, seed=5, fast=False, init_model=str(model_file))
+    rows = manifest_rows(data_run / "archive" / "manifest.parquet")
+    cache = StudyCache(data_run / "cache")
+    studies = [cache.load(r["study_id"], mmap=True) for r in rows if r["split"] == "train" and r["label"] == 0]
+    batches = patch_batches_from_arrays([s.volume for s in studies], [s.strict for s in studies], cfg, seed=cfg.seed)
+    val_ids = [r["study_id"] for r in rows if r["split"] == "val" and r["label"] == 0]
+    val = torch.from_numpy(cached_patches(data_run / "cache", val_ids, 64, cfg.patch_size, 0.5, cfg.seed))
+    t = time.time()
+    log(f"  adapting {model_file} on {len(studies)} healthy training studies of {data_run.name}: {steps} steps, "
+        f"lr {lr:g}")
+    train_local(cfg, batches, val, out, log_fn=lambda step, m: "val_bits_per_dim" in m and log(
+        f"    step {step}: {m['val_bits_per_dim']:.3f} bits/dim on {data_run.name}'s healthy validation patches"))
+    log(f"  adapted in {(time.time() - t) / 60:.1f} min")
+    return out / MODEL_NAME
 
 
 def summarise(ev: dict) -> dict:
@@ -184,6 +220,10 @@ def main(argv=None) -> int:
     p.add_argument("--reference-folds", type=int, default=DEFAULT_REFERENCE_FOLDS,
                    help="cross-fitting folds of the healthy reference in the validation search (1: in-sample)")
     p.add_argument("--directions", nargs="+", default=["A->A", "A->B", "B->B", "B->A"])
+    p.add_argument("--adapt-steps", type=int, default=0,
+                   help="crosswise: first fine-tune the model this many steps on the screened family's healthy "
+                        "training studies (0: screen with the model as trained)")
+    p.add_argument("--adapt-lr", type=float, default=2e-4)
     a = p.parse_args(argv)
     np.seterr(all="ignore")
     runs = {"A": Path(a.a), "B": Path(a.b)}
@@ -193,6 +233,9 @@ def main(argv=None) -> int:
     for d in a.directions:
         m, s = d.split("->")
         model_file = Path(getattr(a, f"{m.lower()}_model") or runs[m] / "model" / "model.pt")
+        if a.adapt_steps and m != s:
+            model_file = adapt(model_file, runs[s], out / f"adapt-{m}-to-{s}" / "model", a.adapt_steps, a.adapt_lr,
+                               a.threads)
         results[d] = direction(d, model_file, runs[s], out, a)
         write_json(results, out / "transfer.json")
     (out / "transfer.md").write_text(markdown(results), encoding="utf-8")

@@ -96,6 +96,36 @@ def test_training_against_the_clock_stops_on_every_worker_and_registers(jobs_don
     _registered_model_scores_a_patch(mlflow_server, AE, TINY_TRAIN["patch_size"])
 
 
+def test_a_train_job_fine_tunes_the_registered_champion(jobs_done, mlflow_server):
+    """``train.init_model: models:/NAME@champion`` (site adaptation): the job fetches the champion once, pinned to
+    its version (tagged on the run), and both workers start from its weights, not from a fresh flow: after one
+    update at lr 1e-5 the validation bits/dim are the champion's."""
+    from chain import GLOW, SITE, SITE_TRAIN
+    from mlflow.tracking import MlflowClient
+
+    status, log = jobs_done["statuses"]["te-train-site"]
+    assert status == "SUCCEEDED", log
+    client = MlflowClient(mlflow_server)
+    champion = client.get_model_version_by_alias(GLOW, "champion")
+    source = json.loads((jobs_done["work"] / "ray_results" / "te-glow" / "train_result.json").read_text())
+    site = json.loads((jobs_done["work"] / "ray_results" / "te-glow-site" / "train_result.json").read_text())
+    assert f"fine-tuning from models:/{GLOW}@champion ({GLOW}/{champion.version})" in log
+    assert client.get_run(site["run_id"]).data.tags["ct3dflow.init_model"] == f"{GLOW}/{champion.version}"
+    assert site["steps"] == SITE_TRAIN["iterations"] and site["registered_model"] == SITE
+    val = sorted(client.get_metric_history(site["run_id"], "val_bits_per_dim"), key=lambda h: h.step)
+    assert val[0].step == 1 and abs(val[0].value - source["val_bits_per_dim"]) < 0.01, (val[0], source)
+    # ... which a fresh flow, data-initialised on the run's own init patches, is not
+    import torch
+
+    from ct3dflow.train import FlowTrainer, TrainConfig
+
+    run_dir = jobs_done["work"] / "ray_results" / "te-glow-site"
+    fresh = FlowTrainer(TrainConfig(**TINY_TRAIN).build_model(), TrainConfig(**TINY_TRAIN))
+    fresh.initialise(torch.from_numpy(np.load(run_dir / "init_patches.npy")))
+    assert abs(fresh.validate(torch.from_numpy(np.load(run_dir / "val_patches.npy"))) - val[0].value) > 0.1
+    _registered_model_scores_a_patch(mlflow_server, SITE, TINY_TRAIN["patch_size"])
+
+
 def test_stopped_training_job_resumes_from_checkpoint(jobs_done, mlflow_server):
     """The chain's CT-3DFlow train job was stopped (`ray job stop`) after its first checkpoint and submitted
     again with the same name (tests/chain.py): the second resumed from a checkpoint the first wrote, and the

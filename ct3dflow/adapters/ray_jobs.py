@@ -44,6 +44,33 @@ def preprocess_job(cfg, rows_filter=None) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------------
+def start_model_file(tcfg, run_dir: Path):
+    """``(tcfg, version)``: ``train.init_model`` as a file every Ray Train worker reads, and the version it is.
+
+    A registered model (``models:/NAME@champion``, ``models:/NAME/3``, ``runs:/…``) is fetched once on the driver
+    into the run's folder, beside the init patches, and pinned there: a resumed job starts from the same
+    weights even if the alias has moved. The architecture is checked here, before any worker starts."""
+    import dataclasses
+
+    from . import tracking
+
+    spec = tcfg.init_model
+    if not spec:
+        return tcfg, None
+    dest = run_dir / "init_model.pt"
+    if dest.exists():
+        version = (run_dir / "init_model.version").read_text(encoding="utf-8").strip()
+    else:
+        ref, model = tracking.resolve_model(spec)
+        model.save(dest)
+        version = ref.version
+        (run_dir / "init_model.version").write_text(version, encoding="utf-8")
+    tcfg = dataclasses.replace(tcfg, init_model=str(dest.resolve()))
+    tcfg.build_model()  # a model of another architecture fails here, naming the settings
+    _log(f"fine-tuning from {spec} ({version})")
+    return tcfg, version
+
+
 def train_job(cfg, summary: pd.DataFrame | None = None) -> dict:
     """Ray Train over the cached healthy training studies; MLflow run, checkpoint, registered model."""
     import mlflow
@@ -76,10 +103,11 @@ def train_job(cfg, summary: pd.DataFrame | None = None) -> dict:
                                          tcfg.min_lung_fraction, tcfg.seed + 1))
 
     uri = tracking.configure(cfg)
+    tcfg, init_version = start_model_file(tcfg, run_dir)
     run_file = run_dir / MLFLOW_RUN_FILE
     run_id = run_file.read_text(encoding="utf-8").strip() if run_file.exists() else None
     tags = {"ct3dflow.manifest_fingerprint": manifest_fingerprint(read_manifest(cfg.manifest_path)),
-            "ct3dflow.ray_run_name": cfg.name}
+            "ct3dflow.ray_run_name": cfg.name, **({"ct3dflow.init_model": init_version} if init_version else {})}
     with tracking.job_run(cfg, "train", run_name=cfg.name, run_id=run_id, tags=tags) as run:
         run_file.write_text(run.info.run_id, encoding="utf-8")
         _log(f"MLflow run {run.info.run_id} ({'resumed' if run_id else 'new'}) at {uri}")
@@ -88,7 +116,8 @@ def train_job(cfg, summary: pd.DataFrame | None = None) -> dict:
                                     tcfg.min_lung_fraction, seed=tcfg.seed,
                                     patches_per_task=int(cfg.ray["patches_per_task"]),
                                     concurrency=cfg.ray.get("sampling_concurrency"))
-        result = fit(cfg, ds, str(init_file), str(val_file), run.info.run_id, uri, str(storage), cfg.name)
+        result = fit(cfg, ds, str(init_file), str(val_file), run.info.run_id, uri, str(storage), cfg.name,
+                     train=tcfg.to_dict())
         if result.error:
             raise RuntimeError(f"training failed: {result.error}")
         with result.checkpoint.as_directory() as d:

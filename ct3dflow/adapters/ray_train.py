@@ -143,8 +143,9 @@ def check_cpus_left_for_data(cluster_cpus: float, num_workers: int, cpus_per_wor
 
 
 def fit(job_cfg, train_ds, init_patches: str, val_patches: str | None, mlflow_run_id: str | None,
-        mlflow_tracking_uri: str | None, storage_path: str, run_name: str):
-    """Run (or resume) TorchTrainer; returns the Ray Train ``Result``."""
+        mlflow_tracking_uri: str | None, storage_path: str, run_name: str, train: dict | None = None):
+    """Run (or resume) TorchTrainer; returns the Ray Train ``Result``. ``train``: the train section the workers
+    get, where the driver has resolved it (default: the job's)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -157,7 +158,7 @@ def fit(job_cfg, train_ds, init_patches: str, val_patches: str | None, mlflow_ru
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "train": job_cfg.train_config().to_dict(), "init_patches": init_patches,
+            "train": train or job_cfg.train_config().to_dict(), "init_patches": init_patches,
             "val_patches": val_patches, "mlflow_run_id": mlflow_run_id,
             "mlflow_tracking_uri": mlflow_tracking_uri, "log_every": r.get("log_every", 10),
             # ray.torch_threads, else one per CPU the worker holds (N workers sharing a node: no oversubscription)
