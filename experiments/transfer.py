@@ -93,7 +93,7 @@ def scores_for(model_file: Path, data_run: Path, out: Path, stride: int, threads
     return rows, res
 
 
-def adapt(model_file: Path, data_run: Path, out: Path, steps: int, lr: float, threads: int) -> Path:
+def adapt(model_file: Path, data_run: Path, out: Path, steps: int, lr: float, threads: int, seed: int = 5) -> Path:
     """``model_file`` fine-tuned for ``steps`` updates on ``data_run``'s healthy training studies (resumable);
     the settings are the detection recipe's (batch 16, 24³, the last 20 % at lr/10, fp32)."""
     import torch
@@ -109,7 +109,7 @@ def adapt(model_file: Path, data_run: Path, out: Path, steps: int, lr: float, th
     cfg = TrainConfig(levels=arch["levels"], steps=arch["steps"], width=arch["width"], patch_size=arch["patch_size"],
                       batch_size=16, iterations=steps, lr=lr, weight_decay=1e-5, warmup_steps=min(50, steps // 10),
                       lr_decay_at=0.8, grad_clip=50.0, min_lung_fraction=0.5, val_every=100, n_val_patches=64,
-                      checkpoint_every=0, seed=5, fast=False, init_model=str(model_file))
+                      checkpoint_every=0, seed=seed, fast=False, init_model=str(model_file))
     rows = manifest_rows(data_run / "archive" / "manifest.parquet")
     cache = StudyCache(data_run / "cache")
     studies = [cache.load(r["study_id"], mmap=True) for r in rows if r["split"] == "train" and r["label"] == 0]
@@ -224,6 +224,7 @@ def main(argv=None) -> int:
                    help="crosswise: first fine-tune the model this many steps on the screened family's healthy "
                         "training studies (0: screen with the model as trained)")
     p.add_argument("--adapt-lr", type=float, default=2e-4)
+    p.add_argument("--adapt-seed", type=int, default=5, help="the adaptation's batch order")
     a = p.parse_args(argv)
     np.seterr(all="ignore")
     runs = {"A": Path(a.a), "B": Path(a.b)}
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
         model_file = Path(getattr(a, f"{m.lower()}_model") or runs[m] / "model" / "model.pt")
         if a.adapt_steps and m != s:
             model_file = adapt(model_file, runs[s], out / f"adapt-{m}-to-{s}" / "model", a.adapt_steps, a.adapt_lr,
-                               a.threads)
+                               a.threads, a.adapt_seed)
         results[d] = direction(d, model_file, runs[s], out, a)
         write_json(results, out / "transfer.json")
     (out / "transfer.md").write_text(markdown(results), encoding="utf-8")

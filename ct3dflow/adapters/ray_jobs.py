@@ -62,9 +62,9 @@ def start_model_file(tcfg, run_dir: Path):
         version = (run_dir / "init_model.version").read_text(encoding="utf-8").strip()
     else:
         ref, model = tracking.resolve_model(spec)
-        model.save(dest)
         version = ref.version
         (run_dir / "init_model.version").write_text(version, encoding="utf-8")
+        model.save(dest)  # atomic, and last: where it exists, so does its version
     tcfg = dataclasses.replace(tcfg, init_model=str(dest.resolve()))
     tcfg.build_model()  # a model of another architecture fails here, naming the settings
     _log(f"fine-tuning from {spec} ({version})")
