@@ -1,0 +1,54 @@
+"""experiments/reference_checks.py: the study-normalised and density references of issue 16's checks."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import reference_checks as rc  # noqa: E402
+
+from ct3dflow.detect.voxel_map import VoxelScore, depth_bands  # noqa: E402
+
+
+def lung_ball(shape=(36, 36, 36), r=16.0) -> np.ndarray:
+    z, y, x = np.indices(shape) - (np.asarray(shape)[:, None, None, None] - 1) / 2
+    return (np.sqrt(z**2 + y**2 + x**2) <= r).astype(np.uint8)
+
+
+def test_a_study_wide_offset_per_depth_band_and_scale_are_taken_off():
+    rng = np.random.default_rng(0)
+    mask = lung_ball()
+    band = depth_bands(mask)
+    m = np.where(mask != 0, rng.normal(size=mask.shape), np.nan).astype(np.float32)
+    shifted = (3.0 * m + np.where(band >= 0, 0.5 * band, 0.0) - 2.0).astype(np.float32)  # a scanner's doing
+    centred, centred_shifted = rc.study_normalised(m, mask, False), rc.study_normalised(shifted, mask, False)
+    for b in np.unique(band[band >= 0]):
+        sel = (band == b) & np.isfinite(m)
+        if sel.sum() > 50:  # bands this small keep their values, by design
+            assert abs(np.median(centred_shifted[sel])) < 1e-5
+            np.testing.assert_allclose(centred_shifted[sel], 3.0 * centred[sel], atol=1e-4)
+    np.testing.assert_allclose(rc.study_normalised(shifted, mask, True)[np.isfinite(m)],
+                               rc.study_normalised(m, mask, True)[np.isfinite(m)], atol=1e-4)
+
+
+def test_the_density_reference_flags_a_dense_blob_and_not_healthy_lung():
+    rng = np.random.default_rng(1)
+    mask = lung_ball()
+
+    def study(blob: bool) -> rc.Maps:
+        density = (-0.36 + 0.01 * rng.normal(size=mask.shape)).astype(np.float32)  # normalised lung
+        if blob:
+            density[10:14, 10:14, 4:8] = 0.3  # a consolidation-like block at the lung's edge
+        flow = VoxelScore(rng.normal(size=mask.shape).astype(np.float32), stride=12, size=24)
+        return rc.Maps(flow, density)
+
+    kind, params = rc.Candidate("density"), {"sigma_vox": 1.0}
+    normals = [study(False) for _ in range(4)]
+    ref = kind.fit_reference(normals, [mask] * 4, params)
+    assert set(ref) == {"density"}  # no flow map in this candidate
+    sick, healthy = kind.atypicality(study(True), mask, params, ref), kind.atypicality(study(False), mask, params, ref)
+    assert np.nanmin(sick[10:14, 10:14, 4:8]) < -10  # |z| far beyond any τ of the search
+    assert np.nanmin(healthy) > -8
+    both = rc.Candidate("flow+density")
+    assert set(both.fit_reference(normals, [mask] * 4, params)) == {"flow", "density"}
