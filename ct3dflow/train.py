@@ -112,11 +112,11 @@ class TrainConfig:
             from .baselines import ConvAE3D
 
             model = ConvAE3D(depth=self.levels, width=self.width, patch_size=self.patch_size)
-            return self._start_from(model) if self.init_model else model
-        if self.model != "glow3d":
+        elif self.model == "glow3d":
+            model = Glow3D(self.levels, self.steps, self.width, in_channels=1, patch_size=self.patch_size)
+            model.gradient_checkpointing = self.gradient_checkpointing
+        else:
             raise ValueError(f"unknown train.model {self.model!r}: use 'glow3d' or 'ae'")
-        model = Glow3D(self.levels, self.steps, self.width, in_channels=1, patch_size=self.patch_size)
-        model.gradient_checkpointing = self.gradient_checkpointing
         return self._start_from(model) if self.init_model else model
 
     def _start_from(self, fresh):
