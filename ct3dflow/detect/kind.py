@@ -10,7 +10,8 @@ A *kind* is the predictor and the merger of the sliding-window pipeline (the spl
 ``atypicality(score, mask, params, reference)``  the map: low = abnormal, NaN outside the mask
 ``level(params, reference)``   voxels with ``atypicality < level`` are abnormal
 ``space`` / ``map_params`` / ``tie_break``  its search space, which parameters the map depends on (the
-                                search builds each map once per value), and how exact ties are broken
+                                search builds each map once per value; ``reference_params``: the reference, if
+                                fewer), and how exact ties are broken
 ==============================  ===========================================================================
 
 The decision after the map is the same for all kinds (:mod:`ct3dflow.detect.decision`), and so are the
@@ -50,6 +51,7 @@ class MapKind:
     map_file: ClassVar[str] = ""  # the map as NIfTI, written with an operating point
     space: ClassVar[dict] = {}  # the default search space: {parameter: [values]}
     map_params: ClassVar[tuple] = ("sigma_vox",)
+    reference_params: ClassVar[tuple | None] = None  # what the healthy reference depends on (None: map_params)
     tie_break: ClassVar[tuple] = ()  # ((parameter, "asc" | "desc"), ...): stricter and simpler first
     needs_flow: ClassVar[bool] = False  # True: the model must be a Glow3D (not a likelihood proxy)
     # what a stored operating point's ``scoring`` means where it lacks a setting: the value its scores were

@@ -131,9 +131,19 @@ class MapCache:
         self.kind, self.studies, self.keep = kind, studies, keep
         self.fold, self.folds = reference_folds(studies, folds)
         self._store: dict[tuple, tuple[list[dict], list[np.ndarray]]] = {}
+        self._refs: dict[tuple, dict] = {}  # the references of the latest reference key, by fold
 
-    def _key(self, params: dict) -> tuple:
-        return tuple(float(params[p]) for p in self.kind.map_params)
+    def _key(self, params: dict, names=None) -> tuple:
+        return tuple(float(params[p]) for p in (names or self.kind.map_params))
+
+    def _by_fold(self, params: dict) -> dict:
+        """Each fold's reference; refitted only when the kind's ``reference_params`` change."""
+        key = self._key(params, self.kind.reference_params)
+        if key not in self._refs:
+            self._refs.clear()
+            self._refs[key] = ({0: self._fit(params, None)} if self.folds == 1
+                               else {k: self._fit(params, k) for k in range(self.folds)})
+        return self._refs[key]
 
     def _fit(self, params: dict, held_out: int | None) -> dict:
         healthy = [s for i, s in enumerate(self.studies) if s.label == 0 and self.fold[i] != held_out]
@@ -152,8 +162,7 @@ class MapCache:
         if key not in self._store:
             if len(self._store) >= self.keep:  # maps are large: keep one σ at a time
                 self._store.clear()
-            by_fold = ({0: self._fit(params, None)} if self.folds == 1
-                       else {k: self._fit(params, k) for k in range(self.folds)})
+            by_fold = self._by_fold(params)
             refs = [by_fold[int(k)] for k in self.fold]
             maps = [self.kind.atypicality(s.score, s.permissive, params, r)
                     for s, r in zip(self.studies, refs, strict=True)]

@@ -52,21 +52,31 @@ class VoxelScore:
     phases: int = 1  # interleaved grids (detect.grid.window_grid)
     merge: str = DEFAULT_MERGE  # how overlapping windows are merged (window_weight)
 
+    def arrays(self) -> dict:
+        """What :meth:`save` writes (a subclass adds its own)."""
+        return {"voxel_map": self.voxel_map, "stride": np.int64(self.stride), "part": np.str_(self.part),
+                "size": np.int64(self.size), "n_windows": np.int64(self.n_windows), "phases": np.int64(self.phases),
+                "merge": np.str_(self.merge)}
+
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
-            np.savez(f, voxel_map=self.voxel_map, stride=np.int64(self.stride), part=np.str_(self.part),
-                     size=np.int64(self.size), n_windows=np.int64(self.n_windows), phases=np.int64(self.phases),
-                     merge=np.str_(self.merge))
+            np.savez(f, **self.arrays())
         return path
+
+    @staticmethod
+    def fields_of(f) -> dict:
+        """The fields of a stored score (an open ``np.load``)."""
+        get = lambda k, d: f[k] if k in f.files else d  # noqa: E731 - files of session 3 lack size/n_windows
+        return {"voxel_map": f["voxel_map"], "stride": int(f["stride"]), "part": str(f["part"]),
+                "size": int(get("size", 0)), "n_windows": int(get("n_windows", 0)), "phases": int(get("phases", 1)),
+                "merge": str(get("merge", DEFAULT_MERGE))}
 
     @classmethod
     def load(cls, path) -> VoxelScore:
         with np.load(Path(path), allow_pickle=False) as f:
-            get = lambda k, d: f[k] if k in f.files else d  # noqa: E731 - files of session 3 lack size/n_windows
-            return cls(f["voxel_map"], int(f["stride"]), str(f["part"]), int(get("size", 0)),
-                       int(get("n_windows", 0)), int(get("phases", 1)), str(get("merge", DEFAULT_MERGE)))
+            return cls(**cls.fields_of(f))
 
 
 def window_terms(glow, grid: WindowGrid, part: str = "top_latent", batch_size: int = 32, device="cpu",
