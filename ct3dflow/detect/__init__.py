@@ -17,13 +17,15 @@ Shaped like MONAI's sliding-window inference, with the decision of the paper aft
 from __future__ import annotations
 
 from .anatomy_map import AnatomyMap
+from .density_map import AnatomyDensityMap
 from .kind import MapKind
 from .operating_point import OperatingPoint
 from .patch_map import PatchMap
 from .voxel_map import VoxelMap
 
 #: every map kind, by the name configurations and operating points use (``scoring.map``, ``"map"``)
-MAP_KINDS: dict[str, MapKind] = {"voxel": VoxelMap(), "anatomy": AnatomyMap(), "patch": PatchMap()}
+MAP_KINDS: dict[str, MapKind] = {"voxel": VoxelMap(), "anatomy": AnatomyMap(), "anatomy-density": AnatomyDensityMap(),
+                                  "patch": PatchMap()}
 DEFAULT_KIND = "anatomy"  # beat the depth-only voxel reference in 6 of 9 runs (docs/RESULTS.md)
 
 

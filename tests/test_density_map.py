@@ -1,0 +1,168 @@
+"""The anatomy map plus the parenchyma density (ct3dflow.detect.density_map, ``scoring.map: anatomy-density``):
+the density is read in the strict lung and ignores thin vessels; a haze the flow's map does not see is found,
+normal vessels are not; density_weight scales the density's |z| (0: the anatomy map); the kind scores through
+score_row."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from ct3dflow.detect import OperatingPoint, get_kind
+from ct3dflow.detect.anatomy_map import AnatomyMap
+from ct3dflow.detect.density_map import AnatomyDensityMap, DensityScore, parenchyma_density
+from ct3dflow.detect.search import ScoredStudy, grid_search
+from ct3dflow.detect.voxel_map import VoxelScore
+
+SP = (2.0, 2.0, 2.0)
+LUNG, TISSUE, HAZE = -0.37, 0.05, -0.22  # normalised CT: about −850 HU, +60 HU and −670 HU
+
+
+def _chest(rng, haze: bool, shape=(40, 48, 72)):
+    """(CT, strict lungs, permissive lungs): two box lungs in soft tissue, noisy parenchyma, a few thin bright
+    'vessels' (2×2-voxel lines, different in every study), and with ``haze`` a 7³ ground-glass block."""
+    strict = np.zeros(shape, bool)
+    strict[4:36, 6:42, 4:32] = True
+    strict[4:36, 6:42, 40:68] = True
+    ct = np.where(strict, LUNG, TISSUE).astype(np.float32) + 0.01 * rng.standard_normal(shape).astype(np.float32)
+    for _ in range(6):
+        z, y = int(rng.integers(8, 32)), int(rng.integers(10, 38))
+        ct[z:z + 2, y:y + 2, 6:30] = TISSUE  # a vessel along x through the right lung
+        x = int(rng.integers(44, 64))
+        ct[z:z + 2, 8:40, x:x + 2] = TISSUE
+    block = np.zeros(shape, bool)
+    if haze:
+        z, y, x = 20 + int(rng.integers(-3, 4)), 24, 16
+        block[z - 3:z + 4, y - 3:y + 4, x - 3:x + 4] = True
+        ct[block] = HAZE + 0.01 * rng.standard_normal(block.sum())
+    permissive = ndimage.binary_dilation(strict, iterations=2)
+    return ct, strict.astype(np.uint8), permissive.astype(np.uint8), block
+
+
+def _study(rng, i, label):
+    ct, strict, permissive, _ = _chest(rng, bool(label))
+    flow = ndimage.gaussian_filter(rng.standard_normal(ct.shape), 1.0).astype(np.float32)  # blind to the haze
+    score = DensityScore(flow, 8, size=8, parenchyma=parenchyma_density(ct, strict))
+    return ScoredStudy(f"s{i}", label, "ground_glass" if label else None, permissive, SP, score)
+
+
+def test_parenchyma_density_ignores_thin_vessels_and_the_lung_edge_and_sees_a_haze():
+    rng = np.random.default_rng(0)
+    ct, strict, _, block = _chest(rng, haze=True)
+    d = parenchyma_density(ct, strict)
+    inside = strict != 0
+    assert np.isnan(d[~inside]).all() and np.isfinite(d[inside]).all()
+    healthy = inside.copy()
+    healthy[ndimage.binary_dilation(block, iterations=4)] = False  # the haze and the cubes that reach it
+    # vessels and the soft tissue beyond the lung's edge leave the median at the lung's value
+    assert np.abs(d[healthy] - LUNG).max() < 0.03
+    assert d[4, 6, 4] == pytest.approx(LUNG, abs=0.02)  # a corner voxel: most of its cube is tissue
+    with np.errstate(invalid="ignore"):
+        mean = ndimage.uniform_filter(np.where(inside, ct, 0.0), 7) / ndimage.uniform_filter(inside.astype(float), 7)
+    assert np.abs(mean[healthy] - LUNG).max() > 0.06  # what a mean would do on the vessels
+    core = ndimage.binary_erosion(block, iterations=2)  # where the haze fills most of a cube
+    assert core.sum() == 27 and np.abs(d[core] - HAZE).max() < 0.03
+    with pytest.raises(ValueError, match="between 0 and 100"):
+        AnatomyDensityMap().settings({"density_percentile": 100}, 8)
+
+
+def test_density_score_round_trips_and_a_plain_voxel_map_is_refused(tmp_path):
+    rng = np.random.default_rng(1)
+    s = _study(rng, 0, 1).score
+    kind = get_kind("anatomy-density")
+    back = kind.load_score(kind.save_score(s, tmp_path / kind.score_file))
+    np.testing.assert_array_equal(back.parenchyma, s.parenchyma)
+    np.testing.assert_array_equal(back.voxel_map, s.voxel_map)
+    assert kind.score_settings(back) == {**get_kind("anatomy").score_settings(s), "density_percentile": 50.0}
+    VoxelScore(s.voxel_map, 8, size=8).save(tmp_path / "plain.npz")
+    with pytest.raises(ValueError, match="without the parenchyma density.*anatomy-density"):
+        kind.load_score(tmp_path / "plain.npz")
+
+
+def test_ground_glass_the_flow_misses_is_found_by_the_density_and_normal_vessels_are_not():
+    """The flow's map here is noise (blind to the haze), so the anatomy kind ranks at chance; the density
+    finds every haze, and the normals' vessels (different in every study) stay below the threshold."""
+    rng = np.random.default_rng(2)
+    val = [_study(rng, i, y) for i, y in enumerate([0] * 6 + [1] * 6)]
+    space = {"sigma_vox": [1.0], "tau_z": [4.0], "v_min_cm3": [0.5], "density_weight": [0.0, 0.5, 1.0]}
+    op, _ = grid_search(AnatomyDensityMap(), val, space)
+    anat, _ = grid_search(AnatomyMap(), val, {k: v for k, v in space.items() if k != "density_weight"})
+    assert op.validation["auroc"] == 1.0 and anat.validation["auroc"] < 0.8
+    fresh = [_study(rng, 100 + i, y) for i, y in enumerate([0, 0, 0, 1, 1, 1])]
+    vols = np.array([get_kind("anatomy-density").decide(s.score, s.permissive, SP, op)[0] for s in fresh])
+    assert vols[3:].min() > 0.3 * 7**3 * 0.008 and vols[:3].max() < 0.5, vols  # haze 2.7 cm³; normals ≈ 0
+    again = OperatingPoint.from_dict(op.to_dict())
+    assert again.map == "anatomy-density" and set(again.reference) == {"type", "flow", "density"}
+    assert again.params["density_weight"] in (0.5, 1.0)
+
+
+def test_density_weight_scales_only_the_density_and_weight_0_is_the_anatomy_map():
+    rng = np.random.default_rng(3)
+    val = [_study(rng, i, 0) for i in range(4)]
+    kind = AnatomyDensityMap()
+    params = {"sigma_vox": 1.0, "density_weight": 1.0}
+    ref = kind.fit_reference([s.score for s in val], [s.permissive for s in val], params)
+    s = _study(rng, 9, 1)
+    z_flow, z_density = kind.z_maps(s.score, s.permissive, 1.0, ref)
+    a1 = kind.atypicality(s.score, s.permissive, params, ref)
+    a2 = kind.atypicality(s.score, s.permissive, {**params, "density_weight": 0.5}, ref)
+    haze = z_density > 2 * z_flow + 1.0  # voxels where the density decides
+    assert haze.sum() > 50
+    np.testing.assert_allclose(-a1[haze], z_density[haze], rtol=1e-6)
+    np.testing.assert_allclose(-a2[haze], np.maximum(z_density[haze] / 2, z_flow[haze]), rtol=1e-6)
+    flow_side = np.isfinite(z_flow) & ~(z_density > z_flow)  # the flow decides at weight 1, so also at 0.5
+    np.testing.assert_allclose(a2[flow_side & (s.permissive != 0)], -z_flow[flow_side & (s.permissive != 0)],
+                               rtol=1e-6)
+    moved = {**ref, "density": {**ref["density"], "bands": [{**b, "median": b["median"] + 0.05}
+                                                            for b in ref["density"]["bands"]]}}
+    a3 = kind.atypicality(s.score, s.permissive, params, moved)
+    assert not np.allclose(np.nan_to_num(a3), np.nan_to_num(a1))  # a new reference is not served stale
+    a0 = kind.atypicality(s.score, s.permissive, {**params, "density_weight": 0.0}, ref)
+    np.testing.assert_array_equal(a0, AnatomyMap().atypicality(s.score, s.permissive, params, ref["flow"]))
+
+
+def test_the_kind_scores_a_study_through_score_row(tmp_path):
+    """The predictor is the voxel map's (the same flow map as ``anatomy``); the density comes with it."""
+    from ct3dflow.detect.row import resolve_settings, score_row
+    from ct3dflow.flow import Glow3D
+
+    torch.manual_seed(0)
+    g = Glow3D(levels=2, steps=1, width=8, patch_size=8)
+    g.initialize(0.1 * torch.randn(4, 1, 8, 8, 8) - 0.3)
+    g.eval()
+    ct, strict, permissive, _ = _chest(np.random.default_rng(4), haze=True, shape=(24, 28, 40))
+    study = SimpleNamespace(volume=ct, strict=strict, permissive=permissive, spacing=SP)
+    kind = get_kind("anatomy-density")
+    settings = resolve_settings(kind, {"map": "anatomy-density", "stride": 8, "precision": "fp32"}, 8)
+    row = score_row(g, kind, "s0", "p", study, settings, tmp_path, write_outputs=False)
+    assert row["status"] == "ok", row["error"]
+    got = kind.load_score(row["score_path"])
+    plain = get_kind("anatomy")
+    ref = plain.score(g, study, resolve_settings(plain, {"stride": 8, "precision": "fp32"}, 8))
+    np.testing.assert_array_equal(got.voxel_map, ref.voxel_map)
+    np.testing.assert_array_equal(got.parenchyma, parenchyma_density(ct, strict))
+
+
+def test_the_search_fits_the_references_once_per_sigma_and_not_per_density_weight():
+    """map_params (σ, weight) rebuild the map; reference_params (σ) alone refit the references."""
+    fits = []
+
+    class Counting(AnatomyDensityMap):
+        def fit_reference(self, scores, masks, params):
+            fits.append(float(params["sigma_vox"]))
+            return super().fit_reference(scores, masks, params)
+
+    rng = np.random.default_rng(5)
+    val = [_study(rng, i, y) for i, y in enumerate([0] * 4 + [1] * 2)]
+    counts = []
+    for weights in ([1.0], [0.0, 0.5, 1.0]):
+        fits.clear()
+        space = {"sigma_vox": [0.0, 1.0], "tau_z": [4.0], "v_min_cm3": [0.0], "density_weight": weights}
+        op, trials = grid_search(Counting(), val, space, folds=2)
+        assert len(trials) == 2 * len(weights)
+        counts.append(len(fits))
+    assert counts[0] == counts[1] <= 2 * 2 * 2 + 1, fits  # per σ its 2 folds (again for the best σ), the full one
