@@ -35,6 +35,7 @@ from transfer import SPACE, summarise  # noqa: E402
 
 from ct3dflow.cache import StudyCache  # noqa: E402
 from ct3dflow.detect.anatomy_map import AnatomyMap, anatomy_z, fit_anatomy_reference  # noqa: E402
+from ct3dflow.detect.density_map import AnatomyDensityMap, DensityScore, parenchyma_density  # noqa: E402
 from ct3dflow.detect.evaluate import evaluate  # noqa: E402
 from ct3dflow.detect.search import ScoredStudy, grid_search, threshold_rule  # noqa: E402
 from ct3dflow.detect.voxel_map import DEFAULT_DEPTH_BINS, VoxelScore, depth_bands, smooth_in_mask  # noqa: E402
@@ -42,11 +43,12 @@ from ct3dflow.pipeline import manifest_rows  # noqa: E402
 
 
 class Maps(VoxelScore):
-    """A study's stored flow map with its preprocessed CT beside it."""
+    """A study's stored flow map with its preprocessed CT (and its parenchyma density) beside it."""
 
-    def __init__(self, flow: VoxelScore, density: np.ndarray):
+    def __init__(self, flow: VoxelScore, density: np.ndarray, strict: np.ndarray,
+                 parenchyma: np.ndarray | None = None):
         super().__init__(flow.voxel_map, flow.stride, flow.part, flow.size, flow.n_windows, flow.phases, flow.merge)
-        self.density = density
+        self.density, self.strict, self.parenchyma = density, strict, parenchyma
 
 
 def study_normalised(smoothed: np.ndarray, mask: np.ndarray, scale: bool) -> np.ndarray:
@@ -67,32 +69,57 @@ class Candidate(AnatomyMap):
     def __init__(self, name: str):
         super().__init__(lateral=3, vertical=3, calibration="mad")
         self.label = name
+        # memos (references; per score its |z| maps): a separate τ for the parenchyma rebuilds only the combination
+        self._refs = {}
+        if name == "flow+parenchyma":  # the parenchyma's own τ: its |z| is rescaled so that τ_z reads it
+            self.space = {**self.space, "tau_parenchyma": [3.0, 5.0, 8.0, 12.0]}
+            self.map_params = ("sigma_vox", "tau_z", "tau_parenchyma")
 
     def _maps(self, score: Maps, mask, params) -> dict:
         sigma = float(params["sigma_vox"])
         out = {}
-        if self.label != "density":
+        if self.label not in ("density", "parenchyma"):
             flow = smooth_in_mask(score.voxel_map, mask, sigma)
             if self.label.startswith("study-"):
                 flow = study_normalised(flow, mask, self.label == "study-scaled")
             out["flow"] = flow
         if "density" in self.label:
             out["density"] = smooth_in_mask(score.density, mask, sigma)
+        if "parenchyma" in self.label:
+            out["parenchyma"] = smooth_in_mask(score.parenchyma, score.strict, sigma)
         return out
 
+    @staticmethod
+    def _mask(key: str, score: Maps, mask):
+        return score.strict if key == "parenchyma" else mask  # the parenchyma lives in the strict lung
+
     def fit_reference(self, scores, masks, params) -> dict:
-        per = [self._maps(s, m, params) for s, m in zip(scores, masks, strict=True)]
-        return {k: fit_anatomy_reference([p[k] for p in per], masks, self.bins, 3, 3, "mad") for k in per[0]}
+        key = (float(params["sigma_vox"]), tuple(id(s) for s in scores))
+        if key not in self._refs:  # the scores are kept with it, so their ids cannot be reused
+            per = [self._maps(s, m, params) for s, m in zip(scores, masks, strict=True)]
+            self._refs[key] = (list(scores), {k: fit_anatomy_reference(
+                [p[k] for p in per], [self._mask(k, s, m) for s, m in zip(scores, masks)], self.bins, 3, 3, "mad")
+                for k in per[0]})
+        return self._refs[key][1]
 
     def atypicality(self, score, mask, params, reference) -> np.ndarray:
-        mp = self._maps(score, mask, params)
-        return -np.fmax.reduce([np.abs(anatomy_z(reference[k], mp[k], mask)) for k in mp])
+        key = (id(reference), float(params["sigma_vox"]))  # references live in self._refs: their ids stay
+        memo = score.__dict__.setdefault("_z_memo", {})
+        if key not in memo:
+            mp = self._maps(score, mask, params)
+            memo[key] = {k: np.abs(anatomy_z(reference[k], mp[k], self._mask(k, score, mask))) for k in mp}
+        z = dict(memo[key])
+        if "tau_parenchyma" in params and "parenchyma" in z:
+            z["parenchyma"] = z["parenchyma"] * (float(params["tau_z"]) / float(params["tau_parenchyma"]))
+        return np.where(np.asarray(mask) != 0, -np.fmax.reduce(list(z.values())), np.nan)
 
 
-CANDIDATES = ("anatomy-mad", "study-centred", "study-scaled", "density", "flow+density")
+CANDIDATES = ("anatomy-mad", "study-centred", "study-scaled", "density", "flow+density", "parenchyma",
+              "flow+parenchyma", "anatomy-density")
 
 
-def studies_of(transfer: Path, direction: str, data_run: Path, split: str) -> list[ScoredStudy]:
+def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
+               parenchyma: float = 0.0, platform_kind: bool = False) -> list[ScoredStudy]:
     res = pd.read_parquet(transfer / direction / split / "results.parquet").set_index("study_id")
     cache = StudyCache(data_run / "cache")
     out = []
@@ -100,7 +127,12 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str) -> li
         if r["split"] != split or r["study_id"] not in res.index:
             continue
         st = cache.load(r["study_id"], mmap=True)
-        maps = Maps(VoxelScore.load(res.loc[r["study_id"], "score_path"]), np.asarray(st.volume, np.float32))
+        vol = np.asarray(st.volume, np.float32)
+        strict = np.asarray(st.strict) != 0
+        flow = VoxelScore.load(res.loc[r["study_id"], "score_path"])
+        dens = parenchyma_density(vol, strict, percentile=parenchyma) if parenchyma else None
+        maps = (DensityScore(**vars(flow), parenchyma=dens, density_percentile=parenchyma) if platform_kind
+                else Maps(flow, vol, strict, dens))
         out.append(ScoredStudy(r["study_id"], int(r["label"]), r["pathology"] if isinstance(r["pathology"], str)
                                else None, np.asarray(st.permissive), tuple(st.spacing), maps))
     return out
@@ -114,17 +146,21 @@ def main(argv=None) -> int:
     p.add_argument("--directions", nargs="+", default=["A->A", "A->B", "B->A", "B->B"])
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
     p.add_argument("--reference-folds", type=int, default=4)
+    p.add_argument("--parenchyma-percentile", type=float, default=50.0,
+                   help="the parenchyma density: this percentile of the strict lung in a 7³ cube")
     a = p.parse_args(argv)
     np.seterr(all="ignore")
     runs = {"A": Path(a.a), "B": Path(a.b)}
     for d in a.directions:
         data_run = runs[d.split("->")[1]]
-        val, test = (studies_of(Path(a.transfer), d, data_run, s) for s in ("val", "test"))
         for name in a.candidates:
-            kind, t = Candidate(name), time.time()
+            par = a.parenchyma_percentile if ("parenchyma" in name or name == "anatomy-density") else 0.0
+            val, test = (studies_of(Path(a.transfer), d, data_run, s, par, name == "anatomy-density")
+                         for s in ("val", "test"))
+            kind, t = (AnatomyDensityMap() if name == "anatomy-density" else Candidate(name)), time.time()
             op, _ = grid_search(kind, val, SPACE, folds=a.reference_folds)
-            op90, _ = grid_search(kind, val, {k: [op.params[k]] for k in SPACE}, threshold_rule("specificity", 0.9),
-                                  folds=a.reference_folds)
+            op90, _ = grid_search(kind, val, {k: [op.params[k]] for k in kind.space},
+                                  threshold_rule("specificity", 0.9), folds=a.reference_folds)
             te, t9 = summarise(evaluate(kind, op, test, n_boot=1000)), summarise(evaluate(kind, op90, test, n_boot=200))
             per_kind = ", ".join(f"{k} {v:.2f}" for k, v in te["per_kind_auroc"].items())
             lo, hi = te["auroc_ci"]

@@ -41,7 +41,7 @@ def test_the_density_reference_flags_a_dense_blob_and_not_healthy_lung():
         if blob:
             density[10:14, 10:14, 4:8] = 0.3  # a consolidation-like block at the lung's edge
         flow = VoxelScore(rng.normal(size=mask.shape).astype(np.float32), stride=12, size=24)
-        return rc.Maps(flow, density)
+        return rc.Maps(flow, density, mask != 0)
 
     kind, params = rc.Candidate("density"), {"sigma_vox": 1.0}
     normals = [study(False) for _ in range(4)]
