@@ -155,7 +155,11 @@ def cmd_tune_local(a) -> int:
     results = pd.read_parquet(a.results)
     kind = _kind_of_results(results)
     studies = load_scored_studies(kind, _split_rows(a.manifest, "val"), results, a.cache)
-    given = {k: v for k, v in {"sigma_vox": a.sigma, "tau_z": a.tau, "v_min_cm3": a.v_min}.items() if v}
+    given = {k: v for k, v in {"sigma_vox": a.sigma, "tau_z": a.tau, "v_min_cm3": a.v_min,
+                               "density_weight": a.density_weight}.items() if v}
+    if "density_weight" in given and "density_weight" not in kind.space:
+        raise SystemExit(f"--density-weight is a setting of the anatomy-density map; these scores are the "
+                         f"{kind.name} map's")
     rule = threshold_rule("specificity" if a.target_specificity else "best_f1", a.target_specificity)
     op, trials = grid_search(kind, studies, given, rule, folds=a.reference_folds)
     op.save(a.out)
@@ -258,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tau", type=float, nargs="+",
                    help="τ grid: |z| for the voxel map (default 2 … 6); healthy sd of the patch map (−4 … −0.5)")
     s.add_argument("--v-min", type=float, nargs="+", help="v_min grid in cm³")
+    s.add_argument("--density-weight", type=float, nargs="+",
+                   help="anatomy-density map: grid of the density's weight (0: the flow's map alone)")
     s.add_argument("--target-specificity", type=float, default=None,
                    help="choose T as the lowest with at least this validation specificity (default: best F1)")
     s.add_argument("--reference-folds", type=int, default=DEFAULT_REFERENCE_FOLDS,

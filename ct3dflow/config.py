@@ -37,7 +37,7 @@ _DEFAULTS: dict = {
     # stride and batch size default per kind (voxel kinds 12, patch: patch size - 10); precision (every kind): auto
     # (bf16 autocast where the hardware runs bf16 natively, else fp32), fp32 or bf16
     # voxel kinds: merge: mean (default) or gaussian (overlapping windows weighted towards their centres; unmeasured)
-    "scoring": {"map": "anatomy", "stride": None, "batch_size": None},
+    "scoring": {"map": "anatomy-density", "stride": None, "batch_size": None},
     "operating_point": {},  # a whole operating point (tune-local's JSON) for models without one
     # the search space is the map kind's own; override per kind: tune.anatomy.tau_z: {grid: [3, 4, 5]}
     # reference_folds: the healthy reference is cross-fitted over this many folds of the validation normals

@@ -1,11 +1,11 @@
-"""The platform's chain, run once per test session with `ray job submit` against the session's real Ray head and
-MLflow server (conftest's ``jobs_done``): for CT-3DFlow on the platform's default map (``anatomy``: the voxel map
-against the anatomy-banded reference) train (stopped after its first checkpoint, then resumed) → tune → the nightly
-screening of tonight's archive (a hostile one, tests/tonight_archive.py) → evaluate; for the AE baseline on the
-paper's patch map train → tune → evaluate. The CT-3DFlow champion is announced as soon as it is tuned, and the
-nightly screening's outcome as soon as it is done, so the tests that need only those (test_pacs.py, test_screen.py)
-run beside the rest of the chain. Several test modules read the chain; conftest starts it in the background when
-the session starts, while the tests that do not need it run.
+"""The platform's chain, run once per test session with `ray job submit` against the session's real Ray head and MLflow
+server (conftest's ``jobs_done``): for CT-3DFlow on the platform's default map (``anatomy-density``: the voxel map
+and the parenchyma density against anatomy-banded references) train (stopped after its first checkpoint, then
+resumed) → tune → the nightly screening of tonight's archive (a hostile one, tests/tonight_archive.py) → evaluate;
+for the AE baseline on the paper's patch map train → tune → evaluate. The CT-3DFlow champion is announced as soon as
+it is tuned, and the nightly screening's outcome as soon as it is done, so the tests that need only those
+(test_pacs.py, test_screen.py) run beside the rest of the chain. Several test modules read the chain; conftest
+starts it in the background when the session starts, while the tests that do not need it run.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ TINY_TRAIN = {"levels": 2, "steps": 2, "width": 8, "patch_size": 16, "batch_size
 # exact ties on purpose: every v_min below one voxel (0.008 cm³) gives the same volumes, so the tie-break decides
 # (two trials per kind, one after the other in one reused trial actor)
 TUNE = {"num_samples": 1, "threshold_cm3": [0.0, 1.0e6], "seed": 0, "n_boot": 200, "max_concurrent_trials": 1,
-        "anatomy": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [2.0]}, "v_min_cm3": {"grid": [0.0, 0.0001]}},
+        "anatomy-density": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [2.0]},
+                            "v_min_cm3": {"grid": [0.0, 0.0001]}, "density_weight": {"grid": [0.5]}},
         "patch": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [-1.0]}, "v_min_cm3": {"grid": [0.0, 0.0001]}}}
 GLOW, AE = "ct3dflow-glow3d-te", "ct3dflow-ae-te"
 AE_ARGS = ("--set", "train.model=ae", "--set", "name=te-ae", "--set", f"mlflow.registered_model={AE}",

@@ -235,7 +235,7 @@ def nightly(_chain_in_background):
 
 @pytest.fixture(scope="session")
 def jobs_done(_chain_in_background):
-    """The platform's chain with `ray job submit`, once per session (tests/chain.py): CT-3DFlow on the anatomy map
-    (train, stopped and then resumed → tune → the nightly screening → evaluate) and the AE on the paper's patch
-    map (train → tune → evaluate)."""
+    """The platform's chain with `ray job submit`, once per session (tests/chain.py): CT-3DFlow on the
+    anatomy-density map (train, stopped and then resumed → tune → the nightly screening → evaluate) and the AE on
+    the paper's patch map (train → tune → evaluate)."""
     return _chain_in_background["done"].result()

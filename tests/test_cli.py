@@ -172,6 +172,9 @@ def test_voxel_map_chain(chain):
         perm = cache.load(r.study_id).permissive > 0
         assert stride == 8 and part == "top_latent" and vmap.shape == perm.shape
         assert np.isfinite(vmap[perm]).all() and vmap[perm].std() > 0
+    with pytest.raises(SystemExit, match="--density-weight is a setting of the anatomy-density map.*voxel map"):
+        main(["tune-local", "--manifest", str(chain["manifest"]), "--cache", str(chain["cache"]), "--results",
+              str(d / "vscores" / "results.parquet"), "--out", str(d / "x.json"), "--density-weight", "0.5"])
     op = json.loads((d / "voxel_operating_point.json").read_text())
     assert op["map"] == "voxel" and op["scoring"] == {"stride": 8, "part": "top_latent", "patch_size": 16}
     p = op["params"]

@@ -157,7 +157,7 @@ def test_pacs_screening_writes_sr_and_seg_back(screened, seeded, pacs):
         uid = seeded[name]["uid"]
         row = res.loc[study_id_of(uid)]
         assert row.status == "ok", (name, row.error)
-        assert row.map_kind == "anatomy" and isinstance(row.sr_uid, str) and row.sr_uid
+        assert row.map_kind == "anatomy-density" and isinstance(row.sr_uid, str) and row.sr_uid
         series = _results_series(client, uid)
         assert len(series) == 1, f"{name}: {len(series)} result series"
         sr_uid = series[0]["0020000E"]["Value"][0]
@@ -165,7 +165,8 @@ def test_pacs_screening_writes_sr_and_seg_back(screened, seeded, pacs):
         report = read_report(sr)
         assert report["finding"] == ("Abnormal" if row.predicted_abnormal else "Normal")
         assert report["abnormal_volume_cm3"] == pytest.approx(row.abnormal_volume_cm3)
-        assert report["threshold_cm3"] == pytest.approx(row.threshold_cm3) and report["map_kind"] == "anatomy"
+        assert report["threshold_cm3"] == pytest.approx(row.threshold_cm3)
+        assert report["map_kind"] == "anatomy-density"
         # the DICOM results carry the study's patient module, as the standard requires
         assert str(sr.PatientID) == SECRETS["pid"] and str(sr.StudyInstanceUID) == uid
         if not row.predicted_abnormal:

@@ -125,7 +125,7 @@ def tiny_model(champion, mlflow_server):
 
     mlflow.set_tracking_uri(mlflow_server)
     loaded = load_patch_model(f"models:/{MODEL_NAME}@champion")
-    assert loaded.operating_point["map"] == "anatomy"
+    assert loaded.operating_point["map"] == "anatomy-density"
     return {"path": champion["model_file"], "version": loaded.version, "op": loaded.operating_point}
 
 
@@ -147,7 +147,7 @@ def test_hostile_archive_one_row_per_study(nightly, tiny_model):
         else:
             assert r.error == "" and r.n_patches > 0 and Path(r.map_path).is_file() and Path(r.preview_path).is_file()
             assert r.threshold_cm3 == tiny_model["op"]["threshold_cm3"] and r.predicted_abnormal in (True, False)
-            assert r.map_kind == "anatomy" and Path(r.map_path).name == "atypicality_map.nii.gz"
+            assert r.map_kind == "anatomy-density" and Path(r.map_path).name == "atypicality_map.nii.gz"
         assert r.model == f"models:/{MODEL_NAME}/{tiny_model['version']}"
         assert r.model_version == f"{MODEL_NAME}/{tiny_model['version']}"
     s = summary_of(nightly["logs"])
@@ -156,7 +156,8 @@ def test_hostile_archive_one_row_per_study(nightly, tiny_model):
     assert "operating point from model version tag" in nightly["logs"]
     # ray.scoring_threads reached the actor (the driver's plan and the actor's own line)
     assert "1 scoring actor(s) on 0.5 CPU, 2 torch threads each" in nightly["logs"]
-    assert re.search(r"scoring actor pid \d+ loaded \S+ on cpu \(anatomy map, 2 torch thread\(s\)\)", nightly["logs"])
+    assert re.search(r"scoring actor pid \d+ loaded \S+ on cpu \(anatomy-density map, 2 torch thread\(s\)\)",
+                     nightly["logs"])
 
 
 def test_scoring_threads_setting_is_a_whole_number_or_unset():
@@ -181,7 +182,7 @@ def test_screening_follows_the_champions_map_kind_and_flags_the_lesions(nightly,
     truth = nightly["tonight"]
     res = res.loc[list(truth)]
     assert (res.status == "ok").all(), res[["error"]]
-    assert (res.map_kind == "anatomy").all() and res.predicted_abnormal.notna().all()
+    assert (res.map_kind == "anatomy-density").all() and res.predicted_abnormal.notna().all()
     op = tiny_model["op"]
     assert (res.threshold_cm3 == op["threshold_cm3"]).all()
     assert (nightly["work"] / "results" / "report.html").exists()

@@ -125,7 +125,7 @@ def test_tuned_operating_point_is_stored_and_used_by_scoring(jobs_done, mlflow_s
     mlflow.set_tracking_uri(mlflow_server)
     client = MlflowClient(mlflow_server)
     work = jobs_done["work"]
-    for name, kind, map_kind in ((GLOW, "glow3d", "anatomy"), (AE, "ae", "patch")):
+    for name, kind, map_kind in ((GLOW, "glow3d", "anatomy-density"), (AE, "ae", "patch")):
         loaded = load_patch_model(f"models:/{name}@champion")
         base = work / "scores" / name / f"v{loaded.version}"
         tuned = json.loads((base / "tune_result.json").read_text())
@@ -172,7 +172,7 @@ def test_tune_local_chooses_the_ray_tune_jobs_point(jobs_done, tmp_path):
     from ct3dflow.cli import main
 
     work, tmp = jobs_done["work"], jobs_done["tmp"]
-    for name, map_kind in ((GLOW, "anatomy"), (AE, "patch")):
+    for name, map_kind in ((GLOW, "anatomy-density"), (AE, "patch")):
         tuned = json.loads(next((work / "scores" / name).glob("v*/tune_result.json")).read_text())
         val = next((work / "scores" / name).glob("v*/val/results.parquet"))
         space = TUNE[map_kind]
@@ -180,6 +180,8 @@ def test_tune_local_chooses_the_ray_tune_jobs_point(jobs_done, tmp_path):
         argv = ["tune-local", "--manifest", str(tmp / "archive" / "manifest.parquet"), "--cache", str(tmp / "cache"),
                 "--results", str(val), "--out", str(out), "--sigma", *map(str, space["sigma_vox"]["grid"]),
                 "--tau", *map(str, space["tau_z"]["grid"]), "--v-min", *map(str, space["v_min_cm3"]["grid"])]
+        if "density_weight" in space:
+            argv += ["--density-weight", *map(str, space["density_weight"]["grid"])]
         assert main(argv) == 0
         local = json.loads(out.read_text())
         job = dict(tuned["operating_point"])
