@@ -51,7 +51,7 @@ def parenchyma_density(volume: np.ndarray, strict: np.ndarray, size: int = DENSI
                        percentile: float = DENSITY_PERCENTILE) -> np.ndarray:
     """The ``percentile`` of ``volume`` over the lung around each voxel of ``strict`` (float32, NaN outside it),
     taken along z, then y, then x over ``size`` voxels each: a separable stand-in for the ``size³`` cube's, about
-    15× faster on a chest (bench/density.py), and as blind to a thin vessel, which fills at most the pass along
+    10–30× faster on a chest (bench/density.py), and as blind to a thin vessel, which fills at most the pass along
     it. Before each pass every voxel outside the mask takes the value of its nearest lung voxel, so the chest
     wall and the mediastinum never enter a window at the lung's edge."""
     m = np.asarray(strict) != 0
