@@ -148,24 +148,35 @@ class AnatomyDensityMap(AnatomyMap):
         return {"type": "anatomy-density", "flow": fit(flow, masks),
                 "density": fit(density, [s.strict for s in scores])}
 
-    def z_maps(self, score: DensityScore, mask, sigma: float, reference: dict) -> tuple[np.ndarray, np.ndarray]:
-        """``(|z_flow|, |z_density|)``; the last pair is kept on the score, because the search rebuilds the map
-        for every density_weight at one σ and one reference."""
+    def _z_inside(self, score: DensityScore, mask, sigma: float, reference: dict) -> tuple:
+        """``(inside, |z_flow|, |z_density|)`` at the voxels of ``mask`` (``|z_density|`` NaN off the strict lung).
+        The last triple is kept on the score, because the search rebuilds the map for every density_weight at one
+        σ and one reference; only the mask's voxels, so the memo is a fraction of the map the search holds."""
         key = (float(sigma), _fingerprint(reference))
         memo = getattr(score, "_z_memo", None)
         if memo is None or memo[0] != key:
+            inside = np.asarray(mask) != 0
             flow, density = self._smoothed(score, mask, sigma)
-            memo = (key, np.abs(anatomy_z(reference["flow"], flow, mask)),
-                    np.abs(anatomy_z(reference["density"], density, score.strict)))
+            memo = (key, inside, np.abs(anatomy_z(reference["flow"], flow, mask))[inside],
+                    np.abs(anatomy_z(reference["density"], density, score.strict))[inside])
             score._z_memo = memo
-        return memo[1], memo[2]
+        return memo[1:]
+
+    def z_maps(self, score: DensityScore, mask, sigma: float, reference: dict) -> tuple[np.ndarray, np.ndarray]:
+        """``(|z_flow|, |z_density|)`` on the study's grid (NaN outside ``mask``; the density's also off the
+        strict lung)."""
+        inside, z_flow, z_density = self._z_inside(score, mask, sigma, reference)
+        out = np.full((2, *inside.shape), np.nan, np.float32)
+        out[0][inside], out[1][inside] = z_flow, z_density
+        return out[0], out[1]
 
     def atypicality(self, score: DensityScore, mask, params, reference) -> np.ndarray:
-        z_flow, z_density = self.z_maps(score, mask, float(params["sigma_vox"]), reference)
+        inside, z_flow, z_density = self._z_inside(score, mask, float(params["sigma_vox"]), reference)
         w = float(params["density_weight"])
+        out = np.full(inside.shape, np.nan, np.float32)
         with np.errstate(invalid="ignore"):
-            a = -np.fmax(z_flow, w * z_density) if w > 0 else -z_flow
-        return np.where(np.asarray(mask) != 0, a, np.nan).astype(np.float32)
+            out[inside] = -np.fmax(z_flow, w * z_density) if w > 0 else -z_flow
+        return out
 
     def __repr__(self) -> str:
         return f"<map kind {self.name!r}: the anatomy map and the parenchyma density>"
