@@ -1,4 +1,4 @@
-"""Two more healthy-reference ideas for issue 16, judged on stored voxel maps of ``experiments/transfer.py``.
+"""More healthy-reference ideas for issue 16, judged on stored voxel maps of ``experiments/transfer.py``.
 
     .venv/bin/python experiments/reference_checks.py --transfer work/experiments/transfer-2711 \
         --a work/experiments/det-a --b work/experiments/det-b --directions 'A->A' 'A->B' --candidates study-centred
@@ -11,7 +11,12 @@ space of ``transfer.py``) and tested once, beside the platform's ``anatomy`` ref
   map, this would take it out;
 * ``density`` — no model: the preprocessed CT itself (smoothed) against the anatomy reference, i.e. what a
   density threshold fitted on the site's normals finds;
-* ``flow+density`` — a voxel is abnormal where either the flow's map or the density is (the larger ``|z|``).
+* ``flow+density`` — a voxel is abnormal where either the flow's map or the density is (the larger ``|z|``);
+* ``parenchyma`` / ``flow+parenchyma`` — the same with the parenchyma density of
+  :func:`ct3dflow.detect.density_map.parenchyma_density` (``--parenchyma-percentile``) read in the strict lung,
+  the second with its own τ (``tau_parenchyma``, searched);
+* ``anatomy-density`` — the platform's kind (:mod:`ct3dflow.detect.density_map`) on the stored flow maps and
+  the parenchyma density computed here: the measurement that made it the default (docs/RESULTS.md).
 
 Prints one line per direction and candidate (validation AUROC cross-fitted; test AUROC, specificity, the normal
 test studies' median abnormal volume; at the spec-0.9 T specificity / sensitivity; per kind test AUROC).
@@ -147,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
     p.add_argument("--reference-folds", type=int, default=4)
     p.add_argument("--parenchyma-percentile", type=float, default=50.0,
-                   help="the parenchyma density: this percentile of the strict lung in a 7³ cube")
+                   help="the parenchyma density: this percentile of the strict lung (separable, 7 voxels per axis)")
     a = p.parse_args(argv)
     np.seterr(all="ignore")
     runs = {"A": Path(a.a), "B": Path(a.b)}
