@@ -32,12 +32,12 @@ _DEFAULTS: dict = {
             "patches_per_task": 8, "shuffle_buffer": 512},
     # map: anatomy (the platform default, beyond the paper: the voxel map against a healthy reference per band of
     # depth and position in the lung), anatomy-density (that map, and the lung's parenchyma density against its own
-    # anatomical reference: scoring.density_percentile, default 50), voxel (the same map, depth bands only) or
-    # patch (the paper's Log P map);
+    # anatomical reference; opt-in, docs/RESULTS.md; scoring.density_percentile, default 50), voxel (the same
+    # map, depth bands only) or patch (the paper's Log P map);
     # stride and batch size default per kind (voxel kinds 12, patch: patch size - 10); precision (every kind): auto
     # (bf16 autocast where the hardware runs bf16 natively, else fp32), fp32 or bf16
     # voxel kinds: merge: mean (default) or gaussian (overlapping windows weighted towards their centres; unmeasured)
-    "scoring": {"map": "anatomy-density", "stride": None, "batch_size": None},
+    "scoring": {"map": "anatomy", "stride": None, "batch_size": None},
     "operating_point": {},  # a whole operating point (tune-local's JSON) for models without one
     # the search space is the map kind's own; override per kind: tune.anatomy.tau_z: {grid: [3, 4, 5]}
     # reference_folds: the healthy reference is cross-fitted over this many folds of the validation normals

@@ -1,11 +1,12 @@
 """The platform's chain, run once per test session with `ray job submit` against the session's real Ray head and MLflow
-server (conftest's ``jobs_done``): for CT-3DFlow on the platform's default map (``anatomy-density``: the voxel map
-and the parenchyma density against anatomy-banded references) train (stopped after its first checkpoint, then
-resumed) → tune → the nightly screening of tonight's archive (a hostile one, tests/tonight_archive.py) → evaluate;
-for the AE baseline on the paper's patch map train → tune → evaluate. The CT-3DFlow champion is announced as soon as
-it is tuned, and the nightly screening's outcome as soon as it is done, so the tests that need only those
-(test_pacs.py, test_screen.py) run beside the rest of the chain. Several test modules read the chain; conftest
-starts it in the background when the session starts, while the tests that do not need it run.
+server (conftest's ``jobs_done``): for CT-3DFlow on the ``anatomy-density`` map (the default ``anatomy`` voxel map
+and the parenchyma density, against anatomy-banded references; opt-in, so the chain runs it through every job) train
+(stopped after its first checkpoint, then resumed) → tune → the nightly screening of tonight's archive (a hostile
+one, tests/tonight_archive.py) → evaluate; for the AE baseline on the paper's patch map train → tune → evaluate. The
+CT-3DFlow champion is announced as soon as it is tuned, and the nightly screening's outcome as soon as it is done,
+so the tests that need only those (test_pacs.py, test_screen.py) run beside the rest of the chain. Several test
+modules read the chain; conftest starts it in the background when the session starts, while the tests that do not
+need it run.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def write_chain_config(path: Path, name: str, work: Path, manifest: Path, cache:
     """The chain's job configuration (tiny CT-3DFlow, two Ray Train workers on half a CPU each); ``ray`` overrides
     its ray section (bench/job_cpu.py)."""
     cfg = {"name": name, "work_dir": str(work), "data": {"manifest": str(manifest), "cache_dir": str(cache)},
-           "train": TINY_TRAIN, "scoring": {"stride": 8, "batch_size": 32}, "tune": TUNE,
+           "train": TINY_TRAIN, "scoring": {"map": "anatomy-density", "stride": 8, "batch_size": 32}, "tune": TUNE,
            "ray": {"num_workers": 2, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5, "log_every": 5,
                    "preprocess_workers": 1, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5,
                    # one Ray worker process each: a process costs a job ≈ 5 CPU-s to start on 2 cores, and

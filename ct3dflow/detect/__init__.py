@@ -26,8 +26,9 @@ from .voxel_map import VoxelMap
 #: every map kind, by the name configurations and operating points use (``scoring.map``, ``"map"``)
 MAP_KINDS: dict[str, MapKind] = {"voxel": VoxelMap(), "anatomy": AnatomyMap(), "anatomy-density": AnatomyDensityMap(),
                                   "patch": PatchMap()}
-DEFAULT_KIND = "anatomy-density"  # ≥ anatomy in each of 10 model-and-direction runs, +0.04…0.15 where validation
-# chose the density (docs/RESULTS.md, 2026-12-06 night); anatomy beat the depth-only reference in 6 of 9
+# anatomy beat the depth-only reference in 6 of 9 runs; anatomy-density (opt-in) gained on 8 of 10 crosswise and
+# adapted runs but lost 0.23 test AUROC on the demo's 22 validation studies (docs/RESULTS.md, 2026-12-06 late night)
+DEFAULT_KIND = "anatomy"
 
 
 def get_kind(name: str | None) -> MapKind:

@@ -27,9 +27,12 @@ density is read where it means lung:
 Everything else (σ-smoothing inside each mask, components ≥ v_min, T) is the voxel map's, and so is the
 predictor: this kind costs one separable median filter per study beyond ``anatomy`` (bench/density.py).
 
-Why the default: on every stored crosswise and site-adapted map of issue 16 (10 model-and-direction runs,
-2026-12-06, docs/RESULTS.md) the cross-fitted search took the density in 8 and left it out in 2; the test AUROC
-was never below ``anatomy``'s and rose by 0.01–0.15 where the density was taken (mean 0.707 → 0.780).
+Measured (docs/RESULTS.md, 2026-12-06 late night): on every stored crosswise and site-adapted map of issue 16 (10
+model-and-direction runs, 36 validation studies each) the cross-fitted search took the density in 8 and left it
+out in 2; the test AUROC was never below ``anatomy``'s and rose by 0.01–0.15 where the density was taken (mean
+0.707 → 0.780). On the demo's 22 validation studies and its two-minute model, though, the search took the
+density and the test AUROC fell from 0.808 to 0.579. So it is opt-in (``scoring.map: anatomy-density``), not
+the default: a site chooses it on its own validation studies, as it chooses site adaptation.
 """
 
 from __future__ import annotations
