@@ -172,3 +172,20 @@ def test_lung_fraction_bands_absorb_what_a_thin_lung_tip_does_to_normal_maps():
         normal_cm3[name] = np.median([kind.decide(VoxelScore(healthy(), 8, size=8), m, SP, op)[0] for _ in range(3)])
         assert op.reference.get("fraction", 1) == kind.fraction
     assert normal_cm3["depth"] > 2.0 and normal_cm3["fraction"] < 0.1 * normal_cm3["depth"], normal_cm3
+
+
+def test_band_index_is_kept_per_mask_content_and_callers_cannot_change_what_is_kept():
+    from ct3dflow.detect import anatomy_map
+
+    m = _lungs()
+    fresh = anatomy_map._band_index(m, (0.0, 2.0, 4.0), 3, 3, 1)
+    first = band_index(m, (0.0, 2.0, 4.0), 3, 3)
+    first[0][:] = 7  # a caller scribbling on its copy
+    again = band_index(m.copy().astype(np.uint8), (0.0, 2.0, 4.0), 3, 3)  # the same content, another array
+    for a, b in zip(again, fresh, strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = m.copy()
+    other[20:30, 20:30, 10:20] = False  # a hole: other depths
+    np.testing.assert_array_equal(band_index(other, (0.0, 2.0, 4.0), 3, 3)[0],
+                                  anatomy_map._band_index(other, (0.0, 2.0, 4.0), 3, 3, 1)[0])
+    assert not np.array_equal(band_index(m, (0.0, 2.0, 6.0), 3, 3)[1], fresh[1])  # other bins, other bands

@@ -264,3 +264,17 @@ def test_cpu_scorers_run_channels_last_and_give_the_contiguous_maps():
     assert convs_channels_last(scorer)
     with torch.no_grad():
         torch.testing.assert_close(scorer.log_prob(x), log_p, rtol=1e-6, atol=1e-3)
+
+
+def test_v_min_0_keeps_every_component_without_labelling_and_agrees_with_the_labelled_path():
+    """v_min 0 skips the component labelling; a v_min below one voxel labels and keeps every component, so the
+    two must give the same region and volume, voxel for voxel."""
+    from ct3dflow.detect.decision import abnormal_region
+
+    rng = np.random.default_rng(7)
+    mask = _ball((24, 24, 24), (12, 12, 12), 11)
+    atyp = np.where(mask, -np.abs(rng.standard_normal(mask.shape)) * 2, np.nan).astype(np.float32)
+    vol0, ab0 = abnormal_region(atyp, mask, -2.5, 0.0, (2.0, 2.0, 2.0))
+    vol1, ab1 = abnormal_region(atyp, mask, -2.5, 1e-9, (2.0, 2.0, 2.0))
+    assert ab0.sum() > 20 and vol0 == pytest.approx(vol1) and np.array_equal(ab0, ab1)
+    assert abnormal_region(atyp, mask, -2.5, 0.05, (2.0, 2.0, 2.0))[0] < vol0  # single voxels go

@@ -33,6 +33,10 @@ reference is fitted on the healthy *validation* studies (the hospital's own), ne
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
+
 import numpy as np
 from scipy import ndimage
 from scipy.special import ndtr
@@ -81,9 +85,37 @@ def lung_fraction(mask: np.ndarray, radius: int = FRACTION_RADIUS) -> np.ndarray
     return ndimage.uniform_filter(m, size=2 * int(radius) + 1, mode="constant")
 
 
+_BAND_CACHE: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+_BAND_LOCK = threading.Lock()
+BAND_CACHE_BYTES = 1 << 30  # the bands of a few hundred realistic masks, kept as the mask's voxels only
+
+
 def band_index(mask: np.ndarray, bins, lateral: int, vertical: int, fraction: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(anatomy band, depth band) per voxel (−1 outside the mask)."""
+    """(anatomy band, depth band) per voxel (−1 outside the mask). A search asks for the same masks' bands at
+    every σ, weight and fold, and the distance transforms cost most of it: the bands are kept per mask content
+    (a digest of the mask and the settings), least recently used dropped beyond ``BAND_CACHE_BYTES``."""
     m = np.asarray(mask) != 0
+    key = (m.shape, hashlib.blake2b(np.packbits(m).tobytes(), digest_size=16).digest(),
+           tuple(float(b) for b in bins), int(lateral), int(vertical), int(fraction))
+    with _BAND_LOCK:
+        hit = _BAND_CACHE.get(key)
+        if hit is not None:
+            _BAND_CACHE.move_to_end(key)
+    if hit is None:
+        full, depth = _band_index(m, bins, lateral, vertical, fraction)
+        hit = (full[m].astype(np.int32), depth[m].astype(np.int16))
+        with _BAND_LOCK:
+            _BAND_CACHE[key] = hit
+            while (len(_BAND_CACHE) > 1
+                   and sum(a.nbytes + d.nbytes for a, d in _BAND_CACHE.values()) > BAND_CACHE_BYTES):
+                _BAND_CACHE.popitem(last=False)
+    full, depth = np.full(m.shape, -1, np.int64), np.full(m.shape, -1, np.int64)
+    full[m], depth[m] = hit
+    return full, depth
+
+
+def _band_index(m: np.ndarray, bins, lateral: int, vertical: int, fraction: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`band_index` computed (``m`` boolean)."""
     depth, lat, ver = anatomy_coordinates(m)
     d = np.digitize(depth, np.asarray(bins, dtype=np.float64)[1:])
     li = np.minimum((lat * lateral).astype(np.int64), lateral - 1)

@@ -33,6 +33,8 @@ def abnormal_region(atypicality: np.ndarray, mask, level: float, v_min_cm3: floa
     vv = voxel_volume_cm3(spacing)
     if not low.any():
         return 0.0, low
+    if float(v_min_cm3) <= 0.0:  # every component is kept: no labelling (a third of a search's trials)
+        return float(low.sum() * vv), low
     lab, n = ndimage.label(low, structure=STRUCTURE_26)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     keep = sizes * vv >= float(v_min_cm3)
