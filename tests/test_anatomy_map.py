@@ -189,3 +189,18 @@ def test_band_index_is_kept_per_mask_content_and_callers_cannot_change_what_is_k
     np.testing.assert_array_equal(band_index(other, (0.0, 2.0, 4.0), 3, 3)[0],
                                   anatomy_map._band_index(other, (0.0, 2.0, 4.0), 3, 3, 1)[0])
     assert not np.array_equal(band_index(m, (0.0, 2.0, 6.0), 3, 3)[1], fresh[1])  # other bins, other bands
+
+
+def test_the_band_cache_keeps_to_its_budget(monkeypatch):
+    from ct3dflow.detect import anatomy_map
+
+    m = _lungs()
+    monkeypatch.setattr(anatomy_map, "BAND_CACHE_BYTES", 0)  # CT3DFLOW_BAND_CACHE_MB=0: nothing kept
+    full, _ = band_index(m, (0.0, 2.0, 4.0, 8.0), 3, 3)
+    assert full.max() == 4 * 9 - 1 and len(anatomy_map._BAND_CACHE) == 0
+    one = m.sum() * (4 + 2)  # int32 anatomy band and int16 depth band per mask voxel
+    monkeypatch.setattr(anatomy_map, "BAND_CACHE_BYTES", int(1.5 * one))
+    anatomy_map._BAND_CACHE.clear()
+    for bins in ((0.0, 2.0), (0.0, 3.0), (0.0, 4.0)):
+        band_index(m, bins, 3, 3)
+    assert list(anatomy_map._BAND_CACHE)[-1][2] == (0.0, 4.0) and len(anatomy_map._BAND_CACHE) == 1

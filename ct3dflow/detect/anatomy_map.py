@@ -34,6 +34,7 @@ reference is fitted on the healthy *validation* studies (the hospital's own), ne
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections import OrderedDict
 
@@ -87,13 +88,16 @@ def lung_fraction(mask: np.ndarray, radius: int = FRACTION_RADIUS) -> np.ndarray
 
 _BAND_CACHE: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 _BAND_LOCK = threading.Lock()
-BAND_CACHE_BYTES = 1 << 30  # the bands of a few hundred realistic masks, kept as the mask's voxels only
+# the bands of about a hundred realistic masks (kept as the mask's voxels only): a search's validation set. Per
+# process, so a nightly scoring actor holds at most this much beside its model; CT3DFLOW_BAND_CACHE_MB=0 keeps none
+BAND_CACHE_BYTES = int(os.environ.get("CT3DFLOW_BAND_CACHE_MB", "512")) << 20
 
 
 def band_index(mask: np.ndarray, bins, lateral: int, vertical: int, fraction: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(anatomy band, depth band) per voxel (−1 outside the mask). A search asks for the same masks' bands at
     every σ, weight and fold, and the distance transforms cost most of it: the bands are kept per mask content
-    (a digest of the mask and the settings), least recently used dropped beyond ``BAND_CACHE_BYTES``."""
+    (a digest of the mask and the settings), least recently used dropped beyond ``BAND_CACHE_BYTES``
+    (``CT3DFLOW_BAND_CACHE_MB``, default 512)."""
     m = np.asarray(mask) != 0
     key = (m.shape, hashlib.blake2b(np.packbits(m).tobytes(), digest_size=16).digest(),
            tuple(float(b) for b in bins), int(lateral), int(vertical), int(fraction))
@@ -106,8 +110,7 @@ def band_index(mask: np.ndarray, bins, lateral: int, vertical: int, fraction: in
         hit = (full[m].astype(np.int32), depth[m].astype(np.int16))
         with _BAND_LOCK:
             _BAND_CACHE[key] = hit
-            while (len(_BAND_CACHE) > 1
-                   and sum(a.nbytes + d.nbytes for a, d in _BAND_CACHE.values()) > BAND_CACHE_BYTES):
+            while _BAND_CACHE and sum(a.nbytes + d.nbytes for a, d in _BAND_CACHE.values()) > BAND_CACHE_BYTES:
                 _BAND_CACHE.popitem(last=False)
     full, depth = np.full(m.shape, -1, np.int64), np.full(m.shape, -1, np.int64)
     full[m], depth[m] = hit
