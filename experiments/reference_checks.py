@@ -40,7 +40,12 @@ from transfer import SPACE, summarise  # noqa: E402
 
 from ct3dflow.cache import StudyCache  # noqa: E402
 from ct3dflow.detect.anatomy_map import AnatomyMap, anatomy_z, fit_anatomy_reference  # noqa: E402
-from ct3dflow.detect.density_map import AnatomyDensityMap, DensityScore, parenchyma_density  # noqa: E402
+from ct3dflow.detect.density_map import (  # noqa: E402
+    AnatomyDensityMap,
+    DensityScore,
+    parenchyma_density,
+    reference_fingerprint,
+)
 from ct3dflow.detect.evaluate import evaluate  # noqa: E402
 from ct3dflow.detect.search import ScoredStudy, grid_search, threshold_rule  # noqa: E402
 from ct3dflow.detect.voxel_map import DEFAULT_DEPTH_BINS, VoxelScore, depth_bands, smooth_in_mask  # noqa: E402
@@ -74,11 +79,10 @@ class Candidate(AnatomyMap):
     def __init__(self, name: str):
         super().__init__(lateral=3, vertical=3, calibration="mad")
         self.label = name
-        # memos (references; per score its |z| maps): a separate τ for the parenchyma rebuilds only the combination
-        self._refs = {}
         if name == "flow+parenchyma":  # the parenchyma's own τ: its |z| is rescaled so that τ_z reads it
             self.space = {**self.space, "tau_parenchyma": [3.0, 5.0, 8.0, 12.0]}
             self.map_params = ("sigma_vox", "tau_z", "tau_parenchyma")
+            self.reference_params = ("sigma_vox",)  # the search refits per σ only; |z| is kept per score
 
     def _maps(self, score: Maps, mask, params) -> dict:
         sigma = float(params["sigma_vox"])
@@ -99,16 +103,12 @@ class Candidate(AnatomyMap):
         return score.strict if key == "parenchyma" else mask  # the parenchyma lives in the strict lung
 
     def fit_reference(self, scores, masks, params) -> dict:
-        key = (float(params["sigma_vox"]), tuple(id(s) for s in scores))
-        if key not in self._refs:  # the scores are kept with it, so their ids cannot be reused
-            per = [self._maps(s, m, params) for s, m in zip(scores, masks, strict=True)]
-            self._refs[key] = (list(scores), {k: fit_anatomy_reference(
-                [p[k] for p in per], [self._mask(k, s, m) for s, m in zip(scores, masks)], self.bins, 3, 3, "mad")
-                for k in per[0]})
-        return self._refs[key][1]
+        per = [self._maps(s, m, params) for s, m in zip(scores, masks, strict=True)]
+        return {k: fit_anatomy_reference([p[k] for p in per], [self._mask(k, s, m) for s, m in zip(scores, masks)],
+                                         self.bins, 3, 3, "mad") for k in per[0]}
 
     def atypicality(self, score, mask, params, reference) -> np.ndarray:
-        key = (id(reference), float(params["sigma_vox"]))  # references live in self._refs: their ids stay
+        key = (float(params["sigma_vox"]), reference_fingerprint(reference))
         memo = score.__dict__.setdefault("_z_memo", {})
         if key not in memo:
             mp = self._maps(score, mask, params)

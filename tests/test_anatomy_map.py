@@ -200,7 +200,7 @@ def test_the_band_cache_keeps_to_its_budget(monkeypatch):
     assert full.max() == 4 * 9 - 1 and len(anatomy_map._BAND_CACHE) == 0
     one = m.sum() * (4 + 2)  # int32 anatomy band and int16 depth band per mask voxel
     monkeypatch.setattr(anatomy_map, "BAND_CACHE_BYTES", int(1.5 * one))
-    anatomy_map._BAND_CACHE.clear()
+    anatomy_map.clear_band_cache()
     for bins in ((0.0, 2.0), (0.0, 3.0), (0.0, 4.0)):
         band_index(m, bins, 3, 3)
     assert list(anatomy_map._BAND_CACHE)[-1][2] == (0.0, 4.0) and len(anatomy_map._BAND_CACHE) == 1

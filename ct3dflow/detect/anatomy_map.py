@@ -88,9 +88,17 @@ def lung_fraction(mask: np.ndarray, radius: int = FRACTION_RADIUS) -> np.ndarray
 
 _BAND_CACHE: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 _BAND_LOCK = threading.Lock()
+_band_bytes = 0  # what _BAND_CACHE holds
 # the bands of about a hundred realistic masks (kept as the mask's voxels only): a search's validation set. Per
 # process, so a nightly scoring actor holds at most this much beside its model; CT3DFLOW_BAND_CACHE_MB=0 keeps none
 BAND_CACHE_BYTES = int(os.environ.get("CT3DFLOW_BAND_CACHE_MB", "512")) << 20
+
+
+def clear_band_cache() -> None:
+    global _band_bytes
+    with _BAND_LOCK:
+        _BAND_CACHE.clear()
+        _band_bytes = 0
 
 
 def band_index(mask: np.ndarray, bins, lateral: int, vertical: int, fraction: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -108,10 +116,14 @@ def band_index(mask: np.ndarray, bins, lateral: int, vertical: int, fraction: in
     if hit is None:
         full, depth = _band_index(m, bins, lateral, vertical, fraction)
         hit = (full[m].astype(np.int32), depth[m].astype(np.int16))
+        global _band_bytes
         with _BAND_LOCK:
-            _BAND_CACHE[key] = hit
-            while _BAND_CACHE and sum(a.nbytes + d.nbytes for a, d in _BAND_CACHE.values()) > BAND_CACHE_BYTES:
-                _BAND_CACHE.popitem(last=False)
+            if key not in _BAND_CACHE:
+                _BAND_CACHE[key] = hit
+                _band_bytes += hit[0].nbytes + hit[1].nbytes
+            while _BAND_CACHE and _band_bytes > BAND_CACHE_BYTES:
+                _, (a, d) = _BAND_CACHE.popitem(last=False)
+                _band_bytes -= a.nbytes + d.nbytes
     full, depth = np.full(m.shape, -1, np.int64), np.full(m.shape, -1, np.int64)
     full[m], depth[m] = hit
     return full, depth

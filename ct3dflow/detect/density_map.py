@@ -102,8 +102,11 @@ class DensityScore(VoxelScore):
         return np.isfinite(self.parenchyma)
 
 
-def _fingerprint(reference: dict) -> tuple:
-    return tuple((b["median"], b["scale"]) for part in ("flow", "density") for b in reference[part]["bands"])
+def reference_fingerprint(reference: dict) -> tuple:
+    """The content of a reference made of anatomy references (``{part: fit_anatomy_reference(...)}``): what a
+    memo of z maps may be keyed by (two fits on the same normals give the same fingerprint)."""
+    return tuple((part, b["median"], b["scale"]) for part, ref in sorted(reference.items()) if isinstance(ref, dict)
+                 for b in ref["bands"])
 
 
 class AnatomyDensityMap(AnatomyMap):
@@ -155,7 +158,7 @@ class AnatomyDensityMap(AnatomyMap):
         """``(inside, |z_flow|, |z_density|)`` at the voxels of ``mask`` (``|z_density|`` NaN off the strict lung).
         The last triple is kept on the score, because the search rebuilds the map for every density_weight at one
         σ and one reference; only the mask's voxels, so the memo is a fraction of the map the search holds."""
-        key = (float(sigma), _fingerprint(reference))
+        key = (float(sigma), reference_fingerprint(reference))
         memo = getattr(score, "_z_memo", None)
         if memo is None or memo[0] != key:
             inside = np.asarray(mask) != 0
