@@ -18,6 +18,9 @@ space of ``transfer.py``) and tested once, beside the platform's ``anatomy`` ref
 * ``anatomy-density`` — the platform's kind (:mod:`ct3dflow.detect.density_map`) on the stored flow maps and
   the parenchyma density computed here: the measurement that made it the default (docs/RESULTS.md).
 
+``--oracle`` adds the best test AUROC any point of the grid (at v_min 0) reaches: a ceiling of the map, to
+tell a weak map from a poor choice on validation; it never chooses anything.
+
 Prints one line per direction and candidate (validation AUROC cross-fitted; test AUROC, specificity, the normal
 test studies' median abnormal volume; at the spec-0.9 T specificity / sensitivity; per kind test AUROC).
 """
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,6 +45,7 @@ from transfer import SPACE, summarise  # noqa: E402
 from ct3dflow.cache import StudyCache  # noqa: E402
 from ct3dflow.detect.anatomy_map import AnatomyMap, anatomy_z, fit_anatomy_reference  # noqa: E402
 from ct3dflow.detect.density_map import (  # noqa: E402
+    DENSITY_MARGIN,
     AnatomyDensityMap,
     DensityScore,
     parenchyma_density,
@@ -123,8 +128,39 @@ CANDIDATES = ("anatomy-mad", "study-centred", "study-scaled", "density", "flow+d
               "flow+parenchyma", "anatomy-density")
 
 
+def detrended(dens: np.ndarray, how: str, slab: int = 4) -> np.ndarray:
+    """The parenchyma density less the study's own level: ``centre`` its median, ``ap`` its median per coronal
+    slab of ``slab`` voxels (the gravity gradient and the level), smoothed along y."""
+    if how == "none":
+        return dens
+    fin = np.isfinite(dens)
+    if how == "centre":
+        return dens - np.float32(np.median(dens[fin]))
+    ys = np.nonzero(fin)[1]
+    prof = np.full(dens.shape[1], np.nan)
+    for y0 in range(ys.min(), ys.max() + 1, slab):
+        v = dens[:, y0:y0 + slab][fin[:, y0:y0 + slab]]
+        if v.size:
+            prof[y0:y0 + slab] = np.median(v)
+    idx = np.arange(dens.shape[1])
+    ok = np.isfinite(prof)
+    prof = np.interp(idx, idx[ok], prof[ok])
+    prof = ndimage.gaussian_filter1d(prof, slab, mode="nearest")
+    return dens - prof[None, :, None].astype(np.float32)
+
+
+def local_spread(volume: np.ndarray, strict: np.ndarray, margin: int) -> np.ndarray:
+    """The separable median of |CT − its separable median| over the lung's core: the lung's local texture (cysts
+    and walls raise it, a thin vessel does not)."""
+    med = parenchyma_density(volume, strict, margin=margin)
+    dev = np.where(np.isfinite(med), np.abs(volume - np.nan_to_num(med)), 0.0).astype(np.float32)
+    core = np.isfinite(med)
+    return parenchyma_density(dev, core, margin=0)
+
+
 def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
-               parenchyma: float = 0.0, platform_kind: bool = False) -> list[ScoredStudy]:
+               parenchyma: float = 0.0, platform_kind: bool = False, detrend: str = "none",
+               margin: int = DENSITY_MARGIN, feature: str = "median") -> list[ScoredStudy]:
     res = pd.read_parquet(transfer / direction / split / "results.parquet").set_index("study_id")
     cache = StudyCache(data_run / "cache")
     out = []
@@ -135,12 +171,37 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
         vol = np.asarray(st.volume, np.float32)
         strict = np.asarray(st.strict) != 0
         flow = VoxelScore.load(res.loc[r["study_id"], "score_path"])
-        dens = parenchyma_density(vol, strict, percentile=parenchyma) if parenchyma else None
-        maps = (DensityScore(**vars(flow), parenchyma=dens, density_percentile=parenchyma) if platform_kind
+        dens = (detrended(parenchyma_density(vol, strict, percentile=parenchyma, margin=margin), detrend)
+                if parenchyma else None)
+        if parenchyma and feature == "spread":
+            dens = local_spread(vol, strict, margin)
+        maps = (DensityScore(**vars(flow), parenchyma=dens, density_percentile=parenchyma, density_margin=margin)
+                if platform_kind
                 else Maps(flow, vol, strict, dens))
         out.append(ScoredStudy(r["study_id"], int(r["label"]), r["pathology"] if isinstance(r["pathology"], str)
                                else None, np.asarray(st.permissive), tuple(st.spacing), maps))
     return out
+
+
+def oracle(kind, val, test, space) -> tuple[float, dict]:
+    """The best *test* AUROC over the grid (v_min 0: volumes by counting, each (σ, weight) map built once), with the
+    reference fitted on every healthy validation study: how far any choice of these parameters could go on this
+    map. A ceiling to read the search against, never a choice."""
+    from sklearn.metrics import roc_auc_score
+
+    from ct3dflow.detect.search import MapCache, grid
+
+    cache, y = MapCache(kind, val), np.array([s.label for s in test])
+    best = (0.0, {})
+    map_space = {k: space[k] for k in kind.map_params}
+    for p in grid(map_space):
+        p = {**p, "tau_z": 0.0, "v_min_cm3": 0.0}
+        ref = cache.full_reference(p)
+        maps = [kind.atypicality(s.score, s.permissive, p, ref) for s in test]
+        for tau in space["tau_z"]:
+            vols = [np.count_nonzero(np.nan_to_num(m, nan=0.0) < -tau) for m in maps]
+            best = max(best, (roc_auc_score(y, vols), {**p, "tau_z": tau}), key=lambda b: b[0])
+    return best
 
 
 def main(argv=None) -> int:
@@ -153,6 +214,13 @@ def main(argv=None) -> int:
     p.add_argument("--reference-folds", type=int, default=4)
     p.add_argument("--parenchyma-percentile", type=float, default=50.0,
                    help="the parenchyma density: this percentile of the strict lung (separable, 7 voxels per axis)")
+    p.add_argument("--density-detrend", choices=("none", "centre", "ap"), default="none")
+    p.add_argument("--density-feature", choices=("median", "spread"), default="median",
+                   help="spread: the density channel is the lung's local texture instead (local_spread)")
+    p.add_argument("--oracle", action="store_true",
+                   help="also print the best test AUROC over the grid at v_min 0 (a ceiling, not a choice)")
+    p.add_argument("--density-margin", type=int, default=DENSITY_MARGIN,
+                   help="read the parenchyma density this many voxels inside the strict lung (0: all of it)")
     a = p.parse_args(argv)
     np.seterr(all="ignore")
     runs = {"A": Path(a.a), "B": Path(a.b)}
@@ -160,8 +228,8 @@ def main(argv=None) -> int:
         data_run = runs[d.split("->")[1]]
         for name in a.candidates:
             par = a.parenchyma_percentile if ("parenchyma" in name or name == "anatomy-density") else 0.0
-            val, test = (studies_of(Path(a.transfer), d, data_run, s, par, name == "anatomy-density")
-                         for s in ("val", "test"))
+            val, test = (studies_of(Path(a.transfer), d, data_run, s, par, name == "anatomy-density",
+                                     a.density_detrend, a.density_margin, a.density_feature) for s in ("val", "test"))
             kind, t = (AnatomyDensityMap() if name == "anatomy-density" else Candidate(name)), time.time()
             op, _ = grid_search(kind, val, SPACE, folds=a.reference_folds)
             op90, _ = grid_search(kind, val, {k: [op.params[k]] for k in kind.space},
@@ -172,6 +240,9 @@ def main(argv=None) -> int:
             print(f"| {d} | {name} | {op.validation['auroc']:.3f} | {te['auroc']:.3f} ({lo:.2f}–{hi:.2f}) | "
                   f"{te['specificity']:.3f} | {te['normal_volume_median_cm3']:.1f} cm³ | {t9['specificity']:.3f} / "
                   f"{t9['sensitivity']:.3f} | {per_kind} |  <!-- {op.params}, {time.time() - t:.0f} s -->", flush=True)
+            if a.oracle:
+                top, at = oracle(kind, val, test, {**kind.space, **SPACE})
+                print(f"|   | ceiling over the grid (test, v_min 0) | | {top:.3f} | | | | |  <!-- {at} -->", flush=True)
     return 0
 
 

@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from ct3dflow.detect import OperatingPoint, get_kind
 from ct3dflow.detect.anatomy_map import AnatomyMap
-from ct3dflow.detect.density_map import AnatomyDensityMap, DensityScore, parenchyma_density
+from ct3dflow.detect.density_map import AnatomyDensityMap, DensityScore, core_bins, lung_core, parenchyma_density
 from ct3dflow.detect.search import ScoredStudy, grid_search
 from ct3dflow.detect.voxel_map import VoxelScore
 
@@ -53,7 +53,7 @@ def _study(rng, i, label):
 def test_parenchyma_density_ignores_thin_vessels_and_the_lung_edge_and_sees_a_haze():
     rng = np.random.default_rng(0)
     ct, strict, _, block = _chest(rng, haze=True)
-    d = parenchyma_density(ct, strict)
+    d = parenchyma_density(ct, strict, margin=0)  # the whole strict mask
     inside = strict != 0
     assert np.isnan(d[~inside]).all() and np.isfinite(d[inside]).all()
     healthy = inside.copy()
@@ -70,6 +70,40 @@ def test_parenchyma_density_ignores_thin_vessels_and_the_lung_edge_and_sees_a_ha
         AnatomyDensityMap().settings({"density_percentile": 100}, 8)
 
 
+def test_the_margin_keeps_the_partial_volume_at_the_lung_edge_out_of_the_density():
+    """A denser outer shell of the strict mask (partial volume with the pleura and the diaphragm) reads as dense
+    lung at margin 0; at the default margin of 2 voxels the density is read in the core only, at the lung's
+    value, and the haze is still found."""
+    rng = np.random.default_rng(6)
+    ct, strict, _, block = _chest(rng, haze=True)
+    inside = strict != 0
+    shell = inside & ~ndimage.binary_erosion(inside)
+    ct[shell] = -0.25  # about −720 HU: half lung, half tissue
+    edge = inside & ~ndimage.binary_erosion(inside, iterations=3) & ~ndimage.binary_dilation(block, iterations=4)
+    whole = parenchyma_density(ct, strict, margin=0)
+    assert np.mean(whole[edge] - LUNG > 0.05) > 0.3  # the shell moves the median near the edge
+    d = parenchyma_density(ct, strict)
+    core = lung_core(strict)
+    np.testing.assert_array_equal(core, ndimage.binary_erosion(inside, iterations=2))
+    assert np.isnan(d[~core]).all() and np.isfinite(d[core]).all()
+    healthy = core & ~ndimage.binary_dilation(block, iterations=4)
+    assert np.abs(d[healthy] - LUNG).max() < 0.03
+    assert np.abs(d[ndimage.binary_erosion(block, iterations=2)] - HAZE).max() < 0.03
+    # its bands lie as deep in the lung as the flow's, less the margin
+    assert core_bins((0.0, 2.0, 4.0, 6.0, 9.0, 13.0), 2) == (0.0, 2.0, 4.0, 7.0, 11.0)
+    assert core_bins((0.0, 2.0, 4.0), 0) == (0.0, 2.0, 4.0)
+    kind = AnatomyDensityMap()
+    scores = [DensityScore(np.zeros_like(ct), 8, size=8, parenchyma=p, density_margin=m)
+              for p, m in ((d, 2), (whole, 0))]
+    with pytest.raises(ValueError, match="different margins"):
+        kind.fit_reference(scores, [strict, strict], {"sigma_vox": 1.0})
+    assert kind.settings({}, 8)["density_margin"] == 2
+    assert kind.settings({"density_margin": 0}, 8)["density_margin"] == 0
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="density_margin must be a whole number"):
+            kind.settings({"density_margin": bad}, 8)
+
+
 def test_density_score_round_trips_and_a_plain_voxel_map_is_refused(tmp_path):
     rng = np.random.default_rng(1)
     s = _study(rng, 0, 1).score
@@ -77,7 +111,16 @@ def test_density_score_round_trips_and_a_plain_voxel_map_is_refused(tmp_path):
     back = kind.load_score(kind.save_score(s, tmp_path / kind.score_file))
     np.testing.assert_array_equal(back.parenchyma, s.parenchyma)
     np.testing.assert_array_equal(back.voxel_map, s.voxel_map)
-    assert kind.score_settings(back) == {**get_kind("anatomy").score_settings(s), "density_percentile": 50.0}
+    assert kind.score_settings(back) == {**get_kind("anatomy").score_settings(s), "density_percentile": 50.0,
+                                         "density_margin": 2}
+    # a file written before the margin was recorded was read in the whole strict mask, and so is a point without it
+    np.savez(tmp_path / "old.npz", **{k: v for k, v in s.arrays().items() if k != "density_margin"})
+    assert kind.load_score(tmp_path / "old.npz").density_margin == 0
+    from ct3dflow.detect.row import resolve_settings
+
+    old = OperatingPoint("anatomy-density", {}, 1.0, {}, {"stride": 8, "patch_size": 8, "density_percentile": 50.0})
+    assert resolve_settings(kind, {"density_margin": 2}, 8, old)["density_margin"] == 0
+    assert resolve_settings(kind, {}, 8)["density_margin"] == 2
     VoxelScore(s.voxel_map, 8, size=8).save(tmp_path / "plain.npz")
     with pytest.raises(ValueError, match="without the parenchyma density.*anatomy-density"):
         kind.load_score(tmp_path / "plain.npz")

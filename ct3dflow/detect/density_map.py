@@ -7,17 +7,20 @@ lesions lie 5–12 healthy MADs out in the lung's density. A density reference o
 detector (it holds the hilar vessels and the mediastinal edge: 190–240 cm³ "abnormal" per normal study), so the
 density is read where it means lung:
 
-* **Parenchyma density** (:func:`parenchyma_density`): the median of the CT over the *strict* lung mask around
-  each strict-lung voxel, over 7 voxels (14 mm) along each axis in turn (a separable 7³ median). Thin vessels
-  and airways are a minority of such a window and do not move it; ground glass, consolidation and emphysema
-  fill it. The strict mask keeps ground glass (it is below its −400 HU threshold) and enclosed dense lesions
-  (holes are filled); what it misses at the pleura the flow's map still sees.
+* **Parenchyma density** (:func:`parenchyma_density`): the median of the CT over the *strict* lung mask's core
+  (``density_margin`` voxels inside its edge, default 2) around each core voxel, over 7 voxels (14 mm) along
+  each axis in turn (a separable 7³ median). Thin vessels and airways are a minority of such a window and do
+  not move it; ground glass, consolidation and emphysema fill it. The strict mask keeps ground glass (it is
+  below its −400 HU threshold) and enclosed dense lesions (holes are filled); the core leaves out the partial
+  volume with the pleura and the diaphragm, which read as dense lung; what the density misses at the pleura
+  the flow's map still sees.
 * **Score**: the voxel map (:class:`DensityScore`, a :class:`VoxelScore`) with the parenchyma density beside
-  it, NaN outside the strict mask.
+  it, NaN outside the core.
 * **Reference**: two anatomy references (:func:`fit_anatomy_reference`, median and MAD per band of depth,
   medial–lateral and cranio-caudal position): the flow's map on the permissive mask, as ``anatomy`` does, and
-  the density on the strict mask. Both from healthy validation studies only: a density reference means
-  something only on the scanner and protocol it was fitted on, so it is always the site's own.
+  the density on the core, with the same depth bands less the margin (:func:`core_bins`). Both from healthy
+  validation studies only: a density reference means something only on the scanner and protocol it was fitted
+  on, so it is always the site's own.
 * **Atypicality**: ``−max(|z_flow|, density_weight·|z_density|)``: a voxel is abnormal where the flow's map
   is more than τ from healthy, or the density more than τ/density_weight. The weight is searched on validation
   like σ and τ: the density's healthy tails (vessels where the strict mask meets the hilum, the dependent lung)
@@ -27,12 +30,16 @@ density is read where it means lung:
 Everything else (σ-smoothing inside each mask, components ≥ v_min, T) is the voxel map's, and so is the
 predictor: this kind costs one separable median filter per study beyond ``anatomy`` (bench/density.py).
 
-Measured (docs/RESULTS.md, 2026-12-06 late night): on every stored crosswise and site-adapted map of issue 16 (10
+Measured (docs/RESULTS.md, 2026-12-06): on every stored crosswise and site-adapted map of issue 16 (10
 model-and-direction runs, 36 validation studies each) the cross-fitted search took the density in 8 and left it
 out in 2; the test AUROC was never below ``anatomy``'s and rose by 0.01–0.15 where the density was taken (mean
 0.707 → 0.780). On the demo's 22 validation studies and its two-minute model, though, the search took the
 density and the test AUROC fell from 0.808 to 0.579. So it is opt-in (``scoring.map: anatomy-density``), not
-the default: a site chooses it on its own validation studies, as it chooses site adaptation.
+the default: a site chooses it on its own validation studies, as it chooses site adaptation. The margin
+(2026-12-06, near midnight) cut the density's healthy tail at the lung's edge (validation normals, voxels beyond
+4 healthy MADs: family A 17 → 6.5 cm³ per study, family B 9 → 4; the demo's normals at its chosen point 24 → 4
+cm³) and left the study ranking where it was (mean test AUROC over 8 runs 0.777 → 0.772; the best any grid
+point reaches 0.816 → 0.809).
 """
 
 from __future__ import annotations
@@ -48,16 +55,34 @@ from .voxel_map import VoxelScore, smooth_in_mask
 
 DENSITY_CUBE = 7  # voxels (14 mm on the 2 mm grid): wider than the lung's vessels outside the hilum
 DENSITY_PERCENTILE = 50.0
+# voxels: the density is read deeper than this into the strict lung. Its outer shell is partial volume with the
+# pleura and the diaphragm: on family A's validation normals it held most of the density's healthy tail (17 cm³
+# per study beyond 4 healthy MADs at margin 0, 6.5 cm³ at 2; family B 9 and 4). The flow's map covers the edge.
+DENSITY_MARGIN = 2
+
+
+def lung_core(strict: np.ndarray, margin: int = DENSITY_MARGIN) -> np.ndarray:
+    """The voxels of ``strict`` more than ``margin`` voxels from its edge (the mask itself at margin 0)."""
+    m = np.asarray(strict) != 0
+    return ndimage.binary_erosion(m, iterations=int(margin)) if margin > 0 and m.any() else m
+
+
+def core_bins(bins, margin: int) -> tuple[float, ...]:
+    """The depth bands of ``bins`` (voxels from the lung's edge) measured in the core ``margin`` voxels inside it:
+    a density band lies as deep in the lung as the flow's band of the same bounds, less the voxels the core
+    leaves out (margin 0: ``bins`` unchanged)."""
+    return (0.0, *(float(b) - margin for b in bins if float(b) - margin > 0))
 
 
 def parenchyma_density(volume: np.ndarray, strict: np.ndarray, size: int = DENSITY_CUBE,
-                       percentile: float = DENSITY_PERCENTILE) -> np.ndarray:
-    """The ``percentile`` of ``volume`` over the lung around each voxel of ``strict`` (float32, NaN outside it),
-    taken along z, then y, then x over ``size`` voxels each: a separable stand-in for the ``size³`` cube's, about
-    10–30× faster on a chest (bench/density.py), and as blind to a thin vessel, which fills at most the pass along
-    it. Before each pass every voxel outside the mask takes the value of its nearest lung voxel, so the chest
-    wall and the mediastinum never enter a window at the lung's edge."""
-    m = np.asarray(strict) != 0
+                       percentile: float = DENSITY_PERCENTILE, margin: int = DENSITY_MARGIN) -> np.ndarray:
+    """The ``percentile`` of ``volume`` over the lung around each voxel of the strict lung's core (``margin``
+    voxels from its edge; float32, NaN outside it), taken along z, then y, then x over ``size`` voxels each: a
+    separable stand-in for the ``size³`` cube's, about 10–30× faster on a chest (bench/density.py), and as blind
+    to a thin vessel, which fills at most the pass along it. Before each pass every voxel outside the core takes
+    the value of its nearest core voxel, so the chest wall, the mediastinum and the partial volume at the
+    lung's edge never enter a window."""
+    m = lung_core(strict, margin)
     out = np.full(np.shape(volume), np.nan, np.float32)
     if not m.any():
         return out
@@ -82,10 +107,12 @@ class DensityScore(VoxelScore):
 
     parenchyma: np.ndarray | None = None
     density_percentile: float = DENSITY_PERCENTILE
+    density_margin: int = DENSITY_MARGIN
 
     def arrays(self) -> dict:
         return {**super().arrays(), "parenchyma": self.parenchyma,
-                "density_percentile": np.float64(self.density_percentile)}
+                "density_percentile": np.float64(self.density_percentile),
+                "density_margin": np.int64(self.density_margin)}
 
     @classmethod
     def load(cls, path) -> DensityScore:
@@ -93,12 +120,14 @@ class DensityScore(VoxelScore):
             if "parenchyma" not in f.files:
                 raise ValueError(f"{path} holds a voxel map without the parenchyma density: score the studies "
                                  "again with scoring.map: anatomy-density")
+            # files written before the margin was recorded read the whole strict mask
+            margin = int(f["density_margin"]) if "density_margin" in f.files else 0
             return cls(**cls.fields_of(f), parenchyma=f["parenchyma"],
-                       density_percentile=float(f["density_percentile"]))
+                       density_percentile=float(f["density_percentile"]), density_margin=margin)
 
     @property
     def strict(self) -> np.ndarray:
-        """The strict lung mask the density was read in."""
+        """Where the density was read: the strict lung mask's core (:func:`lung_core`)."""
         return np.isfinite(self.parenchyma)
 
 
@@ -120,24 +149,31 @@ class AnatomyDensityMap(AnatomyMap):
     map_params = ("sigma_vox", "density_weight")
     reference_params = ("sigma_vox",)  # the search refits the references per σ, not per weight
     tie_break = (*AnatomyMap.tie_break, ("density_weight", "asc"))  # a lower weight flags less
+    point_defaults = {**AnatomyMap.point_defaults, "density_margin": 0}  # points made before the margin existed
 
     def settings(self, scoring: dict, patch_size: int) -> dict:
         pct = float(scoring.get("density_percentile") or DENSITY_PERCENTILE)
         if not 0.0 < pct < 100.0:
             raise ValueError(f"scoring.density_percentile must lie between 0 and 100, got {pct}")
-        return {**super().settings(scoring, patch_size), "density_percentile": pct}
+        margin = scoring.get("density_margin")
+        margin = DENSITY_MARGIN if margin is None else margin
+        if isinstance(margin, bool) or not isinstance(margin, int | np.integer) or margin < 0:
+            raise ValueError(f"scoring.density_margin must be a whole number of voxels ≥ 0, got {margin!r}")
+        return {**super().settings(scoring, patch_size), "density_percentile": pct, "density_margin": int(margin)}
 
     def score(self, predictor, study, settings: dict, device="cpu") -> DensityScore:
         flow = super().score(predictor, study, settings, device)
         pct = float(settings.get("density_percentile", DENSITY_PERCENTILE))
-        return DensityScore(**vars(flow), parenchyma=parenchyma_density(study.volume, study.strict, percentile=pct),
-                            density_percentile=pct)
+        margin = int(settings.get("density_margin", DENSITY_MARGIN))
+        return DensityScore(**vars(flow), density_percentile=pct, density_margin=margin,
+                            parenchyma=parenchyma_density(study.volume, study.strict, percentile=pct, margin=margin))
 
     def load_score(self, path) -> DensityScore:
         return DensityScore.load(path)
 
     def score_settings(self, score: DensityScore) -> dict:
-        return {**super().score_settings(score), "density_percentile": float(score.density_percentile)}
+        return {**super().score_settings(score), "density_percentile": float(score.density_percentile),
+                "density_margin": int(score.density_margin)}
 
     def _smoothed(self, score: DensityScore, mask, sigma: float) -> tuple[np.ndarray, np.ndarray]:
         return (smooth_in_mask(score.voxel_map, mask, sigma),
@@ -147,12 +183,16 @@ class AnatomyDensityMap(AnatomyMap):
         sigma = float(params["sigma_vox"])
         flow, density = zip(*(self._smoothed(s, m, sigma) for s, m in zip(scores, masks, strict=True)), strict=True)
 
-        def fit(maps, ms):
-            return fit_anatomy_reference(maps, ms, self.bins, self.lateral, self.vertical, self.calibration,
-                                         self.fraction)
+        margins = {int(s.density_margin) for s in scores}
+        if len(margins) != 1:
+            raise ValueError(f"the studies' densities were read at different margins {sorted(margins)}: score them "
+                             "again with one scoring.density_margin")
 
-        return {"type": "anatomy-density", "flow": fit(flow, masks),
-                "density": fit(density, [s.strict for s in scores])}
+        def fit(maps, ms, bins):
+            return fit_anatomy_reference(maps, ms, bins, self.lateral, self.vertical, self.calibration, self.fraction)
+
+        return {"type": "anatomy-density", "flow": fit(flow, masks, self.bins),
+                "density": fit(density, [s.strict for s in scores], core_bins(self.bins, margins.pop()))}
 
     def _z_inside(self, score: DensityScore, mask, sigma: float, reference: dict) -> tuple:
         """``(inside, |z_flow|, |z_density|)`` at the voxels of ``mask`` (``|z_density|`` NaN off the strict lung).
