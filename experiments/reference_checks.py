@@ -16,7 +16,11 @@ space of ``transfer.py``) and tested once, beside the platform's ``anatomy`` ref
   :func:`ct3dflow.detect.density_map.parenchyma_density` (``--parenchyma-percentile``) read in the strict lung,
   the second with its own τ (``tau_parenchyma``, searched);
 * ``anatomy-density`` — the platform's kind (:mod:`ct3dflow.detect.density_map`) on the stored flow maps and
-  the parenchyma density computed here: the measurement that made it the default (docs/RESULTS.md).
+  the parenchyma density computed here (``--density-margin``), the measurement behind the kind
+  (docs/RESULTS.md); variants of its density channel, none of which helped: ``--density-detrend`` (less the
+  study's own level, or its level per coronal slab), ``--density-feature spread`` (the local texture instead),
+  ``--density-mask permissive`` (read in the permissive mask's core);
+* ``anatomy-two-densities`` — that kind with a second density, the permissive core's, at its own weight.
 
 ``--oracle`` adds the best test AUROC any point of the grid (at v_min 0) reaches: a ceiling of the map, to
 tell a weak map from a poor choice on validation; it never chooses anything.
@@ -124,8 +128,44 @@ class Candidate(AnatomyMap):
         return np.where(np.asarray(mask) != 0, -np.fmax.reduce(list(z.values())), np.nan)
 
 
+class TwoDensities(AnatomyDensityMap):
+    """``anatomy-density`` with a second density, read in the *permissive* mask's core (where subpleural
+    consolidation and honeycombing lie, outside the strict mask), against its own anatomy reference and with its
+    own searched weight: ``−max(|z_flow|, density_weight·|z_density|, outer_weight·|z_outer|)``."""
+
+    name = "anatomy-two-densities"
+    space = {**AnatomyDensityMap.space, "outer_weight": [0.0, 0.5, 1.0]}
+    map_params = (*AnatomyDensityMap.map_params, "outer_weight")
+    tie_break = (*AnatomyDensityMap.tie_break, ("outer_weight", "asc"))
+
+    def fit_reference(self, scores, masks, params) -> dict:
+        from ct3dflow.detect.density_map import core_bins
+
+        ref = super().fit_reference(scores, masks, params)
+        sigma = float(params["sigma_vox"])
+        outer = [np.isfinite(s.outer) for s in scores]
+        ref["outer"] = fit_anatomy_reference([smooth_in_mask(s.outer, m, sigma) for s, m in zip(scores, outer)], outer,
+                                             core_bins(self.bins, int(scores[0].density_margin)), 3, 3, "mad")
+        return ref
+
+    def atypicality(self, score, mask, params, reference) -> np.ndarray:
+        a = super().atypicality(score, mask, {**params}, reference)
+        w = float(params["outer_weight"])
+        if w == 0:
+            return a
+        key = (float(params["sigma_vox"]), reference_fingerprint({"outer": reference["outer"]}))
+        memo = score.__dict__.get("_outer_memo")
+        if memo is None or memo[0] != key:
+            core = np.isfinite(score.outer)
+            memo = (key, np.abs(anatomy_z(reference["outer"], smooth_in_mask(score.outer, core,
+                                                                              float(params["sigma_vox"])), core)))
+            score._outer_memo = memo
+        with np.errstate(invalid="ignore"):
+            return np.where(np.asarray(mask) != 0, -np.fmax(-a, w * memo[1]), np.nan)
+
+
 CANDIDATES = ("anatomy-mad", "study-centred", "study-scaled", "density", "flow+density", "parenchyma",
-              "flow+parenchyma", "anatomy-density")
+              "flow+parenchyma", "anatomy-density", "anatomy-two-densities")
 
 
 def detrended(dens: np.ndarray, how: str, slab: int = 4) -> np.ndarray:
@@ -160,7 +200,7 @@ def local_spread(volume: np.ndarray, strict: np.ndarray, margin: int) -> np.ndar
 
 def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
                parenchyma: float = 0.0, platform_kind: bool = False, detrend: str = "none",
-               margin: int = DENSITY_MARGIN, feature: str = "median") -> list[ScoredStudy]:
+               margin: int = DENSITY_MARGIN, feature: str = "median", where: str = "strict") -> list[ScoredStudy]:
     res = pd.read_parquet(transfer / direction / split / "results.parquet").set_index("study_id")
     cache = StudyCache(data_run / "cache")
     out = []
@@ -169,7 +209,7 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
             continue
         st = cache.load(r["study_id"], mmap=True)
         vol = np.asarray(st.volume, np.float32)
-        strict = np.asarray(st.strict) != 0
+        strict = np.asarray(st.strict if where == "strict" else st.permissive) != 0  # where the density is read
         flow = VoxelScore.load(res.loc[r["study_id"], "score_path"])
         dens = (detrended(parenchyma_density(vol, strict, percentile=parenchyma, margin=margin), detrend)
                 if parenchyma else None)
@@ -178,6 +218,9 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
         maps = (DensityScore(**vars(flow), parenchyma=dens, density_percentile=parenchyma, density_margin=margin)
                 if platform_kind
                 else Maps(flow, vol, strict, dens))
+        if platform_kind and where == "both":  # the strict core's density, and the permissive core's beside it
+            maps.parenchyma = parenchyma_density(vol, np.asarray(st.strict) != 0, margin=margin)
+            maps.outer = parenchyma_density(vol, strict, margin=margin)
         out.append(ScoredStudy(r["study_id"], int(r["label"]), r["pathology"] if isinstance(r["pathology"], str)
                                else None, np.asarray(st.permissive), tuple(st.spacing), maps))
     return out
@@ -217,6 +260,9 @@ def main(argv=None) -> int:
     p.add_argument("--density-detrend", choices=("none", "centre", "ap"), default="none")
     p.add_argument("--density-feature", choices=("median", "spread"), default="median",
                    help="spread: the density channel is the lung's local texture instead (local_spread)")
+    p.add_argument("--density-mask", choices=("strict", "permissive"), default="strict",
+                   help="permissive: read the density in the permissive mask's core (where subpleural "
+                   "consolidation lies) instead of the strict one's")
     p.add_argument("--oracle", action="store_true",
                    help="also print the best test AUROC over the grid at v_min 0 (a ceiling, not a choice)")
     p.add_argument("--density-margin", type=int, default=DENSITY_MARGIN,
@@ -227,10 +273,13 @@ def main(argv=None) -> int:
     for d in a.directions:
         data_run = runs[d.split("->")[1]]
         for name in a.candidates:
-            par = a.parenchyma_percentile if ("parenchyma" in name or name == "anatomy-density") else 0.0
-            val, test = (studies_of(Path(a.transfer), d, data_run, s, par, name == "anatomy-density",
-                                     a.density_detrend, a.density_margin, a.density_feature) for s in ("val", "test"))
-            kind, t = (AnatomyDensityMap() if name == "anatomy-density" else Candidate(name)), time.time()
+            platform = name.startswith("anatomy-")
+            par = a.parenchyma_percentile if ("parenchyma" in name or platform) else 0.0
+            where = "both" if name == "anatomy-two-densities" else a.density_mask
+            val, test = (studies_of(Path(a.transfer), d, data_run, s, par, platform, a.density_detrend,
+                                     a.density_margin, a.density_feature, where) for s in ("val", "test"))
+            kinds = {"anatomy-density": AnatomyDensityMap, "anatomy-two-densities": TwoDensities}
+            kind, t = (kinds[name]() if name in kinds else Candidate(name)), time.time()
             op, _ = grid_search(kind, val, SPACE, folds=a.reference_folds)
             op90, _ = grid_search(kind, val, {k: [op.params[k]] for k in kind.space},
                                   threshold_rule("specificity", 0.9), folds=a.reference_folds)

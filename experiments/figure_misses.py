@@ -1,0 +1,95 @@
+"""docs/img/transfer-misses-a-to-b.png: why crosswise detection misses consolidation and honeycombing (issue 16
+asks for a preview where a kind misses). On the stored maps of the 2,711-step A→B run, with ``anatomy-density``
+searched on validation as ``experiments/reference_checks.py`` does, it shows for each kind the test study with the
+least flagged volume: the CT with the lesion, ``|z_flow|``, ``density_weight·|z_density|`` and what was flagged,
+and prints, over every test study of the kind, where the lesion lies and what the two maps read in it:
+
+    .venv/bin/python experiments/figure_misses.py [--direction 'A->B'] [--kinds consolidation honeycombing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from detection import lesion_on_grid  # noqa: E402
+from reference_checks import studies_of  # noqa: E402
+from transfer import SPACE  # noqa: E402
+
+from ct3dflow.cache import StudyCache  # noqa: E402
+from ct3dflow.detect.density_map import AnatomyDensityMap  # noqa: E402
+from ct3dflow.detect.search import grid_search  # noqa: E402
+from ct3dflow.pipeline import manifest_rows  # noqa: E402
+
+EXP = ROOT / "work" / "experiments"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--transfer", default=str(EXP / "transfer-2711"))
+    p.add_argument("--direction", default="A->B")
+    p.add_argument("--kinds", nargs="+", default=["consolidation", "honeycombing"])
+    p.add_argument("--out", default=str(ROOT / "docs" / "img" / "transfer-misses-a-to-b.png"))
+    a = p.parse_args(argv)
+    np.seterr(all="ignore")
+    data = EXP / ("det-" + a.direction.split("->")[1].lower())
+    rows = {r["study_id"]: r for r in manifest_rows(data / "archive" / "manifest.parquet")}
+    cache = StudyCache(data / "cache")
+    val, test = (studies_of(Path(a.transfer), a.direction, data, s, 50.0, True) for s in ("val", "test"))
+    kind = AnatomyDensityMap()
+    op, _ = grid_search(kind, val, SPACE)
+    w, tau, sigma = op.params["density_weight"], op.params["tau_z"], op.params["sigma_vox"]
+    print(f"{a.direction}: chosen {op.params}, T {op.threshold_cm3:.2f} cm³")
+    fig, axes = plt.subplots(len(a.kinds), 4, figsize=(16, 4.0 * len(a.kinds)), squeeze=False)
+    for i, lesion_kind in enumerate(a.kinds):
+        found = []
+        for s in (s for s in test if s.pathology == lesion_kind):
+            st = cache.load(s.study_id, mmap=True)
+            lesion = lesion_on_grid(rows[s.study_id], st, "small") & (s.permissive != 0)
+            vol, flagged, _ = kind.decide(s.score, s.permissive, s.spacing, op)
+            z_flow, z_density = kind.z_maps(s.score, s.permissive, sigma, op.reference)
+            in_core = lesion & np.isfinite(z_density)
+            found.append(dict(study=s, st=st, lesion=lesion, vol=vol, flagged=flagged, z_flow=z_flow,
+                              z_density=w * z_density, core=in_core.sum() / max(lesion.sum(), 1),
+                              flow=float(np.nanmedian(z_flow[lesion])),
+                              density=float(np.nanmedian(w * z_density[in_core])) if in_core.any() else np.nan,
+                              hit=(flagged & lesion).sum() / max(lesion.sum(), 1),
+                              cm3=float(rows[s.study_id]["lesion_volume_cm3"])))
+        for f in found:
+            print(f"  {lesion_kind} {f['study'].study_id}: lesion {f['cm3']:.1f} cm³, {f['core']:.0%} in the density's "
+                  f"core; median |z_flow| {f['flow']:.1f}, weighted |z_density| {f['density']:.1f} (τ {tau:g}); "
+                  f"{f['hit']:.0%} of it flagged; study {f['vol']:.1f} cm³ against T {op.threshold_cm3:.1f}")
+        f = min(found, key=lambda f: f["vol"])
+        z0 = int(np.argmax(f["lesion"].sum(axis=(1, 2))))  # the axial slice with the most lesion
+        panels = ((None, f"{f['study'].study_id}: {lesion_kind} {f['cm3']:.1f} cm³ (yellow)"),
+                  ("z_flow", f"|z_flow|: lesion median {f['flow']:.1f}"),
+                  ("z_density", f"{w:g}·|z_density| (core only): lesion median {f['density']:.1f}"),
+                  ("flagged", f"flagged (|z| > {tau:g}): {f['vol']:.1f} cm³, T {op.threshold_cm3:.1f}"))
+        for j, (key, title) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(f["st"].volume[z0], cmap="gray", vmin=-0.5, vmax=0.5)
+            if key in ("z_flow", "z_density"):
+                im = ax.imshow(f[key][z0], cmap="magma", vmin=0, vmax=tau + 1, alpha=0.7)
+                fig.colorbar(im, ax=ax, fraction=0.04)
+            elif key == "flagged":
+                ax.imshow(np.ma.masked_where(~f["flagged"][z0], f["flagged"][z0]), cmap="autumn", alpha=0.8)
+            ax.contour(f["lesion"][z0], levels=[0.5], colors="yellow", linewidths=1)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(f"{a.direction}, anatomy-density chosen on validation: {op.params}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=80)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
