@@ -209,7 +209,8 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
             continue
         st = cache.load(r["study_id"], mmap=True)
         vol = np.asarray(st.volume, np.float32)
-        strict = np.asarray(st.strict if where == "strict" else st.permissive) != 0  # where the density is read
+        # where the density is read ("both": the strict core's, and the permissive core's as ``outer``)
+        strict = np.asarray(st.permissive if where == "permissive" else st.strict) != 0
         flow = VoxelScore.load(res.loc[r["study_id"], "score_path"])
         dens = (detrended(parenchyma_density(vol, strict, percentile=parenchyma, margin=margin), detrend)
                 if parenchyma else None)
@@ -218,9 +219,8 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
         maps = (DensityScore(**vars(flow), parenchyma=dens, density_percentile=parenchyma, density_margin=margin)
                 if platform_kind
                 else Maps(flow, vol, strict, dens))
-        if platform_kind and where == "both":  # the strict core's density, and the permissive core's beside it
-            maps.parenchyma = parenchyma_density(vol, np.asarray(st.strict) != 0, margin=margin)
-            maps.outer = parenchyma_density(vol, strict, margin=margin)
+        if platform_kind and where == "both":
+            maps.outer = parenchyma_density(vol, np.asarray(st.permissive) != 0, margin=margin)
         out.append(ScoredStudy(r["study_id"], int(r["label"]), r["pathology"] if isinstance(r["pathology"], str)
                                else None, np.asarray(st.permissive), tuple(st.spacing), maps))
     return out
@@ -273,12 +273,11 @@ def main(argv=None) -> int:
     for d in a.directions:
         data_run = runs[d.split("->")[1]]
         for name in a.candidates:
-            platform = name.startswith("anatomy-")
-            par = a.parenchyma_percentile if ("parenchyma" in name or platform) else 0.0
-            where = "both" if name == "anatomy-two-densities" else a.density_mask
-            val, test = (studies_of(Path(a.transfer), d, data_run, s, par, platform, a.density_detrend,
-                                     a.density_margin, a.density_feature, where) for s in ("val", "test"))
             kinds = {"anatomy-density": AnatomyDensityMap, "anatomy-two-densities": TwoDensities}
+            par = a.parenchyma_percentile if ("parenchyma" in name or name in kinds) else 0.0
+            where = "both" if name == "anatomy-two-densities" else a.density_mask
+            val, test = (studies_of(Path(a.transfer), d, data_run, s, par, name in kinds, a.density_detrend,
+                                     a.density_margin, a.density_feature, where) for s in ("val", "test"))
             kind, t = (kinds[name]() if name in kinds else Candidate(name)), time.time()
             op, _ = grid_search(kind, val, SPACE, folds=a.reference_folds)
             op90, _ = grid_search(kind, val, {k: [op.params[k]] for k in kind.space},
