@@ -1,4 +1,5 @@
-"""experiments/reference_checks.py: the study-normalised and density references of issue 16's checks."""
+"""experiments/reference_checks.py: the study-normalised and density references of issue 16's checks, the ceiling
+(``oracle``) and the two-densities candidate."""
 
 import sys
 from pathlib import Path
@@ -52,3 +53,56 @@ def test_the_density_reference_flags_a_dense_blob_and_not_healthy_lung():
     assert np.nanmin(healthy) > -8
     both = rc.Candidate("flow+density")
     assert set(both.fit_reference(normals, [mask] * 4, params)) == {"flow", "density"}
+
+
+def _scored(i: int, label: int, blob: bool, rng, mask):
+    from ct3dflow.detect.search import ScoredStudy
+
+    density = (-0.36 + 0.01 * rng.normal(size=mask.shape)).astype(np.float32)
+    if blob:
+        density[14:20, 14:20, 14:20] = 0.3
+    flow = VoxelScore(rng.normal(size=mask.shape).astype(np.float32), stride=12, size=24)
+    return ScoredStudy(f"s{i}", label, "consolidation" if label else None, mask, (2.0, 2.0, 2.0),
+                       rc.Maps(flow, density, mask != 0))
+
+
+def test_the_oracle_is_the_best_test_auroc_over_the_grid_and_never_better():
+    """A dense block that only a low τ flags: the ceiling is 1.0 at that τ; with τ beyond every |z| it is 0.5."""
+    rng = np.random.default_rng(2)
+    mask = lung_ball()
+    val = [_scored(i, int(i >= 4), i >= 4, rng, mask) for i in range(8)]
+    test = [_scored(10 + i, int(i >= 3), i >= 3, rng, mask) for i in range(6)]
+    kind = rc.Candidate("density")
+    top, at = rc.oracle(kind, val, test, {"sigma_vox": [1.0], "tau_z": [1e6, 8.0]})
+    assert top == 1.0 and at["tau_z"] == 8.0 and at["sigma_vox"] == 1.0
+    top, at = rc.oracle(kind, val, test, {"sigma_vox": [1.0], "tau_z": [1e6]})
+    assert top == 0.5  # nothing flagged anywhere: every study ties
+
+
+def test_two_densities_adds_the_outer_density_only_at_its_weight():
+    """The second density (the permissive core's) flags a block the strict one cannot hold, at outer_weight > 0;
+    at 0 the kind is anatomy-density exactly."""
+    from ct3dflow.detect.density_map import DensityScore
+
+    rng = np.random.default_rng(3)
+    mask = lung_ball()
+
+    def score(block: bool):
+        outer = (-0.36 + 0.01 * rng.normal(size=mask.shape)).astype(np.float32)
+        if block:
+            outer[14:20, 14:20, 14:20] = 0.3  # subpleural consolidation: dense, outside the strict mask
+        strict = (-0.36 + 0.01 * rng.normal(size=mask.shape)).astype(np.float32)
+        s = DensityScore(rng.normal(size=mask.shape).astype(np.float32), 12, size=24,
+                         parenchyma=np.where(mask != 0, strict, np.nan), density_margin=0)
+        s.outer = np.where(mask != 0, outer, np.nan).astype(np.float32)
+        return s
+
+    kind = rc.TwoDensities()
+    normals = [score(False) for _ in range(4)]
+    params = {"sigma_vox": 1.0, "density_weight": 0.5, "outer_weight": 0.0}
+    ref = kind.fit_reference(normals, [mask] * 4, params)
+    sick = score(True)
+    off = kind.atypicality(sick, mask, params, ref)
+    on = kind.atypicality(sick, mask, {**params, "outer_weight": 1.0}, ref)
+    np.testing.assert_array_equal(off, rc.AnatomyDensityMap().atypicality(sick, mask, params, ref))
+    assert np.nanmin(off[15:19, 15:19, 15:19]) > -8 and np.nanmax(on[15:19, 15:19, 15:19]) < -10
