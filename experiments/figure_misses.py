@@ -1,10 +1,13 @@
-"""docs/img/transfer-misses-a-to-b.png: why crosswise detection misses consolidation and honeycombing (issue 16
-asks for a preview where a kind misses). On the stored maps of the 2,711-step A→B run, with ``anatomy-density``
-searched on validation as ``experiments/reference_checks.py`` does, it shows for each kind the test study with the
-least flagged volume: the CT with the lesion, ``|z_flow|``, ``density_weight·|z_density|`` and what was flagged,
-and prints, over every test study of the kind, where the lesion lies and what the two maps read in it:
+"""docs/img/transfer-misses-*.png: why crosswise detection misses a kind (issue 16 asks for a preview where a
+kind misses). On the stored maps of the 2,711-step run, with ``anatomy-density`` searched on validation as
+``experiments/reference_checks.py`` does, it shows for each kind the test study with the least flagged volume:
+the CT with the lesion, ``|z_flow|``, ``|z_density|`` (which the decision weighs in at ``density_weight``) and
+what was flagged, and prints, over every test study of the kind, where the lesion lies and what the two maps
+read in it:
 
-    .venv/bin/python experiments/figure_misses.py [--direction 'A->B'] [--kinds consolidation honeycombing]
+    .venv/bin/python experiments/figure_misses.py      # A→B: consolidation, honeycombing
+    .venv/bin/python experiments/figure_misses.py --direction 'B->A' --kinds honeycombing ground_glass \
+        --out docs/img/transfer-misses-b-to-a.png
 """
 
 from __future__ import annotations
@@ -59,20 +62,22 @@ def main(argv=None) -> None:
             z_flow, z_density = kind.z_maps(s.score, s.permissive, sigma, op.reference)
             in_core = lesion & np.isfinite(z_density)
             found.append(dict(study=s, st=st, lesion=lesion, vol=vol, flagged=flagged, z_flow=z_flow,
-                              z_density=w * z_density, core=in_core.sum() / max(lesion.sum(), 1),
+                              z_density=z_density, core=in_core.sum() / max(lesion.sum(), 1),
                               flow=float(np.nanmedian(z_flow[lesion])),
                               density=float(np.nanmedian(w * z_density[in_core])) if in_core.any() else np.nan,
+                              raw=float(np.nanmedian(z_density[in_core])) if in_core.any() else np.nan,
                               hit=(flagged & lesion).sum() / max(lesion.sum(), 1),
                               cm3=float(rows[s.study_id]["lesion_volume_cm3"])))
         for f in found:
             print(f"  {lesion_kind} {f['study'].study_id}: lesion {f['cm3']:.1f} cm³, {f['core']:.0%} in the density's "
-                  f"core; median |z_flow| {f['flow']:.1f}, weighted |z_density| {f['density']:.1f} (τ {tau:g}); "
+                  f"core; median |z_flow| {f['flow']:.1f}, |z_density| {f['raw']:.1f} "
+                  f"(× weight {w:g}: {f['density']:.1f}; τ {tau:g}); "
                   f"{f['hit']:.0%} of it flagged; study {f['vol']:.1f} cm³ against T {op.threshold_cm3:.1f}")
         f = min(found, key=lambda f: f["vol"])
         z0 = int(np.argmax(f["lesion"].sum(axis=(1, 2))))  # the axial slice with the most lesion
         panels = ((None, f"{f['study'].study_id}: {lesion_kind} {f['cm3']:.1f} cm³ (yellow)"),
                   ("z_flow", f"|z_flow|: lesion median {f['flow']:.1f}"),
-                  ("z_density", f"{w:g}·|z_density| (core only): lesion median {f['density']:.1f}"),
+                  ("z_density", f"|z_density| (core only; weighed in × {w:g}): lesion median {f['raw']:.1f}"),
                   ("flagged", f"flagged (|z| > {tau:g}): {f['vol']:.1f} cm³, T {op.threshold_cm3:.1f}"))
         for j, (key, title) in enumerate(panels):
             ax = axes[i, j]

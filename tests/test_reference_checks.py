@@ -1,5 +1,5 @@
 """experiments/reference_checks.py: the study-normalised and density references of issue 16's checks, the ceiling
-(``oracle``) and the two-densities candidate."""
+(``oracle``) and the two-densities candidate; experiments/study_fusion.py's choice."""
 
 import sys
 from pathlib import Path
@@ -106,3 +106,21 @@ def test_two_densities_adds_the_outer_density_only_at_its_weight():
     on = kind.atypicality(sick, mask, {**params, "outer_weight": 1.0}, ref)
     np.testing.assert_array_equal(off, rc.AnatomyDensityMap().atypicality(sick, mask, params, ref))
     assert np.nanmin(off[15:19, 15:19, 15:19]) > -8 and np.nanmax(on[15:19, 15:19, 15:19]) < -10
+
+
+def test_study_fusion_chooses_the_flow_alone_on_a_tie_and_the_density_where_it_separates():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import study_fusion as sf
+
+    y = np.array([0, 0, 0, 1, 1, 1])
+    n_t, n_d = len(sf.TAUS), len(sf.TAUS_DENSITY)
+    vf = np.tile(np.array([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]]), (1, n_t))  # the flow ranks perfectly
+    vd = np.zeros((6, n_d))
+    auc, (sigma, j, k, r) = sf.choose(y, {1.0: (vf, vd)}, sf.RATIOS)
+    assert auc == 1.0 and np.isinf(r) and k == 0  # a tie goes to the flow alone
+    vf = np.tile(np.array([[5.0], [0.0], [5.0], [0.0], [5.0], [0.0]]), (1, n_t))  # the flow is blind
+    vd[3:] = 100.0  # the density finds every lesion at every τ_density
+    auc, (sigma, j, k, r) = sf.choose(y, {1.0: (vf, vd)}, sf.RATIOS)
+    assert auc == 1.0 and r in (1.0, 2.0, 5.0, 10.0)
+    np.testing.assert_array_equal(sf.fused(vf[:, 0], vd[:, 0], 10.0), np.maximum(vf[:, 0], vd[:, 0] / 10.0))
+    np.testing.assert_array_equal(sf.fused(vf[:, 0], vd[:, 0], np.inf), vf[:, 0])
