@@ -200,7 +200,8 @@ def local_spread(volume: np.ndarray, strict: np.ndarray, margin: int) -> np.ndar
 
 def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
                parenchyma: float = 0.0, platform_kind: bool = False, detrend: str = "none",
-               margin: int = DENSITY_MARGIN, feature: str = "median", where: str = "strict") -> list[ScoredStudy]:
+               margin: int = DENSITY_MARGIN, feature: str = "median", where: str = "strict",
+               below_hu: float | None = None) -> list[ScoredStudy]:
     res = pd.read_parquet(transfer / direction / split / "results.parquet").set_index("study_id")
     cache = StudyCache(data_run / "cache")
     out = []
@@ -211,6 +212,8 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
         vol = np.asarray(st.volume, np.float32)
         # where the density is read ("both": the strict core's, and the permissive core's as ``outer``)
         strict = np.asarray(st.permissive if where == "permissive" else st.strict) != 0
+        if below_hu is not None:  # aerated lung only: the hilum's vessels and other soft tissue leave the density
+            strict &= vol < np.float32((below_hu + 1020.0) / 1220.0 - 0.5)  # the preprocessing's [-0.5, 0.5] scale
         flow = VoxelScore.load(res.loc[r["study_id"], "score_path"])
         dens = (detrended(parenchyma_density(vol, strict, percentile=parenchyma, margin=margin), detrend)
                 if parenchyma else None)
@@ -263,6 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--density-mask", choices=("strict", "permissive"), default="strict",
                    help="permissive: read the density in the permissive mask's core (where subpleural "
                    "consolidation lies) instead of the strict one's")
+    p.add_argument("--density-below", type=float, default=None, metavar="HU",
+                   help="read the density only over voxels below this HU (aerated lung; ground glass stays)")
     p.add_argument("--oracle", action="store_true",
                    help="also print the best test AUROC over the grid at v_min 0 (a ceiling, not a choice)")
     p.add_argument("--density-margin", type=int, default=DENSITY_MARGIN,
@@ -277,7 +282,8 @@ def main(argv=None) -> int:
             par = a.parenchyma_percentile if ("parenchyma" in name or name in kinds) else 0.0
             where = "both" if name == "anatomy-two-densities" else a.density_mask
             val, test = (studies_of(Path(a.transfer), d, data_run, s, par, name in kinds, a.density_detrend,
-                                     a.density_margin, a.density_feature, where) for s in ("val", "test"))
+                                     a.density_margin, a.density_feature, where, a.density_below)
+                         for s in ("val", "test"))
             kind, t = (kinds[name]() if name in kinds else Candidate(name)), time.time()
             op, _ = grid_search(kind, val, SPACE, folds=a.reference_folds)
             op90, _ = grid_search(kind, val, {k: [op.params[k]] for k in kind.space},
