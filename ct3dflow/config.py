@@ -33,7 +33,8 @@ _DEFAULTS: dict = {
     # map: anatomy (the platform default, beyond the paper: the voxel map against a healthy reference per band of
     # depth and position in the lung), anatomy-density (that map, and the lung's parenchyma density against its own
     # anatomical reference; opt-in, docs/RESULTS.md; scoring.density_percentile, default 50, and
-    # scoring.density_margin, default 2: voxels inside the strict lung's edge where the density is read), voxel
+    # scoring.density_margin, default 2: voxels inside the strict lung's edge where the density is read, and
+    # scoring.density_below_hu, default -300: the aerated lung it reads, or "off"), voxel
     # (the same map, depth bands only) or patch (the paper's Log P map);
     # stride and batch size default per kind (voxel kinds 12, patch: patch size - 10); precision (every kind): auto
     # (bf16 autocast where the hardware runs bf16 natively, else fp32), fp32 or bf16

@@ -212,10 +212,10 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
         vol = np.asarray(st.volume, np.float32)
         # where the density is read ("both": the strict core's, and the permissive core's as ``outer``)
         strict = np.asarray(st.permissive if where == "permissive" else st.strict) != 0
-        if below_hu is not None:  # aerated lung only: the hilum's vessels and other soft tissue leave the density
-            strict &= vol < np.float32((below_hu + 1020.0) / 1220.0 - 0.5)  # the preprocessing's [-0.5, 0.5] scale
+        # aerated lung only: the hilum's vessels and other soft tissue leave the density (the preprocessing's scale)
+        below = None if below_hu is None else (below_hu + 1020.0) / 1220.0 - 0.5
         flow = VoxelScore.load(res.loc[r["study_id"], "score_path"])
-        dens = (detrended(parenchyma_density(vol, strict, percentile=parenchyma, margin=margin), detrend)
+        dens = (detrended(parenchyma_density(vol, strict, percentile=parenchyma, margin=margin, below=below), detrend)
                 if parenchyma else None)
         if parenchyma and feature == "spread":
             dens = local_spread(vol, strict, margin)

@@ -14,9 +14,17 @@ from scipy import ndimage
 
 from ct3dflow.detect import OperatingPoint, get_kind
 from ct3dflow.detect.anatomy_map import AnatomyMap
-from ct3dflow.detect.density_map import AnatomyDensityMap, DensityScore, core_bins, lung_core, parenchyma_density
+from ct3dflow.detect.density_map import (
+    AnatomyDensityMap,
+    DensityScore,
+    below_normalised,
+    core_bins,
+    lung_core,
+    parenchyma_density,
+)
 from ct3dflow.detect.search import ScoredStudy, grid_search
 from ct3dflow.detect.voxel_map import VoxelScore
+from ct3dflow.preprocess import normalise
 
 SP = (2.0, 2.0, 2.0)
 LUNG, TISSUE, HAZE = -0.37, 0.05, -0.22  # normalised CT: about −850 HU, +60 HU and −670 HU
@@ -104,6 +112,31 @@ def test_the_margin_keeps_the_partial_volume_at_the_lung_edge_out_of_the_density
             kind.settings({"density_margin": bad}, 8)
 
 
+def test_the_aerated_reading_keeps_a_thick_vessel_inside_the_lung_out_of_the_density():
+    """The strict mask fills its holes, so a hilar vessel lies inside its core; read over every core voxel, the
+    median is dense around it, read over the aerated lung (below −300 HU) it stays at the lung's value, and a haze
+    (about −670 HU) is still read."""
+    rng = np.random.default_rng(7)
+    ct, strict, _, block = _chest(rng, haze=True)
+    soft = np.float32(normalise(np.float32(40.0)))  # a vessel's blood, +40 HU
+    vessel = np.zeros(ct.shape, bool)
+    vessel[16:24, 8:40, 50:55] = True  # 8 × 5 voxels across (16 × 10 mm), in the left lung (the haze is in the right)
+    ct[vessel] = soft
+    near = ndimage.binary_dilation(vessel, iterations=3) & ~vessel & (lung_core(strict) != 0)
+    plain = parenchyma_density(ct, strict)
+    aerated = parenchyma_density(ct, strict, below=below_normalised(-300.0))
+    np.testing.assert_array_equal(np.isfinite(aerated), lung_core(strict))  # the same core, so the same bands
+    inside = vessel & (lung_core(strict) != 0)
+    assert np.mean(plain[inside] - LUNG > 0.3) > 0.5  # read over every core voxel, the vessel is dense lung
+    assert np.abs(aerated[near] - LUNG).max() < 0.03 and np.abs(aerated[inside] - LUNG).max() < 0.03
+    assert np.abs(aerated[ndimage.binary_erosion(block, iterations=2)] - HAZE).max() < 0.03
+    assert below_normalised("off") is None and below_normalised(float("nan")) is None
+    for bad in (0.0, -1000, 100, "-300", True):
+        with pytest.raises(ValueError, match="density_below_hu must be a CT number"):
+            AnatomyDensityMap().settings({"density_below_hu": bad}, 8)
+    assert AnatomyDensityMap().settings({"density_below_hu": "off"}, 8)["density_below_hu"] == "off"
+
+
 def test_density_score_round_trips_and_a_plain_voxel_map_is_refused(tmp_path):
     rng = np.random.default_rng(1)
     s = _study(rng, 0, 1).score
@@ -112,7 +145,7 @@ def test_density_score_round_trips_and_a_plain_voxel_map_is_refused(tmp_path):
     np.testing.assert_array_equal(back.parenchyma, s.parenchyma)
     np.testing.assert_array_equal(back.voxel_map, s.voxel_map)
     assert kind.score_settings(back) == {**get_kind("anatomy").score_settings(s), "density_percentile": 50.0,
-                                         "density_margin": 2}
+                                         "density_margin": 2, "density_below_hu": "off"}
     # a file written before the margin was recorded was read in the whole strict mask, and so is a point without it
     np.savez(tmp_path / "old.npz", **{k: v for k, v in s.arrays().items() if k != "density_margin"})
     assert kind.load_score(tmp_path / "old.npz").density_margin == 0
@@ -120,7 +153,9 @@ def test_density_score_round_trips_and_a_plain_voxel_map_is_refused(tmp_path):
 
     old = OperatingPoint("anatomy-density", {}, 1.0, {}, {"stride": 8, "patch_size": 8, "density_percentile": 50.0})
     assert resolve_settings(kind, {"density_margin": 2}, 8, old)["density_margin"] == 0
+    assert resolve_settings(kind, {"density_below_hu": -300}, 8, old)["density_below_hu"] == "off"
     assert resolve_settings(kind, {}, 8)["density_margin"] == 2
+    assert resolve_settings(kind, {}, 8)["density_below_hu"] == -300.0
     VoxelScore(s.voxel_map, 8, size=8).save(tmp_path / "plain.npz")
     with pytest.raises(ValueError, match="without the parenchyma density.*anatomy-density"):
         kind.load_score(tmp_path / "plain.npz")
@@ -197,7 +232,8 @@ def test_the_kind_scores_a_study_through_score_row(tmp_path):
     plain = get_kind("anatomy")
     ref = plain.score(g, study, resolve_settings(plain, {"stride": 8, "precision": "fp32"}, 8))
     np.testing.assert_array_equal(got.voxel_map, ref.voxel_map)
-    np.testing.assert_array_equal(got.parenchyma, parenchyma_density(ct, strict))
+    np.testing.assert_array_equal(got.parenchyma, parenchyma_density(ct, strict, below=below_normalised(-300.0)))
+    assert kind.score_settings(got)["density_below_hu"] == -300.0
 
 
 def test_the_search_fits_the_references_once_per_sigma_and_not_per_density_weight():

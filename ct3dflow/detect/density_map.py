@@ -13,7 +13,9 @@ density is read where it means lung:
   not move it; ground glass, consolidation and emphysema fill it. The strict mask keeps ground glass (it is
   below its −400 HU threshold) and enclosed dense lesions (holes are filled); the core leaves out the partial
   volume with the pleura and the diaphragm, which read as dense lung; what the density misses at the pleura
-  the flow's map still sees.
+  the flow's map still sees. Only the *aerated* lung is read (``density_below_hu``, default −300 HU, and
+  ``margin`` voxels from vessels and airway walls as well): the strict mask fills its holes, so the hilum's large
+  vessels lie in its core and read as dense as ground glass.
 * **Score**: the voxel map (:class:`DensityScore`, a :class:`VoxelScore`) with the parenchyma density beside
   it, NaN outside the core.
 * **Reference**: two anatomy references (:func:`fit_anatomy_reference`, median and MAD per band of depth,
@@ -39,7 +41,8 @@ the default: a site chooses it on its own validation studies, as it chooses site
 (2026-12-06, near midnight) cut the density's healthy tail at the lung's edge (validation normals, voxels beyond
 4 healthy MADs: family A 17 → 6.5 cm³ per study, family B 9 → 4; the demo's normals at its chosen point 24 → 4
 cm³) and left the study ranking where it was (mean test AUROC over 8 runs 0.777 → 0.772; the best any grid
-point reaches 0.816 → 0.809).
+point reaches 0.816 → 0.809). Reading the aerated lung only (2026-12-07) raised it: mean test AUROC over the same 8
+runs 0.772 → 0.815, never lower by more than 0.003, A→A 0.942 and B→A 0.831 (docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -59,6 +62,20 @@ DENSITY_PERCENTILE = 50.0
 # pleura and the diaphragm: on family A's validation normals it held most of the density's healthy tail (17 cm³
 # per study beyond 4 healthy MADs at margin 0, 6.5 cm³ at 2; family B 9 and 4). The flow's map covers the edge.
 DENSITY_MARGIN = 2
+# HU: with it, the density reads only the aerated lung (below it), itself ``margin`` voxels from vessels and airway
+# walls, and a voxel elsewhere in the core takes its nearest such voxel's value. The strict mask fills its holes, so
+# the hilum's large vessels lay inside it and read as dense as ground glass (docs/img/transfer-misses-b-to-a.png).
+# Ground glass (−700…−400 HU) stays below it. "off": every voxel of the core, as before 2026-12-07.
+DENSITY_BELOW_HU = -300.0
+
+
+def below_normalised(below_hu) -> float | None:
+    """``scoring.density_below_hu`` on the preprocessed CT's scale (the default HU window; None for "off")."""
+    if below_hu is None or (isinstance(below_hu, float) and np.isnan(below_hu)) or below_hu == "off":
+        return None
+    from ..preprocess import normalise
+
+    return float(normalise(np.float32(below_hu)))
 
 
 def lung_core(strict: np.ndarray, margin: int = DENSITY_MARGIN) -> np.ndarray:
@@ -75,7 +92,8 @@ def core_bins(bins, margin: int) -> tuple[float, ...]:
 
 
 def parenchyma_density(volume: np.ndarray, strict: np.ndarray, size: int = DENSITY_CUBE,
-                       percentile: float = DENSITY_PERCENTILE, margin: int = DENSITY_MARGIN) -> np.ndarray:
+                       percentile: float = DENSITY_PERCENTILE, margin: int = DENSITY_MARGIN,
+                       below: float | None = None) -> np.ndarray:
     """The ``percentile`` of ``volume`` over the lung around each voxel of the strict lung's core (``margin``
     voxels from its edge; float32, NaN outside it), taken along z, then y, then x over ``size`` voxels each: a
     separable stand-in for the ``size³`` cube's, about 10–30× faster on a chest (bench/density.py), and as blind
@@ -90,7 +108,11 @@ def parenchyma_density(volume: np.ndarray, strict: np.ndarray, size: int = DENSI
     box = ndimage.find_objects(m.astype(np.int8))[0]
     sl = tuple(slice(max(s.start - h, 0), s.stop + h) for s in box)
     v, mm = np.array(volume[sl], np.float32), m[sl]
-    nearest = tuple(ndimage.distance_transform_edt(~mm, return_distances=False, return_indices=True))
+    src = mm
+    if below is not None:  # read the aerated lung only, ``margin`` voxels from its vessels and airway walls too
+        src = lung_core((np.asarray(strict)[sl] != 0) & (v < np.float32(below)), margin)
+        src = src if src.any() else mm
+    nearest = tuple(ndimage.distance_transform_edt(~src, return_distances=False, return_indices=True))
     for axis in range(3):
         v = v[nearest]  # lung voxels are their own nearest
         footprint = [1, 1, 1]
@@ -108,11 +130,13 @@ class DensityScore(VoxelScore):
     parenchyma: np.ndarray | None = None
     density_percentile: float = DENSITY_PERCENTILE
     density_margin: int = DENSITY_MARGIN
+    density_below_hu: float = float("nan")  # NaN: "off", every voxel of the core was read
 
     def arrays(self) -> dict:
         return {**super().arrays(), "parenchyma": self.parenchyma,
                 "density_percentile": np.float64(self.density_percentile),
-                "density_margin": np.int64(self.density_margin)}
+                "density_margin": np.int64(self.density_margin),
+                "density_below_hu": np.float64(self.density_below_hu)}
 
     @classmethod
     def load(cls, path) -> DensityScore:
@@ -122,8 +146,10 @@ class DensityScore(VoxelScore):
                                  "again with scoring.map: anatomy-density")
             # files written before the margin was recorded read the whole strict mask
             margin = int(f["density_margin"]) if "density_margin" in f.files else 0
+            below = float(f["density_below_hu"]) if "density_below_hu" in f.files else float("nan")
             return cls(**cls.fields_of(f), parenchyma=f["parenchyma"],
-                       density_percentile=float(f["density_percentile"]), density_margin=margin)
+                       density_percentile=float(f["density_percentile"]), density_margin=margin,
+                       density_below_hu=below)
 
     @property
     def strict(self) -> np.ndarray:
@@ -149,7 +175,8 @@ class AnatomyDensityMap(AnatomyMap):
     map_params = ("sigma_vox", "density_weight")
     reference_params = ("sigma_vox",)  # the search refits the references per σ, not per weight
     tie_break = (*AnatomyMap.tie_break, ("density_weight", "asc"))  # a lower weight flags less
-    point_defaults = {**AnatomyMap.point_defaults, "density_margin": 0}  # points made before the margin existed
+    # what points made before these settings existed were scored with
+    point_defaults = {**AnatomyMap.point_defaults, "density_margin": 0, "density_below_hu": "off"}
 
     def settings(self, scoring: dict, patch_size: int) -> dict:
         pct = float(scoring.get("density_percentile") or DENSITY_PERCENTILE)
@@ -159,21 +186,31 @@ class AnatomyDensityMap(AnatomyMap):
         margin = DENSITY_MARGIN if margin is None else margin
         if isinstance(margin, bool) or not isinstance(margin, int | np.integer) or margin < 0:
             raise ValueError(f"scoring.density_margin must be a whole number of voxels ≥ 0, got {margin!r}")
-        return {**super().settings(scoring, patch_size), "density_percentile": pct, "density_margin": int(margin)}
+        below = scoring.get("density_below_hu")
+        below = DENSITY_BELOW_HU if below is None else below
+        if below != "off" and (isinstance(below, bool) or not isinstance(below, int | float) or not -1000 < below < 0):
+            raise ValueError(f"scoring.density_below_hu must be a CT number between −1000 and 0 HU (aerated lung lies "
+                             f"below it), or \"off\", got {below!r}")
+        return {**super().settings(scoring, patch_size), "density_percentile": pct, "density_margin": int(margin),
+                "density_below_hu": below if below == "off" else float(below)}
 
     def score(self, predictor, study, settings: dict, device="cpu") -> DensityScore:
         flow = super().score(predictor, study, settings, device)
         pct = float(settings.get("density_percentile", DENSITY_PERCENTILE))
         margin = int(settings.get("density_margin", DENSITY_MARGIN))
-        return DensityScore(**vars(flow), density_percentile=pct, density_margin=margin,
-                            parenchyma=parenchyma_density(study.volume, study.strict, percentile=pct, margin=margin))
+        below = settings.get("density_below_hu", DENSITY_BELOW_HU)
+        dens = parenchyma_density(study.volume, study.strict, percentile=pct, margin=margin,
+                                  below=below_normalised(below))
+        return DensityScore(**vars(flow), density_percentile=pct, density_margin=margin, parenchyma=dens,
+                            density_below_hu=float("nan") if below == "off" else float(below))
 
     def load_score(self, path) -> DensityScore:
         return DensityScore.load(path)
 
     def score_settings(self, score: DensityScore) -> dict:
+        below = float(score.density_below_hu)
         return {**super().score_settings(score), "density_percentile": float(score.density_percentile),
-                "density_margin": int(score.density_margin)}
+                "density_margin": int(score.density_margin), "density_below_hu": "off" if np.isnan(below) else below}
 
     def _smoothed(self, score: DensityScore, mask, sigma: float) -> tuple[np.ndarray, np.ndarray]:
         return (smooth_in_mask(score.voxel_map, mask, sigma),
