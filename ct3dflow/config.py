@@ -30,16 +30,16 @@ _DEFAULTS: dict = {
     "ray": {"num_workers": 1, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 1,
             "max_failures": 1, "preprocess_concurrency": None, "sampling_concurrency": None,
             "patches_per_task": 8, "shuffle_buffer": 512},
-    # map: anatomy (the platform default, beyond the paper: the voxel map against a healthy reference per band of
-    # depth and position in the lung), anatomy-density (that map, and the lung's parenchyma density against its own
-    # anatomical reference; opt-in, docs/RESULTS.md; scoring.density_percentile, default 50, and
+    # map: anatomy-density (the platform default, beyond the paper: the voxel map against a healthy reference per
+    # band of depth and position in the lung, and the lung's parenchyma density against its own anatomical
+    # reference; docs/RESULTS.md; scoring.density_percentile, default 50, and
     # scoring.density_margin, default 2: voxels inside the strict lung's edge where the density is read, and
-    # scoring.density_below_hu, default -300: the aerated lung it reads, or "off"), voxel
-    # (the same map, depth bands only) or patch (the paper's Log P map);
+    # scoring.density_below_hu, default -300: the aerated lung it reads, or "off"), anatomy (the flow's map
+    # alone), voxel (the same map, depth bands only) or patch (the paper's Log P map);
     # stride and batch size default per kind (voxel kinds 12, patch: patch size - 10); precision (every kind): auto
     # (bf16 autocast where the hardware runs bf16 natively, else fp32), fp32 or bf16
     # voxel kinds: merge: mean (default) or gaussian (overlapping windows weighted towards their centres; unmeasured)
-    "scoring": {"map": "anatomy", "stride": None, "batch_size": None},
+    "scoring": {"map": "anatomy-density", "stride": None, "batch_size": None},
     "operating_point": {},  # a whole operating point (tune-local's JSON) for models without one
     # the search space is the map kind's own; override per kind: tune.anatomy.tau_z: {grid: [3, 4, 5]}
     # reference_folds: the healthy reference is cross-fitted over this many folds of the validation normals

@@ -99,13 +99,11 @@ def test_mad_bands_do_not_absorb_a_two_mode_hilum():
     assert np.median([AnatomyMap().decide(s.score, s.permissive, SP, op)[0] for s in normal]) > 5.0
 
 
-def test_the_platform_default_is_the_anatomy_reference_with_mad_and_old_quantile_points_still_map():
-    """``scoring.map`` unset means the anatomy kind with median/MAD bands; a point fitted with the quantile
-    calibration (before it was the default) carries its calibration and maps exactly as it was chosen."""
-    from ct3dflow.config import load_config
-
-    kind = get_kind(None)
-    assert kind.name == "anatomy" and kind.calibration == "mad" and load_config(None).scoring["map"] == "anatomy"
+def test_the_anatomy_kind_uses_mad_and_old_quantile_points_still_map():
+    """``scoring.map: anatomy`` is the kind with median/MAD bands; a point fitted with the quantile calibration
+    (before MAD was chosen) carries its calibration and maps exactly as it was chosen."""
+    kind = get_kind("anatomy")
+    assert kind.name == "anatomy" and kind.calibration == "mad"
     rng = np.random.default_rng(3)
     val = _studies(rng, [0] * 4)
     params = {"sigma_vox": 1.0}

@@ -203,14 +203,14 @@ def test_density_weight_scales_only_the_density_and_weight_0_is_the_anatomy_map(
     np.testing.assert_array_equal(a0, AnatomyMap().atypicality(s.score, s.permissive, params, ref["flow"]))
 
 
-def test_the_kind_is_registered_and_the_platform_default_stays_the_anatomy_map():
-    """anatomy-density is opt-in (scoring.map: anatomy-density): on the demo's 22 validation studies its search
-    took the density and lost on test (docs/RESULTS.md)."""
+def test_the_platform_default_is_the_anatomy_map_with_the_aerated_density():
+    """Unset, ``scoring.map`` is anatomy-density, reading the aerated lung (docs/RESULTS.md, 2026-12-07)."""
     from ct3dflow.config import load_config
 
-    kind = get_kind("anatomy-density")
+    kind = get_kind(None)
     assert isinstance(kind, AnatomyDensityMap) and kind.calibration == "mad" and 0.0 in kind.space["density_weight"]
-    assert get_kind(None).name == "anatomy" and load_config(None).scoring["map"] == "anatomy"
+    assert load_config(None).scoring["map"] == "anatomy-density"
+    assert kind.settings({}, 8)["density_below_hu"] == -300.0
 
 
 def test_the_kind_scores_a_study_through_score_row(tmp_path):

@@ -27,9 +27,9 @@ from .voxel_map import VoxelMap
 #: every map kind, by the name configurations and operating points use (``scoring.map``, ``"map"``)
 MAP_KINDS: dict[str, MapKind] = {"voxel": VoxelMap(), "anatomy": AnatomyMap(), "anatomy-density": AnatomyDensityMap(),
                                   "patch": PatchMap()}
-# anatomy beat the depth-only reference in 6 of 9 runs; anatomy-density (opt-in) gained on 8 of 10 crosswise and
-# adapted runs but lost 0.23 test AUROC on the demo's 22 validation studies (docs/RESULTS.md, 2026-12-06 late night)
-DEFAULT_KIND = "anatomy"
+# anatomy-density, reading the aerated lung, beat anatomy on all 8 stored crosswise, in-domain and adapted runs
+# (mean test AUROC 0.711 → 0.815) and on the demo's stored scores (0.758 → 0.812): docs/RESULTS.md, 2026-12-07
+DEFAULT_KIND = "anatomy-density"
 
 
 def get_kind(name: str | None) -> MapKind:
