@@ -6,9 +6,9 @@ Shaped like MONAI's sliding-window inference, with the decision of the paper aft
     grid.py             patch_map.py / voxel_map.py                                     decision.py
 
 * :data:`MAP_KINDS` — the registry of map kinds behind one interface (:class:`MapKind`): ``anatomy`` (the
-  platform default: the coarse-latent voxel map against a healthy reference per band of depth and position in
-  the lung; not in the paper), ``anatomy-density`` (that map and the lung's parenchyma density, each against
-  such a reference; opt-in; not in the paper), ``voxel`` (the same map against a depth-banded reference only;
+  coarse-latent voxel map against a healthy reference per band of depth and position in the lung; not in the
+  paper), ``anatomy-density`` (the platform default: that map and the aerated lung's parenchyma density, each
+  against such a reference; not in the paper), ``voxel`` (the same map against a depth-banded reference only;
   not in the paper) and ``patch`` (the paper's Log P map).
 * :mod:`.search` — the one operating-point search (objective, T rule, tie-break); :mod:`.evaluate` — the
   one evaluation; :mod:`.operating_point` — the one schema; :mod:`.row` — ``score_row``; :mod:`.batch` —

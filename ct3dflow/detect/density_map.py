@@ -1,4 +1,5 @@
-"""The anatomy voxel map plus the lung's own density (issue 16; not in the paper). ``scoring.map: anatomy-density``.
+"""The anatomy voxel map plus the lung's own density (issue 16; not in the paper). ``scoring.map: anatomy-density``,
+the platform's default since 2026-12-07.
 
 Why: ground glass, a haze that raises the lung from about −850 to −700…−400 HU, lies within 1.3 healthy MADs of
 the healthy median of the coarse-latent map under every model we trained (docs/RESULTS.md): the map keeps a
@@ -36,13 +37,13 @@ Measured (docs/RESULTS.md, 2026-12-06): on every stored crosswise and site-adapt
 model-and-direction runs, 36 validation studies each) the cross-fitted search took the density in 8 and left it
 out in 2; the test AUROC was never below ``anatomy``'s and rose by 0.01–0.15 where the density was taken (mean
 0.707 → 0.780). On the demo's 22 validation studies and its two-minute model, though, the search took the
-density and the test AUROC fell from 0.808 to 0.579. So it is opt-in (``scoring.map: anatomy-density``), not
-the default: a site chooses it on its own validation studies, as it chooses site adaptation. The margin
+density and the test AUROC fell from 0.808 to 0.579, so it stayed opt-in that night. The margin
 (2026-12-06, near midnight) cut the density's healthy tail at the lung's edge (validation normals, voxels beyond
 4 healthy MADs: family A 17 → 6.5 cm³ per study, family B 9 → 4; the demo's normals at its chosen point 24 → 4
 cm³) and left the study ranking where it was (mean test AUROC over 8 runs 0.777 → 0.772; the best any grid
 point reaches 0.816 → 0.809). Reading the aerated lung only (2026-12-07) raised it: mean test AUROC over the same 8
-runs 0.772 → 0.815, never lower by more than 0.003, A→A 0.942 and B→A 0.831 (docs/RESULTS.md).
+runs 0.772 → 0.815, never lower by more than 0.003, A→A 0.942 and B→A 0.831; ``anatomy`` gives 0.711 there) and
+the demo's stored scores (test AUROC 0.812, ``anatomy`` 0.758), so it became the default.
 """
 
 from __future__ import annotations
