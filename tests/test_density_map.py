@@ -135,6 +135,7 @@ def test_the_aerated_reading_keeps_a_thick_vessel_inside_the_lung_out_of_the_den
         with pytest.raises(ValueError, match="density_below_hu must be a CT number"):
             AnatomyDensityMap().settings({"density_below_hu": bad}, 8)
     assert AnatomyDensityMap().settings({"density_below_hu": "off"}, 8)["density_below_hu"] == "off"
+    assert AnatomyDensityMap().settings({"density_below_hu": False}, 8)["density_below_hu"] == "off"  # YAML's off
 
 
 def test_density_score_round_trips_and_a_plain_voxel_map_is_refused(tmp_path):

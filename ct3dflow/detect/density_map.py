@@ -100,7 +100,9 @@ def parenchyma_density(volume: np.ndarray, strict: np.ndarray, size: int = DENSI
     separable stand-in for the ``size³`` cube's, about 10–30× faster on a chest (bench/density.py), and as blind
     to a thin vessel, which fills at most the pass along it. Before each pass every voxel outside the core takes
     the value of its nearest core voxel, so the chest wall, the mediastinum and the partial volume at the
-    lung's edge never enter a window."""
+    lung's edge never enter a window. With ``below`` (on the preprocessed scale, :func:`below_normalised`) only the
+    core's voxels below it, ``margin`` voxels from everything above it, are read, and every other voxel takes the
+    nearest such voxel's value: the hilum's vessels, which the hole-filled strict mask holds, stay out."""
     m = lung_core(strict, margin)
     out = np.full(np.shape(volume), np.nan, np.float32)
     if not m.any():
@@ -188,7 +190,7 @@ class AnatomyDensityMap(AnatomyMap):
         if isinstance(margin, bool) or not isinstance(margin, int | np.integer) or margin < 0:
             raise ValueError(f"scoring.density_margin must be a whole number of voxels ≥ 0, got {margin!r}")
         below = scoring.get("density_below_hu")
-        below = DENSITY_BELOW_HU if below is None else below
+        below = DENSITY_BELOW_HU if below is None else "off" if below is False else below  # YAML reads off as False
         if below != "off" and (isinstance(below, bool) or not isinstance(below, int | float) or not -1000 < below < 0):
             raise ValueError(f"scoring.density_below_hu must be a CT number between −1000 and 0 HU (aerated lung lies "
                              f"below it), or \"off\", got {below!r}")
