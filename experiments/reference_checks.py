@@ -149,7 +149,7 @@ class TwoDensities(AnatomyDensityMap):
         return ref
 
     def atypicality(self, score, mask, params, reference) -> np.ndarray:
-        a = super().atypicality(score, mask, {**params}, reference)
+        a = super().atypicality(score, mask, params, reference)
         w = float(params["outer_weight"])
         if w == 0:
             return a

@@ -28,8 +28,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 from reference_checks import studies_of  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
+from transfer import summarise  # noqa: E402
 
 from ct3dflow.detect.density_map import AnatomyDensityMap  # noqa: E402
+from ct3dflow.detect.evaluate import evaluate_volumes  # noqa: E402
 from ct3dflow.detect.search import MapCache  # noqa: E402
 
 SIGMAS, TAUS = (1.0, 2.0), (2.0, 3.0, 4.0, 5.0, 6.0)
@@ -52,16 +54,15 @@ def fused(vf, vd, ratio: float) -> np.ndarray:
 
 def choose(y, by_sigma: dict, ratios) -> tuple[float, tuple]:
     """The best validation AUROC and its (σ, τ, τ_density, ratio); ties go to the flow alone, then higher τs."""
-    best = (-1.0, None)
+    trials = []
     for sigma, (vf, vd) in by_sigma.items():
         for (j, t), (k, td), r in itertools.product(enumerate(TAUS), enumerate(TAUS_DENSITY), ratios):
             if np.isinf(r) and k > 0:
                 continue  # the density's threshold means nothing without it
             auc = roc_auc_score(y, fused(vf[:, j], vd[:, k], r))
-            key = (auc, np.isinf(r), t, td)
-            if best[1] is None or key > best[2]:
-                best = (auc, (sigma, j, k, r), key)
-    return best[0], best[1]
+            trials.append(((auc, np.isinf(r), t, td), (sigma, j, k, r)))
+    key, choice = max(trials, key=lambda trial: trial[0])  # the first of equal keys, in grid order
+    return key[0], choice
 
 
 def main(argv=None) -> int:
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         data = runs[d.split("->")[1]]
         val, test = (studies_of(Path(a.transfer), d, data, s, 50.0, True) for s in ("val", "test"))
         cache = MapCache(kind, val)
-        yv, yt = np.array([s.label for s in val]), np.array([s.label for s in test])
+        yv = np.array([s.label for s in val])
         on_val, on_test = {}, {}
         for sigma in SIGMAS:
             params = {"sigma_vox": sigma, "density_weight": 1.0, "tau_z": 4.0, "v_min_cm3": 0.0}
@@ -87,14 +88,12 @@ def main(argv=None) -> int:
         for label, ratios in (("fused", RATIOS), ("flow alone", (np.inf,))):
             auc, (sigma, j, k, r) = choose(yv, on_val, ratios)
             vf, vd = on_test[sigma]
-            test_auc = roc_auc_score(yt, fused(vf[:, j], vd[:, k], r))
-            kinds = {}
-            for kname in sorted({s.pathology for s in test if s.pathology}):
-                sel = np.array([s.label == 0 or s.pathology == kname for s in test])
-                kinds[kname] = roc_auc_score(yt[sel], fused(vf[sel, j], vd[sel, k], r))
+            # AUROC does not depend on T: the platform's evaluation gives it with its CI and per kind
+            te = summarise(evaluate_volumes(test, fused(vf[:, j], vd[:, k], r), 0.0, n_boot=200))
+            lo, hi = te["auroc_ci"]
             print(f"| {d} | {label} | σ {sigma:g}, τ {TAUS[j]:g}, τ_density {TAUS_DENSITY[k]:g}, ratio {r:g} | "
-                  f"{auc:.3f} | **{test_auc:.3f}** | " + ", ".join(f"{v:.2f}" for v in kinds.values()) + " |",
-                  flush=True)
+                  f"{auc:.3f} | **{te['auroc']:.3f}** ({lo:.2f}–{hi:.2f}) | "
+                  + ", ".join(f"{v:.2f}" for v in te["per_kind_auroc"].values()) + " |", flush=True)
     return 0
 
 
