@@ -135,6 +135,7 @@ class StudyCache:
             lung_volume_right_cm3=meta["lung_volume_right_cm3"],
             lung_volume_left_cm3=meta["lung_volume_left_cm3"],
             notes=list(meta["notes"]),
+            hu_window=(float(meta["preprocess"]["hu_min"]), float(meta["preprocess"]["hu_max"])),
         )
 
     def study_ids(self) -> list[str]:

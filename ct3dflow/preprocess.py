@@ -90,6 +90,9 @@ class PreprocessedStudy:
     lung_volume_right_cm3: float
     lung_volume_left_cm3: float
     notes: list[str] = field(default_factory=list)
+    # the HU window ``volume`` was normalised with (PreprocessConfig.hu_min, hu_max): what puts a CT number on its
+    # scale (``scoring.density_below_hu``)
+    hu_window: tuple = (PreprocessConfig.hu_min, PreprocessConfig.hu_max)
 
     def reference_image(self) -> sitk.Image:
         """An empty float32 image with this study's geometry, for writing maps."""
@@ -302,4 +305,5 @@ def preprocess_study(
         lung_volume_right_cm3=float(right),
         lung_volume_left_cm3=float(left),
         notes=notes,
+        hu_window=(float(cfg.hu_min), float(cfg.hu_max)),
     )

@@ -39,6 +39,9 @@ def test_hit_then_recompute_on_changed_content_or_setting(tmp_path):
     assert not other.hit and other.key != changed.key
     meta = json.loads((tmp_path / "cache" / "s1" / "meta.json").read_text())
     assert meta["key"] == other.key and meta["preprocess"]["hu_max"] == 100.0
+    # the study says which window its volume was normalised with, served fresh or from the cache
+    assert other.study.hu_window == (-1020.0, 100.0) and first.study.hu_window == (-1020.0, 200.0)
+    assert cache.get_or_compute("s1", src, PreprocessConfig(hu_max=100.0)).study.hu_window == (-1020.0, 100.0)
 
 
 def test_masks_are_nifti_on_the_volume_grid_and_dicom_folders_are_keyed(tmp_path):

@@ -51,6 +51,15 @@ def _chest(rng, haze: bool, shape=(40, 48, 72)):
     return ct, strict.astype(np.uint8), permissive.astype(np.uint8), block
 
 
+def _tiny_flow():
+    from ct3dflow.flow import Glow3D
+
+    torch.manual_seed(0)
+    g = Glow3D(levels=2, steps=1, width=8, patch_size=8)
+    g.initialize(0.1 * torch.randn(4, 1, 8, 8, 8) - 0.3)
+    return g.eval()
+
+
 def _study(rng, i, label):
     ct, strict, permissive, _ = _chest(rng, bool(label))
     flow = ndimage.gaussian_filter(rng.standard_normal(ct.shape), 1.0).astype(np.float32)  # blind to the haze
@@ -138,6 +147,30 @@ def test_the_aerated_reading_keeps_a_thick_vessel_inside_the_lung_out_of_the_den
     assert AnatomyDensityMap().settings({"density_below_hu": False}, 8)["density_below_hu"] == "off"  # YAML's off
 
 
+def test_the_aerated_threshold_follows_the_study_s_own_hu_window():
+    """``density_below_hu`` is a CT number: a study preprocessed with another HU window (here the scanner's full
+    range) is read at the same voxels as with the default one; put on the default window's scale instead, −300 HU
+    would lie above the vessel's blood and read it as lung."""
+    from ct3dflow.preprocess import PreprocessConfig, denormalise
+
+    ct, strict, permissive, _ = _chest(np.random.default_rng(2), haze=True)
+    vessel = np.zeros(ct.shape, bool)
+    vessel[16:24, 8:40, 50:55] = True
+    ct[vessel] = normalise(np.float32(40.0))
+    wide = PreprocessConfig(hu_min=-1024.0, hu_max=3071.0)
+    ct_wide = normalise(denormalise(ct), wide)
+    study = SimpleNamespace(volume=ct_wide, strict=strict, permissive=permissive, spacing=SP,
+                            hu_window=(wide.hu_min, wide.hu_max))
+    kind = get_kind("anatomy-density")
+    got = kind.score(_tiny_flow(), study, kind.settings({"stride": 8, "precision": "fp32"}, 8)).parenchyma
+    default = parenchyma_density(ct, strict, below=below_normalised(-300.0))
+    core = lung_core(strict)
+    np.testing.assert_allclose(denormalise(got[core], wide), denormalise(default[core]), atol=1.0)  # HU
+    wrong = parenchyma_density(ct_wide, strict, below=below_normalised(-300.0))  # the default window's threshold
+    inside = vessel & core
+    assert np.mean(denormalise(wrong[inside], wide) > -300.0) > 0.5 > np.mean(denormalise(got[inside], wide) > -300)
+
+
 def test_density_score_round_trips_and_a_plain_voxel_map_is_refused(tmp_path):
     rng = np.random.default_rng(1)
     s = _study(rng, 0, 1).score
@@ -217,12 +250,8 @@ def test_the_platform_default_is_the_anatomy_map_with_the_aerated_density():
 def test_the_kind_scores_a_study_through_score_row(tmp_path):
     """The predictor is the voxel map's (the same flow map as ``anatomy``); the density comes with it."""
     from ct3dflow.detect.row import resolve_settings, score_row
-    from ct3dflow.flow import Glow3D
 
-    torch.manual_seed(0)
-    g = Glow3D(levels=2, steps=1, width=8, patch_size=8)
-    g.initialize(0.1 * torch.randn(4, 1, 8, 8, 8) - 0.3)
-    g.eval()
+    g = _tiny_flow()
     ct, strict, permissive, _ = _chest(np.random.default_rng(4), haze=True, shape=(24, 28, 40))
     study = SimpleNamespace(volume=ct, strict=strict, permissive=permissive, spacing=SP)
     kind = get_kind("anatomy-density")

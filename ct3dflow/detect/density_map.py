@@ -70,13 +70,16 @@ DENSITY_MARGIN = 2
 DENSITY_BELOW_HU = -300.0
 
 
-def below_normalised(below_hu) -> float | None:
-    """``scoring.density_below_hu`` on the preprocessed CT's scale (the default HU window; None for "off")."""
+def below_normalised(below_hu, hu_window=None) -> float | None:
+    """``scoring.density_below_hu`` on the scale of a CT normalised with ``hu_window`` (``(hu_min, hu_max)`` of
+    its preprocessing, ``PreprocessedStudy.hu_window``; None: the default window); None for "off"."""
     if below_hu is None or (isinstance(below_hu, float) and np.isnan(below_hu)) or below_hu == "off":
         return None
-    from ..preprocess import normalise
+    from ..preprocess import PreprocessConfig, normalise
 
-    return float(normalise(np.float32(below_hu)))
+    cfg = PreprocessConfig() if hu_window is None else PreprocessConfig(hu_min=float(hu_window[0]),
+                                                                         hu_max=float(hu_window[1]))
+    return float(normalise(np.float32(below_hu), cfg))
 
 
 def lung_core(strict: np.ndarray, margin: int = DENSITY_MARGIN) -> np.ndarray:
@@ -203,7 +206,7 @@ class AnatomyDensityMap(AnatomyMap):
         margin = int(settings.get("density_margin", DENSITY_MARGIN))
         below = settings.get("density_below_hu", DENSITY_BELOW_HU)
         dens = parenchyma_density(study.volume, study.strict, percentile=pct, margin=margin,
-                                  below=below_normalised(below))
+                                  below=below_normalised(below, getattr(study, "hu_window", None)))
         return DensityScore(**vars(flow), density_percentile=pct, density_margin=margin, parenchyma=dens,
                             density_below_hu=float("nan") if below == "off" else float(below))
 
