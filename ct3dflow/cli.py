@@ -156,10 +156,11 @@ def cmd_tune_local(a) -> int:
     kind = _kind_of_results(results)
     studies = load_scored_studies(kind, _split_rows(a.manifest, "val"), results, a.cache)
     given = {k: v for k, v in {"sigma_vox": a.sigma, "tau_z": a.tau, "v_min_cm3": a.v_min,
-                               "density_weight": a.density_weight}.items() if v}
-    if "density_weight" in given and "density_weight" not in kind.space:
-        raise SystemExit(f"--density-weight is a setting of the anatomy-density map; these scores are the "
-                         f"{kind.name} map's")
+                               "density_weight": a.density_weight, "blob_weight": a.blob_weight}.items() if v}
+    for key in ("density_weight", "blob_weight"):
+        if key in given and key not in kind.space:
+            raise SystemExit(f"--{key.replace('_', '-')} is a setting of the anatomy-density map; these scores are "
+                             f"the {kind.name} map's")
     rule = threshold_rule("specificity" if a.target_specificity else "best_f1", a.target_specificity)
     op, trials = grid_search(kind, studies, given, rule, folds=a.reference_folds)
     op.save(a.out)
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--v-min", type=float, nargs="+", help="v_min grid in cm³")
     s.add_argument("--density-weight", type=float, nargs="+",
                    help="anatomy-density map: grid of the density's weight (0: the flow's map alone)")
+    s.add_argument("--blob-weight", type=float, nargs="+",
+                   help="anatomy-density map: grid of the bright-blob response's weight (0: without it)")
     s.add_argument("--target-specificity", type=float, default=None,
                    help="choose T as the lowest with at least this validation specificity (default: best F1)")
     s.add_argument("--reference-folds", type=int, default=DEFAULT_REFERENCE_FOLDS,

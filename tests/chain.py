@@ -32,7 +32,8 @@ TINY_TRAIN = {"levels": 2, "steps": 2, "width": 8, "patch_size": 16, "batch_size
 # (two trials per kind, one after the other in one reused trial actor)
 TUNE = {"num_samples": 1, "threshold_cm3": [0.0, 1.0e6], "seed": 0, "n_boot": 200, "max_concurrent_trials": 1,
         "anatomy-density": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [2.0]},
-                            "v_min_cm3": {"grid": [0.0, 0.0001]}, "density_weight": {"grid": [0.5]}},
+                            "v_min_cm3": {"grid": [0.0, 0.0001]}, "density_weight": {"grid": [0.5]},
+                            "blob_weight": {"grid": [0.5]}},
         "patch": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [-1.0]}, "v_min_cm3": {"grid": [0.0, 0.0001]}}}
 GLOW, AE = "ct3dflow-glow3d-te", "ct3dflow-ae-te"
 AE_ARGS = ("--set", "train.model=ae", "--set", "name=te-ae", "--set", f"mlflow.registered_model={AE}",

@@ -175,6 +175,9 @@ def test_voxel_map_chain(chain):
     with pytest.raises(SystemExit, match="--density-weight is a setting of the anatomy-density map.*voxel map"):
         main(["tune-local", "--manifest", str(chain["manifest"]), "--cache", str(chain["cache"]), "--results",
               str(d / "vscores" / "results.parquet"), "--out", str(d / "x.json"), "--density-weight", "0.5"])
+    with pytest.raises(SystemExit, match="--blob-weight is a setting of the anatomy-density map.*voxel map"):
+        main(["tune-local", "--manifest", str(chain["manifest"]), "--cache", str(chain["cache"]), "--results",
+              str(d / "vscores" / "results.parquet"), "--out", str(d / "x.json"), "--blob-weight", "1"])
     op = json.loads((d / "voxel_operating_point.json").read_text())
     assert op["map"] == "voxel" and op["scoring"] == {"stride": 8, "part": "top_latent", "patch_size": 16}
     p = op["params"]

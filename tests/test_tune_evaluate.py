@@ -180,8 +180,9 @@ def test_tune_local_chooses_the_ray_tune_jobs_point(jobs_done, tmp_path):
         argv = ["tune-local", "--manifest", str(tmp / "archive" / "manifest.parquet"), "--cache", str(tmp / "cache"),
                 "--results", str(val), "--out", str(out), "--sigma", *map(str, space["sigma_vox"]["grid"]),
                 "--tau", *map(str, space["tau_z"]["grid"]), "--v-min", *map(str, space["v_min_cm3"]["grid"])]
-        if "density_weight" in space:
-            argv += ["--density-weight", *map(str, space["density_weight"]["grid"])]
+        for key in ("density_weight", "blob_weight"):
+            if key in space:
+                argv += [f"--{key.replace('_', '-')}", *map(str, space[key]["grid"])]
         assert main(argv) == 0
         local = json.loads(out.read_text())
         job = dict(tuned["operating_point"])

@@ -1,5 +1,5 @@
-"""The voxel map against a healthy reference that knows the anatomy (issue 16; not in the paper). The
-platform's default kind (``scoring.map: anatomy``).
+"""The voxel map against a healthy reference that knows the anatomy (issue 16; not in the paper):
+``scoring.map: anatomy``, and the flow's part of the platform's default, ``anatomy-density`` (:mod:`.density_map`).
 
 The depth-banded reference of :mod:`.voxel_map` asks only how deep into the lung a voxel lies. Around the
 hilum the lung holds the airways and the large vessels, whose coarse-latent values differ from peripheral
@@ -18,6 +18,8 @@ and changes the reference:
   (``z = Φ⁻¹(F(v))``, linear beyond the extreme healthy quantiles with the band's robust scale), so that τ
   would mean the same tail probability in every band; with 53 quantiles per band it fits the validation
   normals it was fitted on too closely (cross-fitted it loses to MAD, docs/RESULTS.md).
+  ``"tail"`` is for a channel that is 0 in most healthy lung and one-sided (the bright-blob response of
+  :mod:`.blobs`): ``z = 3.09 · v / (the band's healthy 99.9th percentile)``.
 * A band with too few healthy voxels (``MIN_BAND_VOXELS``) falls back to its depth band, so a small validation
   set degrades to the depth reference instead of failing.
 
@@ -45,6 +47,9 @@ from scipy.special import ndtr
 from .voxel_map import DEFAULT_DEPTH_BINS, VoxelMap, smooth_in_mask
 
 MIN_BAND_VOXELS = 200
+# the "tail" calibration, for a channel that is 0 in most healthy lung (the bright-blob response, whose MAD is 0):
+# z is its value in units of the band's healthy TAIL_PERCENTILE, which sits at TAIL_Z
+TAIL_PERCENTILE, TAIL_Z = 99.9, 3.09
 FRACTION_RADIUS = 12  # voxels: half of the detection model's 24³ window on the 2 mm grid
 _Z_GRID = np.linspace(-3.9, 3.9, 53)  # quantiles stored at these standard-normal positions (p = 5e-5 … 1 − 5e-5)
 
@@ -143,6 +148,9 @@ def _band_index(m: np.ndarray, bins, lateral: int, vertical: int, fraction: int)
 
 
 def _stats(vals: np.ndarray, calibration: str) -> dict:
+    if calibration == "tail":  # one-sided, mostly 0: z = TAIL_Z at the healthy TAIL_PERCENTILE, 0 at 0
+        top = float(np.percentile(vals, TAIL_PERCENTILE))
+        return {"median": 0.0, "scale": max(top, 1e-6) / TAIL_Z, "n": int(vals.size)}
     mu = float(np.median(vals))
     sd = float(1.4826 * np.median(np.abs(vals - mu)))
     sd = sd if sd > 0 else float(vals.std() or 1.0)

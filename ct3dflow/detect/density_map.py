@@ -1,5 +1,5 @@
-"""The anatomy voxel map plus the lung's own density (issue 16; not in the paper). ``scoring.map: anatomy-density``,
-the platform's default since 2026-12-07.
+"""The anatomy voxel map plus the lung's own density and its bright blobs (issue 16; not in the paper).
+``scoring.map: anatomy-density``, the platform's default since 2026-12-07.
 
 Why: ground glass, a haze that raises the lung from about −850 to −700…−400 HU, lies within 1.3 healthy MADs of
 the healthy median of the coarse-latent map under every model we trained (docs/RESULTS.md): the map keeps a
@@ -17,21 +17,30 @@ density is read where it means lung:
   the flow's map still sees. Only the *aerated* lung is read (``density_below_hu``, default −300 HU, and
   ``margin`` voxels from vessels and airway walls as well): the strict mask fills its holes, so the hilum's large
   vessels lie in its core and read as dense as ground glass.
+* **Bright blobs** (:func:`.blobs.bright_blobness`, ``scoring.blobs``, default scales 1.5, 2.5 and 3.5 voxels;
+  ``"off"`` leaves them out): where the CT holds a solid ball (a nodule, a consolidation's body), read on the
+  *permissive* mask's core (``density_margin`` voxels inside it), where subpleural consolidation lies that the
+  strict mask leaves out. Tubes and planes, the lung's own solid structures, answer 0. A flow trained on other
+  chests gives such lesions too little contrast (docs/img/transfer-misses-a-to-b.png); this reads the CT alone.
 * **Score**: the voxel map (:class:`DensityScore`, a :class:`VoxelScore`) with the parenchyma density beside
-  it, NaN outside the core.
+  it, NaN outside the core, and the blob response, NaN outside its core.
 * **Reference**: two anatomy references (:func:`fit_anatomy_reference`, median and MAD per band of depth,
   medial–lateral and cranio-caudal position): the flow's map on the permissive mask, as ``anatomy`` does, and
   the density on the core, with the same depth bands less the margin (:func:`core_bins`). Both from healthy
   validation studies only: a density reference means something only on the scanner and protocol it was fitted
-  on, so it is always the site's own.
-* **Atypicality**: ``−max(|z_flow|, density_weight·|z_density|)``: a voxel is abnormal where the flow's map
-  is more than τ from healthy, or the density more than τ/density_weight. The weight is searched on validation
+  on, so it is always the site's own. The blob response has a third, with the ``"tail"`` calibration: it is 0 in
+  most healthy lung (its MAD is 0), so it is measured in units of its healthy 99.9th percentile per band.
+* **Atypicality**: ``−max(|z_flow|, density_weight·|z_density|, blob_weight·z_blob)``: a voxel is abnormal where
+  the flow's map is more than τ from healthy, the density more than τ/density_weight, or the blob response more
+  than τ/(3.09·blob_weight) times its healthy 99.9th percentile. The weight is searched on validation
   like σ and τ: the density's healthy tails (vessels where the strict mask meets the hilum, the dependent lung)
-  are heavier than the flow's, and at weight 0 this kind is ``anatomy`` exactly, so a site whose validation
-  studies gain nothing from the density gets the flow's map alone.
+  are heavier than the flow's, and at weights 0 this kind is ``anatomy`` exactly, so a site whose validation
+  studies gain nothing from the density or the blobs gets the flow's map alone. Points tuned before the blobs
+  existed have no ``blob_weight`` and were scored without them (``point_defaults``): they map as they were chosen.
 
 Everything else (σ-smoothing inside each mask, components ≥ v_min, T) is the voxel map's, and so is the
-predictor: this kind costs one separable median filter per study beyond ``anatomy`` (bench/density.py).
+predictor: this kind costs one separable median filter per study beyond ``anatomy``, and the blob response's 18
+Gaussian derivatives and a 3 × 3 eigenvalue problem per voxel of the permissive core (bench/density.py).
 
 Measured (docs/RESULTS.md, 2026-12-06): on every stored crosswise and site-adapted map of issue 16 (10
 model-and-direction runs, 36 validation studies each) the cross-fitted search took the density in 8 and left it
@@ -55,6 +64,7 @@ import numpy as np
 from scipy import ndimage
 
 from .anatomy_map import AnatomyMap, anatomy_z, fit_anatomy_reference
+from .blobs import BLOB_SIGMAS, bright_blobness
 from .voxel_map import VoxelScore, smooth_in_mask
 
 DENSITY_CUBE = 7  # voxels (14 mm on the 2 mm grid): wider than the lung's vessels outside the hilum
@@ -137,12 +147,17 @@ class DensityScore(VoxelScore):
     density_percentile: float = DENSITY_PERCENTILE
     density_margin: int = DENSITY_MARGIN
     density_below_hu: float = float("nan")  # NaN: "off", every voxel of the core was read
+    blob: np.ndarray | None = None  # the bright-blob response on the permissive core (NaN elsewhere); None: "off"
+    blob_sigmas: tuple = ()  # its scales in voxels; () with blob None
 
     def arrays(self) -> dict:
-        return {**super().arrays(), "parenchyma": self.parenchyma,
-                "density_percentile": np.float64(self.density_percentile),
-                "density_margin": np.int64(self.density_margin),
-                "density_below_hu": np.float64(self.density_below_hu)}
+        out = {**super().arrays(), "parenchyma": self.parenchyma,
+               "density_percentile": np.float64(self.density_percentile),
+               "density_margin": np.int64(self.density_margin),
+               "density_below_hu": np.float64(self.density_below_hu)}
+        if self.blob is not None:
+            out.update(blob=self.blob, blob_sigmas=np.asarray(self.blob_sigmas, np.float64))
+        return out
 
     @classmethod
     def load(cls, path) -> DensityScore:
@@ -153,14 +168,21 @@ class DensityScore(VoxelScore):
             # files written before the margin was recorded read the whole strict mask
             margin = int(f["density_margin"]) if "density_margin" in f.files else 0
             below = float(f["density_below_hu"]) if "density_below_hu" in f.files else float("nan")
+            blob = f["blob"] if "blob" in f.files else None  # files from before 2026-12-07 (morning) have none
+            sigmas = tuple(float(v) for v in f["blob_sigmas"]) if blob is not None else ()
             return cls(**cls.fields_of(f), parenchyma=f["parenchyma"],
                        density_percentile=float(f["density_percentile"]), density_margin=margin,
-                       density_below_hu=below)
+                       density_below_hu=below, blob=blob, blob_sigmas=sigmas)
 
     @property
     def strict(self) -> np.ndarray:
         """Where the density was read: the strict lung mask's core (:func:`lung_core`)."""
         return np.isfinite(self.parenchyma)
+
+    @property
+    def blob_region(self) -> np.ndarray | None:
+        """Where the bright-blob response was read: the permissive mask's core (None: it was not)."""
+        return None if self.blob is None else np.isfinite(self.blob)
 
 
 def reference_fingerprint(reference: dict) -> tuple:
@@ -171,18 +193,20 @@ def reference_fingerprint(reference: dict) -> tuple:
 
 
 class AnatomyDensityMap(AnatomyMap):
-    """The anatomy voxel map, and the parenchyma density against its own anatomy reference (module docstring)."""
+    """The anatomy voxel map, the parenchyma density and the bright-blob response, each against its own anatomy
+    reference (module docstring)."""
 
     name = "anatomy-density"
-    title = ("coarse-latent voxel map and parenchyma density, each against a healthy median and MAD per anatomical "
-             "band; |z_flow| > τ or density_weight·|z_density| > τ (not in the paper)")
+    title = ("coarse-latent voxel map, parenchyma density and bright-blob response, each against a healthy reference "
+             "per anatomical band; |z_flow| > τ, density_weight·|z_density| > τ or blob_weight·z_blob > τ (not in "
+             "the paper)")
     score_file = "voxel_density_map.npz"
-    space = {**AnatomyMap.space, "density_weight": [0.0, 0.33, 0.5, 0.67, 1.0]}
-    map_params = ("sigma_vox", "density_weight")
+    space = {**AnatomyMap.space, "density_weight": [0.0, 0.33, 0.5, 0.67, 1.0], "blob_weight": [0.0, 0.5, 1.0]}
+    map_params = ("sigma_vox", "density_weight", "blob_weight")
     reference_params = ("sigma_vox",)  # the search refits the references per σ, not per weight
-    tie_break = (*AnatomyMap.tie_break, ("density_weight", "asc"))  # a lower weight flags less
+    tie_break = (*AnatomyMap.tie_break, ("density_weight", "asc"), ("blob_weight", "asc"))  # a lower weight flags less
     # what points made before these settings existed were scored with
-    point_defaults = {**AnatomyMap.point_defaults, "density_margin": 0, "density_below_hu": "off"}
+    point_defaults = {**AnatomyMap.point_defaults, "density_margin": 0, "density_below_hu": "off", "blobs": "off"}
 
     def settings(self, scoring: dict, patch_size: int) -> dict:
         pct = float(scoring.get("density_percentile") or DENSITY_PERCENTILE)
@@ -198,7 +222,8 @@ class AnatomyDensityMap(AnatomyMap):
             raise ValueError(f"scoring.density_below_hu must be a CT number between −1000 and 0 HU (aerated lung lies "
                              f"below it), or \"off\", got {below!r}")
         return {**super().settings(scoring, patch_size), "density_percentile": pct, "density_margin": int(margin),
-                "density_below_hu": below if below == "off" else float(below)}
+                "density_below_hu": below if below == "off" else float(below),
+                "blobs": blob_sigmas_setting(scoring.get("blobs"))}
 
     def score(self, predictor, study, settings: dict, device="cpu") -> DensityScore:
         flow = super().score(predictor, study, settings, device)
@@ -207,8 +232,12 @@ class AnatomyDensityMap(AnatomyMap):
         below = settings.get("density_below_hu", DENSITY_BELOW_HU)
         dens = parenchyma_density(study.volume, study.strict, percentile=pct, margin=margin,
                                   below=below_normalised(below, getattr(study, "hu_window", None)))
+        sigmas = settings.get("blobs", BLOB_SIGMAS)
+        blob = (None if sigmas == "off" else
+                bright_blobness(study.volume, lung_core(study.permissive, margin), tuple(float(v) for v in sigmas)))
         return DensityScore(**vars(flow), density_percentile=pct, density_margin=margin, parenchyma=dens,
-                            density_below_hu=float("nan") if below == "off" else float(below))
+                            density_below_hu=float("nan") if below == "off" else float(below), blob=blob,
+                            blob_sigmas=() if blob is None else tuple(float(v) for v in sigmas))
 
     def load_score(self, path) -> DensityScore:
         return DensityScore.load(path)
@@ -216,56 +245,89 @@ class AnatomyDensityMap(AnatomyMap):
     def score_settings(self, score: DensityScore) -> dict:
         below = float(score.density_below_hu)
         return {**super().score_settings(score), "density_percentile": float(score.density_percentile),
-                "density_margin": int(score.density_margin), "density_below_hu": "off" if np.isnan(below) else below}
+                "density_margin": int(score.density_margin), "density_below_hu": "off" if np.isnan(below) else below,
+                "blobs": "off" if score.blob is None else tuple(float(v) for v in score.blob_sigmas)}
 
-    def _smoothed(self, score: DensityScore, mask, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-        return (smooth_in_mask(score.voxel_map, mask, sigma),
-                smooth_in_mask(score.parenchyma, score.strict, sigma))
+    def _smoothed(self, score: DensityScore, mask, sigma: float) -> tuple:
+        """The flow's map, the density and the blob response (None where not scored), each smoothed in its mask."""
+        return (smooth_in_mask(score.voxel_map, mask, sigma), smooth_in_mask(score.parenchyma, score.strict, sigma),
+                None if score.blob is None else smooth_in_mask(score.blob, score.blob_region, sigma))
 
     def fit_reference(self, scores, masks, params) -> dict:
         sigma = float(params["sigma_vox"])
-        flow, density = zip(*(self._smoothed(s, m, sigma) for s, m in zip(scores, masks, strict=True)), strict=True)
+        flow, density, blob = zip(*(self._smoothed(s, m, sigma) for s, m in zip(scores, masks, strict=True)),
+                                  strict=True)
 
         margins = {int(s.density_margin) for s in scores}
         if len(margins) != 1:
             raise ValueError(f"the studies' densities were read at different margins {sorted(margins)}: score them "
                              "again with one scoring.density_margin")
+        blobs = {s.blob_sigmas for s in scores}
+        if len(blobs) != 1:
+            raise ValueError(f"the studies' bright-blob responses were read at different scales {sorted(blobs)} (() "
+                             "where scoring.blobs was off): score them again with one scoring.blobs")
+        bins = core_bins(self.bins, margins.pop())
 
-        def fit(maps, ms, bins):
-            return fit_anatomy_reference(maps, ms, bins, self.lateral, self.vertical, self.calibration, self.fraction)
+        def fit(maps, ms, bins, calibration=self.calibration):
+            return fit_anatomy_reference(maps, ms, bins, self.lateral, self.vertical, calibration, self.fraction)
 
-        return {"type": "anatomy-density", "flow": fit(flow, masks, self.bins),
-                "density": fit(density, [s.strict for s in scores], core_bins(self.bins, margins.pop()))}
+        ref = {"type": "anatomy-density", "flow": fit(flow, masks, self.bins),
+               "density": fit(density, [s.strict for s in scores], bins)}
+        if blobs.pop():  # a one-sided channel, 0 in most healthy lung: its healthy 99.9th percentile per band
+            ref["blob"] = fit(blob, [s.blob_region for s in scores], bins, "tail")
+        return ref
 
     def _z_inside(self, score: DensityScore, mask, sigma: float, reference: dict) -> tuple:
-        """``(inside, |z_flow|, |z_density|)`` at the voxels of ``mask`` (``|z_density|`` NaN off the strict lung).
-        The last triple is kept on the score, because the search rebuilds the map for every density_weight at one
-        σ and one reference; only the mask's voxels, so the memo is a fraction of the map the search holds."""
+        """``(inside, |z_flow|, |z_density|, z_blob)`` at the voxels of ``mask`` (``|z_density|`` NaN off the strict
+        lung; ``z_blob`` NaN off the permissive core, and everywhere where the reference has no blob part). The
+        last one is kept on the score, because the search rebuilds the map for every weight at one σ and one
+        reference; only the mask's voxels, so the memo is a fraction of the map the search holds."""
         key = (float(sigma), reference_fingerprint(reference))
         memo = getattr(score, "_z_memo", None)
         if memo is None or memo[0] != key:
+            if "blob" in reference and score.blob is None:
+                raise ValueError("the reference weighs the bright-blob response but this study was scored without "
+                                 "it (scoring.blobs: off, or a score file from before 2026-12-07): score it again")
             inside = np.asarray(mask) != 0
-            flow, density = self._smoothed(score, mask, sigma)
+            flow, density, blob = self._smoothed(score, mask, sigma)
+            z_blob = (np.full(int(inside.sum()), np.nan, np.float32) if "blob" not in reference else
+                      anatomy_z(reference["blob"], blob, score.blob_region)[inside])
             memo = (key, inside, np.abs(anatomy_z(reference["flow"], flow, mask))[inside],
-                    np.abs(anatomy_z(reference["density"], density, score.strict))[inside])
+                    np.abs(anatomy_z(reference["density"], density, score.strict))[inside], z_blob)
             score._z_memo = memo
         return memo[1:]
 
-    def z_maps(self, score: DensityScore, mask, sigma: float, reference: dict) -> tuple[np.ndarray, np.ndarray]:
-        """``(|z_flow|, |z_density|)`` on the study's grid (NaN outside ``mask``; the density's also off the
-        strict lung)."""
-        inside, z_flow, z_density = self._z_inside(score, mask, sigma, reference)
-        out = np.full((2, *inside.shape), np.nan, np.float32)
-        out[0][inside], out[1][inside] = z_flow, z_density
-        return out[0], out[1]
+    def z_maps(self, score: DensityScore, mask, sigma: float, reference: dict) -> tuple[np.ndarray, ...]:
+        """``(|z_flow|, |z_density|, z_blob)`` on the study's grid (NaN outside ``mask``; the density's also off
+        the strict lung, the blob's off the permissive core)."""
+        inside, *zs = self._z_inside(score, mask, sigma, reference)
+        out = np.full((3, *inside.shape), np.nan, np.float32)
+        for o, z in zip(out, zs, strict=True):
+            o[inside] = z
+        return tuple(out)
 
     def atypicality(self, score: DensityScore, mask, params, reference) -> np.ndarray:
-        inside, z_flow, z_density = self._z_inside(score, mask, float(params["sigma_vox"]), reference)
-        w = float(params["density_weight"])
+        inside, z_flow, z_density, z_blob = self._z_inside(score, mask, float(params["sigma_vox"]), reference)
+        w, wb = float(params["density_weight"]), float(params.get("blob_weight", 0.0))  # points before blobs: 0
         out = np.full(inside.shape, np.nan, np.float32)
         with np.errstate(invalid="ignore"):
-            out[inside] = -np.fmax(z_flow, w * z_density) if w > 0 else -z_flow
+            a = np.fmax(z_flow, w * z_density) if w > 0 else z_flow
+            out[inside] = -(np.fmax(a, wb * z_blob) if wb > 0 else a)
         return out
 
     def __repr__(self) -> str:
-        return f"<map kind {self.name!r}: the anatomy map and the parenchyma density>"
+        return f"<map kind {self.name!r}: the anatomy map, the parenchyma density and the bright-blob response>"
+
+
+def blob_sigmas_setting(value) -> tuple[float, ...] | str:
+    """``scoring.blobs``: the bright-blob response's scales in voxels (unset: BLOB_SIGMAS), or ``"off"``."""
+    if value is None:
+        return tuple(float(v) for v in BLOB_SIGMAS)
+    if value is False or value == "off":  # YAML reads off as False
+        return "off"
+    ok = isinstance(value, list | tuple) and value and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 8 for v in value)
+    if not ok:
+        raise ValueError(f"scoring.blobs must be a list of scales in voxels (each above 0 and at most 8, e.g. "
+                         f"{list(BLOB_SIGMAS)}), or \"off\", got {value!r}")
+    return tuple(float(v) for v in value)
