@@ -34,8 +34,9 @@ _DEFAULTS: dict = {
     # band of depth and position in the lung, and the lung's parenchyma density against its own anatomical
     # reference; docs/RESULTS.md; scoring.density_percentile, default 50, and
     # scoring.density_margin, default 2: voxels inside the strict lung's edge where the density is read, and
-    # scoring.density_below_hu, default -300: the aerated lung it reads, or "off"), anatomy (the flow's map
-    # alone), voxel (the same map, depth bands only) or patch (the paper's Log P map);
+    # scoring.density_below_hu, default -300: the aerated lung it reads, or "off"; and the bright-blob response
+    # on the permissive lung's core, scoring.blobs, default [1.5, 2.5, 3.5]: its scales in voxels, or "off"),
+    # anatomy (the flow's map alone), voxel (the same map, depth bands only) or patch (the paper's Log P map);
     # stride and batch size default per kind (voxel kinds 12, patch: patch size - 10); precision (every kind): auto
     # (bf16 autocast where the hardware runs bf16 natively, else fp32), fp32 or bf16
     # voxel kinds: merge: mean (default) or gaussian (overlapping windows weighted towards their centres; unmeasured)

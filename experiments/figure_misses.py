@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     cache = StudyCache(data / "cache")
     val, test = (studies_of(Path(a.transfer), a.direction, data, s, 50.0, True) for s in ("val", "test"))
     kind = AnatomyDensityMap()
-    op, _ = grid_search(kind, val, SPACE)
+    op, _ = grid_search(kind, val, {**SPACE, "blob_weight": [0.0]})  # the kind as it was before the bright blobs
     w, tau, sigma = op.params["density_weight"], op.params["tau_z"], op.params["sigma_vox"]
     print(f"{a.direction}: chosen {op.params}, T {op.threshold_cm3:.2f} cm³")
     fig, axes = plt.subplots(len(a.kinds), 4, figsize=(16, 4.0 * len(a.kinds)), squeeze=False)
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
             st = cache.load(s.study_id, mmap=True)
             lesion = lesion_on_grid(rows[s.study_id], st, "small") & (s.permissive != 0)
             vol, flagged, _ = kind.decide(s.score, s.permissive, s.spacing, op)
-            z_flow, z_density = kind.z_maps(s.score, s.permissive, sigma, op.reference)
+            z_flow, z_density, _ = kind.z_maps(s.score, s.permissive, sigma, op.reference)
             in_core = lesion & np.isfinite(z_density)
             found.append(dict(study=s, st=st, lesion=lesion, vol=vol, flagged=flagged, z_flow=z_flow,
                               z_density=z_density, core=in_core.sum() / max(lesion.sum(), 1),

@@ -48,10 +48,12 @@ from transfer import SPACE, summarise  # noqa: E402
 
 from ct3dflow.cache import StudyCache  # noqa: E402
 from ct3dflow.detect.anatomy_map import AnatomyMap, anatomy_z, fit_anatomy_reference  # noqa: E402
+from ct3dflow.detect.blobs import BLOB_SIGMAS, bright_blobness  # noqa: E402
 from ct3dflow.detect.density_map import (  # noqa: E402
     DENSITY_MARGIN,
     AnatomyDensityMap,
     DensityScore,
+    lung_core,
     parenchyma_density,
     reference_fingerprint,
 )
@@ -198,10 +200,23 @@ def local_spread(volume: np.ndarray, strict: np.ndarray, margin: int) -> np.ndar
     return parenchyma_density(dev, core, margin=0)
 
 
+def blob_of(vol: np.ndarray, hull: np.ndarray, margin: int, cached: Path | None) -> np.ndarray:
+    """The platform's bright-blob response on the permissive core (what ``anatomy-density`` scores), kept in
+    ``cached`` when given: it depends on the study alone, not on the model or the direction."""
+    if cached is not None and cached.exists():
+        return np.load(cached)
+    b = bright_blobness(vol, lung_core(hull, margin))
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cached, b)
+    return b
+
+
 def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
                parenchyma: float = 0.0, platform_kind: bool = False, detrend: str = "none",
                margin: int = DENSITY_MARGIN, feature: str = "median", where: str = "strict",
-               below_hu: float | None = None) -> list[ScoredStudy]:
+               below_hu: float | None = None, outer: str = "median", blobs: bool = False,
+               feature_cache: str | None = None) -> list[ScoredStudy]:
     res = pd.read_parquet(transfer / direction / split / "results.parquet").set_index("study_id")
     cache = StudyCache(data_run / "cache")
     out = []
@@ -219,11 +234,17 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
                 if parenchyma else None)
         if parenchyma and feature == "spread":
             dens = local_spread(vol, strict, margin)
-        maps = (DensityScore(**vars(flow), parenchyma=dens, density_percentile=parenchyma, density_margin=margin)
+        hull = np.asarray(st.permissive) != 0
+        blob = (blob_of(vol, hull, margin, None if feature_cache is None else
+                        Path(feature_cache) / f"{data_run.name}-m{margin}" / f"{r['study_id']}.npy")
+                if platform_kind and blobs else None)
+        maps = (DensityScore(**vars(flow), parenchyma=dens, density_percentile=parenchyma, density_margin=margin,
+                             blob=blob, blob_sigmas=BLOB_SIGMAS if blobs else ())
                 if platform_kind
                 else Maps(flow, vol, strict, dens))
         if platform_kind and where == "both":
-            maps.outer = parenchyma_density(vol, np.asarray(st.permissive) != 0, margin=margin)
+            maps.outer = local_spread(vol, hull, margin) if outer == "spread" else parenchyma_density(vol, hull,
+                                                                                                     margin=margin)
         out.append(ScoredStudy(r["study_id"], int(r["label"]), r["pathology"] if isinstance(r["pathology"], str)
                                else None, np.asarray(st.permissive), tuple(st.spacing), maps))
     return out
@@ -268,6 +289,13 @@ def main(argv=None) -> int:
                    "consolidation lies) instead of the strict one's")
     p.add_argument("--density-below", type=float, default=None, metavar="HU",
                    help="read the density only over voxels below this HU (aerated lung; ground glass stays)")
+    p.add_argument("--outer-feature", choices=("median", "spread"), default="median",
+                   help="anatomy-two-densities: the permissive core's channel is its density (median) or its local "
+                   "texture (spread, local_spread), where subpleural honeycombing lies")
+    p.add_argument("--blobs", action="store_true",
+                   help="anatomy-density: score the bright-blob response too (ct3dflow.detect.blobs; the platform's "
+                   "default since 2026-12-07) and search blob_weight; without it the kind as before that")
+    p.add_argument("--feature-cache", default=None, help="a folder to keep the blob responses in (per data run)")
     p.add_argument("--oracle", action="store_true",
                    help="also print the best test AUROC over the grid at v_min 0 (a ceiling, not a choice)")
     p.add_argument("--density-margin", type=int, default=DENSITY_MARGIN,
@@ -282,10 +310,13 @@ def main(argv=None) -> int:
             par = a.parenchyma_percentile if ("parenchyma" in name or name in kinds) else 0.0
             where = "both" if name == "anatomy-two-densities" else a.density_mask
             val, test = (studies_of(Path(a.transfer), d, data_run, s, par, name in kinds, a.density_detrend,
-                                     a.density_margin, a.density_feature, where, a.density_below)
+                                     a.density_margin, a.density_feature, where, a.density_below,
+                                     a.outer_feature, a.blobs, a.feature_cache)
                          for s in ("val", "test"))
             kind, t = (kinds[name]() if name in kinds else Candidate(name)), time.time()
-            op, _ = grid_search(kind, val, SPACE, folds=a.reference_folds)
+            # without --blobs the kind has no blob channel: its weight stays 0 instead of tripling the grid
+            space = {**SPACE, **({} if a.blobs or name not in kinds else {"blob_weight": [0.0]})}
+            op, _ = grid_search(kind, val, space, folds=a.reference_folds)
             op90, _ = grid_search(kind, val, {k: [op.params[k]] for k in kind.space},
                                   threshold_rule("specificity", 0.9), folds=a.reference_folds)
             te, t9 = summarise(evaluate(kind, op, test, n_boot=1000)), summarise(evaluate(kind, op90, test, n_boot=200))
@@ -295,7 +326,7 @@ def main(argv=None) -> int:
                   f"{te['specificity']:.3f} | {te['normal_volume_median_cm3']:.1f} cm³ | {t9['specificity']:.3f} / "
                   f"{t9['sensitivity']:.3f} | {per_kind} |  <!-- {op.params}, {time.time() - t:.0f} s -->", flush=True)
             if a.oracle:
-                top, at = oracle(kind, val, test, {**kind.space, **SPACE})
+                top, at = oracle(kind, val, test, {**kind.space, **space})
                 print(f"|   | ceiling over the grid (test, v_min 0) | | {top:.3f} | | | | |  <!-- {at} -->", flush=True)
     return 0
 
