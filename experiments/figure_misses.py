@@ -8,6 +8,14 @@ read in it:
     .venv/bin/python experiments/figure_misses.py      # A→B: consolidation, honeycombing
     .venv/bin/python experiments/figure_misses.py --direction 'B->A' --kinds honeycombing ground_glass \
         --out docs/img/transfer-misses-b-to-a.png
+
+With ``--blobs`` the kind is the platform's default as of 2026-12-07 02:30 UTC (the aerated density and the
+bright-blob response, ``z_blob`` in a fifth panel):
+
+    .venv/bin/python experiments/figure_misses.py --blobs --kinds honeycombing consolidation \
+        --out docs/img/transfer-misses-blobs-a-to-b.png
+    .venv/bin/python experiments/figure_misses.py --blobs --direction 'B->A' --kinds honeycombing nodule \
+        --out docs/img/transfer-misses-blobs-b-to-a.png
 """
 
 from __future__ import annotations
@@ -42,27 +50,35 @@ def main(argv=None) -> None:
     p.add_argument("--direction", default="A->B")
     p.add_argument("--kinds", nargs="+", default=["consolidation", "honeycombing"])
     p.add_argument("--out", default=str(ROOT / "docs" / "img" / "transfer-misses-a-to-b.png"))
+    p.add_argument("--blobs", action="store_true",
+                   help="the kind with the aerated density (-300 HU) and the bright blobs, as the platform's default")
+    p.add_argument("--feature-cache", default=None, help="reference_checks.py's folder of blob responses")
     a = p.parse_args(argv)
     np.seterr(all="ignore")
     data = EXP / ("det-" + a.direction.split("->")[1].lower())
     rows = {r["study_id"]: r for r in manifest_rows(data / "archive" / "manifest.parquet")}
     cache = StudyCache(data / "cache")
-    val, test = (studies_of(Path(a.transfer), a.direction, data, s, 50.0, True) for s in ("val", "test"))
+    extra = dict(below_hu=-300.0, blobs=True, feature_cache=a.feature_cache) if a.blobs else {}
+    val, test = (studies_of(Path(a.transfer), a.direction, data, s, 50.0, True, **extra) for s in ("val", "test"))
     kind = AnatomyDensityMap()
-    op, _ = grid_search(kind, val, {**SPACE, "blob_weight": [0.0]})  # the kind as it was before the bright blobs
+    op, _ = grid_search(kind, val, SPACE if a.blobs else {**SPACE, "blob_weight": [0.0]})  # without: as before them
     w, tau, sigma = op.params["density_weight"], op.params["tau_z"], op.params["sigma_vox"]
+    wb = op.params["blob_weight"]
     print(f"{a.direction}: chosen {op.params}, T {op.threshold_cm3:.2f} cm³")
-    fig, axes = plt.subplots(len(a.kinds), 4, figsize=(16, 4.0 * len(a.kinds)), squeeze=False)
+    n_col = 5 if a.blobs else 4
+    fig, axes = plt.subplots(len(a.kinds), n_col, figsize=(4 * n_col, 4.0 * len(a.kinds)), squeeze=False)
     for i, lesion_kind in enumerate(a.kinds):
         found = []
         for s in (s for s in test if s.pathology == lesion_kind):
             st = cache.load(s.study_id, mmap=True)
             lesion = lesion_on_grid(rows[s.study_id], st, "small") & (s.permissive != 0)
             vol, flagged, _ = kind.decide(s.score, s.permissive, s.spacing, op)
-            z_flow, z_density, _ = kind.z_maps(s.score, s.permissive, sigma, op.reference)
+            z_flow, z_density, z_blob = kind.z_maps(s.score, s.permissive, sigma, op.reference)
             in_core = lesion & np.isfinite(z_density)
             found.append(dict(study=s, st=st, lesion=lesion, vol=vol, flagged=flagged, z_flow=z_flow,
-                              z_density=z_density, core=in_core.sum() / max(lesion.sum(), 1),
+                              z_density=z_density, z_blob=z_blob, core=in_core.sum() / max(lesion.sum(), 1),
+                              blob=float(np.nanmedian(z_blob[lesion])) if a.blobs else np.nan,
+                              blob90=float(np.nanpercentile(z_blob[lesion], 90)) if a.blobs else np.nan,
                               flow=float(np.nanmedian(z_flow[lesion])),
                               density=float(np.nanmedian(w * z_density[in_core])) if in_core.any() else np.nan,
                               raw=float(np.nanmedian(z_density[in_core])) if in_core.any() else np.nan,
@@ -72,17 +88,20 @@ def main(argv=None) -> None:
             print(f"  {lesion_kind} {f['study'].study_id}: lesion {f['cm3']:.1f} cm³, {f['core']:.0%} in the density's "
                   f"core; median |z_flow| {f['flow']:.1f}, |z_density| {f['raw']:.1f} "
                   f"(× weight {w:g}: {f['density']:.1f}; τ {tau:g}); "
+                  + (f"z_blob median {f['blob']:.1f}, 90th pct {f['blob90']:.1f} (× {wb:g}); " if a.blobs else "") +
                   f"{f['hit']:.0%} of it flagged; study {f['vol']:.1f} cm³ against T {op.threshold_cm3:.1f}")
         f = min(found, key=lambda f: f["vol"])
         z0 = int(np.argmax(f["lesion"].sum(axis=(1, 2))))  # the axial slice with the most lesion
         panels = ((None, f"{f['study'].study_id}: {lesion_kind} {f['cm3']:.1f} cm³ (yellow)"),
                   ("z_flow", f"|z_flow|: lesion median {f['flow']:.1f}"),
                   ("z_density", f"|z_density| (core only; weighed in × {w:g}): lesion median {f['raw']:.1f}"),
+                  *((("z_blob", f"z_blob (× {wb:g}): lesion median {f['blob']:.1f}, 90th pct {f['blob90']:.1f}"),)
+                    if a.blobs else ()),
                   ("flagged", f"flagged (|z| > {tau:g}): {f['vol']:.1f} cm³, T {op.threshold_cm3:.1f}"))
         for j, (key, title) in enumerate(panels):
             ax = axes[i, j]
             ax.imshow(f["st"].volume[z0], cmap="gray", vmin=-0.5, vmax=0.5)
-            if key in ("z_flow", "z_density"):
+            if key in ("z_flow", "z_density", "z_blob"):
                 im = ax.imshow(f[key][z0], cmap="magma", vmin=0, vmax=tau + 1, alpha=0.7)
                 fig.colorbar(im, ax=ax, fraction=0.04)
             elif key == "flagged":
