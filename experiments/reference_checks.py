@@ -136,6 +136,7 @@ class TwoDensities(AnatomyDensityMap):
     own searched weight: ``−max(|z_flow|, density_weight·|z_density|, outer_weight·|z_outer|)``."""
 
     name = "anatomy-two-densities"
+    outer_calibration = "mad"  # "tail": in units of its healthy 99.9th percentile per band, as the blobs are
     space = {**AnatomyDensityMap.space, "outer_weight": [0.0, 0.5, 1.0]}
     map_params = (*AnatomyDensityMap.map_params, "outer_weight")
     tie_break = (*AnatomyDensityMap.tie_break, ("outer_weight", "asc"))
@@ -147,7 +148,8 @@ class TwoDensities(AnatomyDensityMap):
         sigma = float(params["sigma_vox"])
         outer = [np.isfinite(s.outer) for s in scores]
         ref["outer"] = fit_anatomy_reference([smooth_in_mask(s.outer, m, sigma) for s, m in zip(scores, outer)], outer,
-                                             core_bins(self.bins, int(scores[0].density_margin)), 3, 3, "mad")
+                                             core_bins(self.bins, int(scores[0].density_margin)), 3, 3,
+                                             self.outer_calibration)
         return ref
 
     def atypicality(self, score, mask, params, reference) -> np.ndarray:
@@ -292,6 +294,9 @@ def main(argv=None) -> int:
     p.add_argument("--outer-feature", choices=("median", "spread"), default="median",
                    help="anatomy-two-densities: the permissive core's channel is its density (median) or its local "
                    "texture (spread, local_spread), where subpleural honeycombing lies")
+    p.add_argument("--outer-calibration", choices=("mad", "tail"), default="mad",
+                   help="anatomy-two-densities: its second channel against median and MAD per band, or in units of "
+                   "its healthy 99.9th percentile (the blobs' calibration)")
     p.add_argument("--blobs", action="store_true",
                    help="anatomy-density: score the bright-blob response too (ct3dflow.detect.blobs; the platform's "
                    "default since 2026-12-07) and search blob_weight; without it the kind as before that")
@@ -314,6 +319,7 @@ def main(argv=None) -> int:
                                      a.outer_feature, a.blobs, a.feature_cache)
                          for s in ("val", "test"))
             kind, t = (kinds[name]() if name in kinds else Candidate(name)), time.time()
+            kind.outer_calibration = a.outer_calibration
             # without --blobs the kind has no blob channel: its weight stays 0 instead of tripling the grid
             space = {**SPACE, **({} if a.blobs or name not in kinds else {"blob_weight": [0.0]})}
             op, _ = grid_search(kind, val, space, folds=a.reference_folds)
