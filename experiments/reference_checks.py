@@ -20,7 +20,12 @@ space of ``transfer.py``) and tested once, beside the platform's ``anatomy`` ref
   (docs/RESULTS.md); variants of its density channel, none of which helped: ``--density-detrend`` (less the
   study's own level, or its level per coronal slab), ``--density-feature spread`` (the local texture instead),
   ``--density-mask permissive`` (read in the permissive mask's core);
-* ``anatomy-two-densities`` — that kind with a second density, the permissive core's, at its own weight.
+* ``anatomy-two-densities`` — that kind with a second channel on the permissive core at its own weight: its
+  density (``--outer-feature median``), 10th percentile (``p10``), texture (``spread``) or bright sheets
+  (``plate``, :func:`plateness`), against median and MAD or its healthy tail (``--outer-calibration``); none helped.
+
+``--blobs`` scores the platform's bright-blob response too (``ct3dflow.detect.blobs``, the default since
+2026-12-07 02:30 UTC; ``--blob-sigmas``, kept per study in ``--feature-cache``) and searches its weight.
 
 ``--oracle`` adds the best test AUROC any point of the grid (at v_min 0) reaches: a ceiling of the map, to
 tell a weak map from a poor choice on validation; it never chooses anything.
@@ -202,12 +207,38 @@ def local_spread(volume: np.ndarray, strict: np.ndarray, margin: int) -> np.ndar
     return parenchyma_density(dev, core, margin=0)
 
 
-def blob_of(vol: np.ndarray, hull: np.ndarray, margin: int, cached: Path | None) -> np.ndarray:
+def plateness(volume: np.ndarray, region: np.ndarray, sigmas=(1.0, 1.5)) -> np.ndarray:
+    """A bright-sheet response on ``region`` (NaN elsewhere), the largest over ``sigmas`` (voxels): σ²·(|λ1| − |λ2|)
+    where λ1 < 0 is the Hessian's most negative eigenvalue and λ2 the middle one (0 for blobs and tubes, whose two
+    largest are alike; |λ1| for a thin bright wall). Honeycombing is a network of such walls around dark cysts."""
+    box = ndimage.find_objects(region.astype(np.int8))[0]
+    pad = int(np.ceil(3 * max(sigmas))) + 1
+    sl = tuple(slice(max(s.start - pad, 0), s.stop + pad) for s in box)
+    v, m = np.asarray(volume[sl], np.float32), region[sl]
+    best = np.zeros(int(m.sum()), np.float32)
+    h = np.empty((best.size, 3, 3), np.float32)
+    for sigma in sigmas:
+        for i in range(3):
+            for j in range(i, 3):
+                order = [0, 0, 0]
+                order[i] += 1
+                order[j] += 1
+                h[:, i, j] = h[:, j, i] = ndimage.gaussian_filter(v, sigma, order=order, mode="nearest")[m] * sigma**2
+        lam = np.linalg.eigvalsh(h)
+        best = np.maximum(best, np.where(lam[:, 0] < 0, np.abs(lam[:, 0]) - np.abs(lam[:, 1]), 0.0))
+    out = np.full(np.shape(volume), np.nan, np.float32)
+    sub = np.full(m.shape, np.nan, np.float32)
+    sub[m] = best
+    out[sl] = sub
+    return out
+
+
+def blob_of(vol: np.ndarray, hull: np.ndarray, margin: int, cached: Path | None, sigmas=BLOB_SIGMAS) -> np.ndarray:
     """The platform's bright-blob response on the permissive core (what ``anatomy-density`` scores), kept in
     ``cached`` when given: it depends on the study alone, not on the model or the direction."""
     if cached is not None and cached.exists():
         return np.load(cached)
-    b = bright_blobness(vol, lung_core(hull, margin))
+    b = bright_blobness(vol, lung_core(hull, margin), sigmas)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         np.save(cached, b)
@@ -218,7 +249,7 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
                parenchyma: float = 0.0, platform_kind: bool = False, detrend: str = "none",
                margin: int = DENSITY_MARGIN, feature: str = "median", where: str = "strict",
                below_hu: float | None = None, outer: str = "median", blobs: bool = False,
-               feature_cache: str | None = None) -> list[ScoredStudy]:
+               feature_cache: str | None = None, blob_sigmas=BLOB_SIGMAS) -> list[ScoredStudy]:
     res = pd.read_parquet(transfer / direction / split / "results.parquet").set_index("study_id")
     cache = StudyCache(data_run / "cache")
     out = []
@@ -237,16 +268,19 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
         if parenchyma and feature == "spread":
             dens = local_spread(vol, strict, margin)
         hull = np.asarray(st.permissive) != 0
+        scales = "" if tuple(blob_sigmas) == BLOB_SIGMAS else "-s" + "-".join(f"{v:g}" for v in blob_sigmas)
         blob = (blob_of(vol, hull, margin, None if feature_cache is None else
-                        Path(feature_cache) / f"{data_run.name}-m{margin}" / f"{r['study_id']}.npy")
+                        Path(feature_cache) / f"{data_run.name}-m{margin}{scales}" / f"{r['study_id']}.npy",
+                        tuple(blob_sigmas))
                 if platform_kind and blobs else None)
         maps = (DensityScore(**vars(flow), parenchyma=dens, density_percentile=parenchyma, density_margin=margin,
-                             blob=blob, blob_sigmas=BLOB_SIGMAS if blobs else ())
+                             blob=blob, blob_sigmas=tuple(blob_sigmas) if blobs else ())
                 if platform_kind
                 else Maps(flow, vol, strict, dens))
         if platform_kind and where == "both":
-            maps.outer = local_spread(vol, hull, margin) if outer == "spread" else parenchyma_density(vol, hull,
-                                                                                                     margin=margin)
+            maps.outer = (local_spread(vol, hull, margin) if outer == "spread" else
+                          plateness(vol, lung_core(hull, margin)) if outer == "plate" else
+                          parenchyma_density(vol, hull, percentile=10.0 if outer == "p10" else 50.0, margin=margin))
         out.append(ScoredStudy(r["study_id"], int(r["label"]), r["pathology"] if isinstance(r["pathology"], str)
                                else None, np.asarray(st.permissive), tuple(st.spacing), maps))
     return out
@@ -291,15 +325,19 @@ def main(argv=None) -> int:
                    "consolidation lies) instead of the strict one's")
     p.add_argument("--density-below", type=float, default=None, metavar="HU",
                    help="read the density only over voxels below this HU (aerated lung; ground glass stays)")
-    p.add_argument("--outer-feature", choices=("median", "spread"), default="median",
-                   help="anatomy-two-densities: the permissive core's channel is its density (median) or its local "
-                   "texture (spread, local_spread), where subpleural honeycombing lies")
+    p.add_argument("--outer-feature", choices=("median", "p10", "spread", "plate"), default="median",
+                   help="anatomy-two-densities: the permissive core's channel is its density (median), its low tail "
+                   "(p10: the 10th percentile, where honeycombing's cysts are darker than lung) or its local texture "
+                   "(spread, local_spread) or its bright sheets (plate, plateness: honeycombing's walls), where "
+                   "subpleural honeycombing lies")
     p.add_argument("--outer-calibration", choices=("mad", "tail"), default="mad",
                    help="anatomy-two-densities: its second channel against median and MAD per band, or in units of "
                    "its healthy 99.9th percentile (the blobs' calibration)")
     p.add_argument("--blobs", action="store_true",
                    help="anatomy-density: score the bright-blob response too (ct3dflow.detect.blobs; the platform's "
                    "default since 2026-12-07) and search blob_weight; without it the kind as before that")
+    p.add_argument("--blob-sigmas", type=float, nargs="+", default=list(BLOB_SIGMAS),
+                   help="--blobs: the filter's scales in voxels (scoring.blobs)")
     p.add_argument("--feature-cache", default=None, help="a folder to keep the blob responses in (per data run)")
     p.add_argument("--oracle", action="store_true",
                    help="also print the best test AUROC over the grid at v_min 0 (a ceiling, not a choice)")
@@ -316,7 +354,7 @@ def main(argv=None) -> int:
             where = "both" if name == "anatomy-two-densities" else a.density_mask
             val, test = (studies_of(Path(a.transfer), d, data_run, s, par, name in kinds, a.density_detrend,
                                      a.density_margin, a.density_feature, where, a.density_below,
-                                     a.outer_feature, a.blobs, a.feature_cache)
+                                     a.outer_feature, a.blobs, a.feature_cache, tuple(a.blob_sigmas))
                          for s in ("val", "test"))
             kind, t = (kinds[name]() if name in kinds else Candidate(name)), time.time()
             kind.outer_calibration = a.outer_calibration
