@@ -124,3 +124,20 @@ def test_study_fusion_chooses_the_flow_alone_on_a_tie_and_the_density_where_it_s
     assert auc == 1.0 and r in (1.0, 2.0, 5.0, 10.0)
     np.testing.assert_array_equal(sf.fused(vf[:, 0], vd[:, 0], 10.0), np.maximum(vf[:, 0], vd[:, 0] / 10.0))
     np.testing.assert_array_equal(sf.fused(vf[:, 0], vd[:, 0], np.inf), vf[:, 0])
+
+
+def test_plateness_answers_a_thin_bright_wall_and_not_a_tube_or_a_ball():
+    """The bright-sheet channel measured for honeycombing's walls (and left out): σ²·(|λ1| − |λ2|)."""
+    z, y, x = np.mgrid[:33, :33, :33].astype(np.float64) - 16
+    s = 1.0
+    wall = np.exp(-(z * z) / (2 * s * s)).astype(np.float32)
+    tube = np.exp(-(y * y + z * z) / (2 * s * s)).astype(np.float32)
+    ball = np.exp(-(x * x + y * y + z * z) / (2 * s * s)).astype(np.float32)
+    region = np.zeros(wall.shape, bool)
+    region[8:25, 8:25, 8:25] = True
+    got = {name: rc.plateness(img, region) for name, img in (("wall", wall), ("tube", tube), ("ball", ball))}
+    assert np.isnan(got["wall"][~region]).all()
+    # at the centre of a Gaussian wall of width s, smoothed by σ: |λ1| = σ²·s/(s²+σ²)^{3/2}, λ2 = 0 (σ = 1.5 wins)
+    expect = max(g * g * s / (s * s + g * g) ** 1.5 for g in (1.0, 1.5))
+    np.testing.assert_allclose(got["wall"][16, 16, 16], expect, rtol=0.05)
+    assert got["tube"][16, 16, 16] < 0.02 * expect and got["ball"][16, 16, 16] < 0.02 * expect
