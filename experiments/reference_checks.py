@@ -53,7 +53,7 @@ from transfer import SPACE, summarise  # noqa: E402
 
 from ct3dflow.cache import StudyCache  # noqa: E402
 from ct3dflow.detect.anatomy_map import AnatomyMap, anatomy_z, fit_anatomy_reference  # noqa: E402
-from ct3dflow.detect.blobs import BLOB_SIGMAS, bright_blobness  # noqa: E402
+from ct3dflow.detect.blobs import BLOB_SIGMAS, bright_blobness, hessian_response  # noqa: E402
 from ct3dflow.detect.density_map import (  # noqa: E402
     DENSITY_MARGIN,
     AnatomyDensityMap,
@@ -211,26 +211,8 @@ def plateness(volume: np.ndarray, region: np.ndarray, sigmas=(1.0, 1.5)) -> np.n
     """A bright-sheet response on ``region`` (NaN elsewhere), the largest over ``sigmas`` (voxels): σ²·(|λ1| − |λ2|)
     where λ1 < 0 is the Hessian's most negative eigenvalue and λ2 the middle one (0 for blobs and tubes, whose two
     largest are alike; |λ1| for a thin bright wall). Honeycombing is a network of such walls around dark cysts."""
-    box = ndimage.find_objects(region.astype(np.int8))[0]
-    pad = int(np.ceil(3 * max(sigmas))) + 1
-    sl = tuple(slice(max(s.start - pad, 0), s.stop + pad) for s in box)
-    v, m = np.asarray(volume[sl], np.float32), region[sl]
-    best = np.zeros(int(m.sum()), np.float32)
-    h = np.empty((best.size, 3, 3), np.float32)
-    for sigma in sigmas:
-        for i in range(3):
-            for j in range(i, 3):
-                order = [0, 0, 0]
-                order[i] += 1
-                order[j] += 1
-                h[:, i, j] = h[:, j, i] = ndimage.gaussian_filter(v, sigma, order=order, mode="nearest")[m] * sigma**2
-        lam = np.linalg.eigvalsh(h)
-        best = np.maximum(best, np.where(lam[:, 0] < 0, np.abs(lam[:, 0]) - np.abs(lam[:, 1]), 0.0))
-    out = np.full(np.shape(volume), np.nan, np.float32)
-    sub = np.full(m.shape, np.nan, np.float32)
-    sub[m] = best
-    out[sl] = sub
-    return out
+    return hessian_response(volume, region, sigmas,
+                            lambda lam: np.where(lam[:, 0] < 0, np.abs(lam[:, 0]) - np.abs(lam[:, 1]), 0.0))
 
 
 def blob_of(vol: np.ndarray, hull: np.ndarray, margin: int, cached: Path | None, sigmas=BLOB_SIGMAS) -> np.ndarray:

@@ -22,10 +22,10 @@ from scipy import ndimage
 BLOB_SIGMAS = (1.5, 2.5, 3.5)
 
 
-def bright_blobness(volume: np.ndarray, region: np.ndarray, sigmas=BLOB_SIGMAS) -> np.ndarray:
-    """σ²·|λ3| where all eigenvalues of the Hessian at scale σ are negative (λ1 ≤ λ2 ≤ λ3 < 0), else 0, the largest
-    over ``sigmas`` (voxels), at the voxels of ``region``; float32, NaN elsewhere. The Gaussian derivatives are
-    taken on ``region``'s bounding box with 3σ to spare, so what lies beyond the region (the chest wall, the
+def hessian_response(volume: np.ndarray, region: np.ndarray, sigmas, response) -> np.ndarray:
+    """The largest over ``sigmas`` (voxels) of ``response(λ)``, λ the eigenvalues (ascending, ``(n, 3)``) of the
+    scale-normalised Hessian σ²·∇²I at the voxels of ``region``; float32, NaN elsewhere. The Gaussian derivatives
+    are taken on ``region``'s bounding box with 3σ to spare, so what lies beyond the region (the chest wall, the
     mediastinum) shapes the response at its edge as it does on the CT."""
     region = np.asarray(region) != 0
     out = np.full(np.shape(volume), np.nan, np.float32)
@@ -45,9 +45,14 @@ def bright_blobness(volume: np.ndarray, region: np.ndarray, sigmas=BLOB_SIGMAS) 
                 order[j] += 1
                 d = ndimage.gaussian_filter(v, float(sigma), order=order, mode="nearest")[m]
                 hessian[:, i, j] = hessian[:, j, i] = d * np.float32(sigma * sigma)
-        top = np.linalg.eigvalsh(hessian)[:, 2]  # ascending: the least negative
-        np.maximum(best, np.where(top < 0, -top, 0.0), out=best)
+        np.maximum(best, response(np.linalg.eigvalsh(hessian)), out=best)
     sub = np.full(m.shape, np.nan, np.float32)
     sub[m] = best
     out[sl] = sub
     return out
+
+
+def bright_blobness(volume: np.ndarray, region: np.ndarray, sigmas=BLOB_SIGMAS) -> np.ndarray:
+    """σ²·|λ3| where all eigenvalues of the Hessian at scale σ are negative (λ1 ≤ λ2 ≤ λ3 < 0), else 0, the largest
+    over ``sigmas`` (voxels), at the voxels of ``region``; float32, NaN elsewhere (:func:`hessian_response`)."""
+    return hessian_response(volume, region, sigmas, lambda lam: np.where(lam[:, 2] < 0, -lam[:, 2], 0.0))
