@@ -53,6 +53,7 @@ def test_tubes_planes_and_dark_blobs_give_nothing_a_ball_does():
     for name, img in (("tube", tube), ("plane", plane), ("dark ball", -_ball(s))):
         r = bright_blobness(img, region)
         assert np.nanmax(r) < 0.02 * top, name  # 0 up to the Hessian's rounding along the flat directions
+    assert np.isnan(bright_blobness(_ball(s), np.zeros_like(region))).all()  # no region, nothing read
 
 
 def test_the_tail_calibration_measures_a_channel_in_its_healthy_99_9th_percentile():
