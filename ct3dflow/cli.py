@@ -242,10 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", nargs="*", help="only these splits (default: all)")
     s.add_argument("--operating-point", help="operating_point.json from tune-local (it names its map kind)")
     s.add_argument("--map", choices=sorted(MAP_KINDS), default=None,
-                   help="anatomy-density (default): the per-voxel coarse-latent map and the lung's aerated "
-                        "density, each against a reference per band of depth and position in the lung, beyond the "
-                        "paper; anatomy: that voxel map alone; voxel: the voxel map against depth bands only; patch: "
-                        "the paper's Log P map")
+                   help="anatomy-density (default): the per-voxel coarse-latent map, the lung's aerated density "
+                        "and its bright blobs, each against a reference per band of depth and position in the lung, "
+                        "beyond the paper; anatomy: that voxel map alone; voxel: the voxel map against depth bands "
+                        "only; patch: the paper's Log P map")
     s.add_argument("--part", choices=["top_latent", "all"], default=None,
                    help="voxel map: which local log-likelihood terms (ct3dflow.flow.local)")
     s.add_argument("--stride", type=int, default=None,

@@ -58,6 +58,7 @@ from ct3dflow.detect.density_map import (  # noqa: E402
     DENSITY_MARGIN,
     AnatomyDensityMap,
     DensityScore,
+    below_normalised,
     lung_core,
     parenchyma_density,
     reference_fingerprint,
@@ -243,7 +244,7 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
         # where the density is read ("both": the strict core's, and the permissive core's as ``outer``)
         strict = np.asarray(st.permissive if where == "permissive" else st.strict) != 0
         # aerated lung only: the hilum's vessels and other soft tissue leave the density (the preprocessing's scale)
-        below = None if below_hu is None else (below_hu + 1020.0) / 1220.0 - 0.5
+        below = None if below_hu is None else below_normalised(below_hu, st.hu_window)
         flow = VoxelScore.load(res.loc[r["study_id"], "score_path"])
         dens = (detrended(parenchyma_density(vol, strict, percentile=parenchyma, margin=margin, below=below), detrend)
                 if parenchyma else None)

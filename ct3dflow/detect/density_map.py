@@ -236,11 +236,11 @@ class AnatomyDensityMap(AnatomyMap):
         dens = parenchyma_density(study.volume, study.strict, percentile=pct, margin=margin,
                                   below=below_normalised(below, getattr(study, "hu_window", None)))
         sigmas = settings.get("blobs", BLOB_SIGMAS)
-        blob = (None if sigmas == "off" else
-                bright_blobness(study.volume, lung_core(study.permissive, margin), tuple(float(v) for v in sigmas)))
+        sigmas = () if sigmas == "off" else tuple(float(v) for v in sigmas)
+        blob = bright_blobness(study.volume, lung_core(study.permissive, margin), sigmas) if sigmas else None
         return DensityScore(**vars(flow), density_percentile=pct, density_margin=margin, parenchyma=dens,
                             density_below_hu=float("nan") if below == "off" else float(below), blob=blob,
-                            blob_sigmas=() if blob is None else tuple(float(v) for v in sigmas))
+                            blob_sigmas=sigmas)
 
     def load_score(self, path) -> DensityScore:
         return DensityScore.load(path)
