@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--operating-point", help="operating_point.json from tune-local (it names its map kind)")
     s.add_argument("--map", choices=sorted(MAP_KINDS), default=None,
                    help="anatomy-density (default): the per-voxel coarse-latent map, the lung's aerated density "
-                        "and its bright blobs, each against a reference per band of depth and position in the lung, "
+                        "its bright blobs and its bite, each against a reference per band of depth and position in "
+                        "the lung, "
                         "beyond the paper; anatomy: that voxel map alone; voxel: the voxel map against depth bands "
                         "only; patch: the paper's Log P map")
     s.add_argument("--part", choices=["top_latent", "all"], default=None,
@@ -266,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--density-weight", type=float, nargs="+",
                    help="anatomy-density map: grid of the density's weight (0: the flow's map alone)")
     s.add_argument("--blob-weight", type=float, nargs="+",
-                   help="anatomy-density map: grid of the bright-blob response's weight (0: without it)")
+                   help="anatomy-density map: grid of the solid-lesion channel's weight, the larger of the "
+                        "bright-blob response and the lung's bite (0: without them)")
     s.add_argument("--target-specificity", type=float, default=None,
                    help="choose T as the lowest with at least this validation specificity (default: best F1)")
     s.add_argument("--reference-folds", type=int, default=DEFAULT_REFERENCE_FOLDS,

@@ -35,7 +35,8 @@ _DEFAULTS: dict = {
     # reference; docs/RESULTS.md; scoring.density_percentile, default 50, and
     # scoring.density_margin, default 2: voxels inside the strict lung's edge where the density is read, and
     # scoring.density_below_hu, default -300: the aerated lung it reads, or "off"; and the bright-blob response
-    # on the permissive lung's core, scoring.blobs, default [1.5, 2.5, 3.5]: its scales in voxels, or "off"),
+    # on the permissive lung's core, scoring.blobs, default [1.5, 2.5, 3.5]: its scales in voxels, or "off"; and the
+    # lung's bite there, scoring.bite, default 3: the lung's opening in voxels before it is measured, or "off"),
     # anatomy (the flow's map alone), voxel (the same map, depth bands only) or patch (the paper's Log P map);
     # stride and batch size default per kind (voxel kinds 12, patch: patch size - 10); precision (every kind): auto
     # (bf16 autocast where the hardware runs bf16 natively, else fp32), fp32 or bf16

@@ -16,6 +16,12 @@ bright-blob response, ``z_blob`` in a fifth panel):
         --out docs/img/transfer-misses-blobs-a-to-b.png
     .venv/bin/python experiments/figure_misses.py --blobs --direction 'B->A' --kinds honeycombing nodule \
         --out docs/img/transfer-misses-blobs-b-to-a.png
+
+With ``--bite`` as well, the default as of 2026-12-07 05:00 UTC: the fifth panel is the solid-lesion channel,
+``max(z_blob, z_bite)`` (the lung's bite, ``ct3dflow.detect.bite``):
+
+    .venv/bin/python experiments/figure_misses.py --blobs --bite --kinds consolidation ground_glass \
+        --out docs/img/transfer-misses-bite-a-to-b.png
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from reference_checks import studies_of  # noqa: E402
 from transfer import SPACE  # noqa: E402
 
 from ct3dflow.cache import StudyCache  # noqa: E402
+from ct3dflow.detect.bite import BITE_OPENING  # noqa: E402
 from ct3dflow.detect.density_map import AnatomyDensityMap  # noqa: E402
 from ct3dflow.detect.search import grid_search  # noqa: E402
 from ct3dflow.pipeline import manifest_rows  # noqa: E402
@@ -52,6 +59,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(ROOT / "docs" / "img" / "transfer-misses-a-to-b.png"))
     p.add_argument("--blobs", action="store_true",
                    help="the kind with the aerated density (-300 HU) and the bright blobs, as the platform's default")
+    p.add_argument("--bite", action="store_true", help="with --blobs: the lung's bite too, in the solid-lesion channel")
     p.add_argument("--feature-cache", default=None, help="reference_checks.py's folder of blob responses")
     a = p.parse_args(argv)
     np.seterr(all="ignore")
@@ -59,6 +67,9 @@ def main(argv=None) -> None:
     rows = {r["study_id"]: r for r in manifest_rows(data / "archive" / "manifest.parquet")}
     cache = StudyCache(data / "cache")
     extra = dict(below_hu=-300.0, blobs=True, feature_cache=a.feature_cache) if a.blobs else {}
+    if a.blobs and a.bite:
+        extra["bite"] = BITE_OPENING
+    solid = "max(z_blob, z_bite)" if "bite" in extra else "z_blob"
     val, test = (studies_of(Path(a.transfer), a.direction, data, s, 50.0, True, **extra) for s in ("val", "test"))
     kind = AnatomyDensityMap()
     op, _ = grid_search(kind, val, SPACE if a.blobs else {**SPACE, "blob_weight": [0.0]})  # without: as before them
@@ -73,7 +84,8 @@ def main(argv=None) -> None:
             st = cache.load(s.study_id, mmap=True)
             lesion = lesion_on_grid(rows[s.study_id], st, "small") & (s.permissive != 0)
             vol, flagged, _ = kind.decide(s.score, s.permissive, s.spacing, op)
-            z_flow, z_density, z_blob = kind.z_maps(s.score, s.permissive, sigma, op.reference)
+            z_flow, z_density, z_blob, z_bite = kind.z_maps(s.score, s.permissive, sigma, op.reference)
+            z_blob = np.fmax(z_blob, z_bite)  # the solid-lesion channel (z_bite NaN without --bite)
             in_core = lesion & np.isfinite(z_density)
             found.append(dict(study=s, st=st, lesion=lesion, vol=vol, flagged=flagged, z_flow=z_flow,
                               z_density=z_density, z_blob=z_blob, core=in_core.sum() / max(lesion.sum(), 1),
@@ -88,14 +100,14 @@ def main(argv=None) -> None:
             print(f"  {lesion_kind} {f['study'].study_id}: lesion {f['cm3']:.1f} cm³, {f['core']:.0%} in the density's "
                   f"core; median |z_flow| {f['flow']:.1f}, |z_density| {f['raw']:.1f} "
                   f"(× weight {w:g}: {f['density']:.1f}; τ {tau:g}); "
-                  + (f"z_blob median {f['blob']:.1f}, 90th pct {f['blob90']:.1f} (× {wb:g}); " if a.blobs else "") +
+                  + (f"{solid} median {f['blob']:.1f}, 90th pct {f['blob90']:.1f} (× {wb:g}); " if a.blobs else "") +
                   f"{f['hit']:.0%} of it flagged; study {f['vol']:.1f} cm³ against T {op.threshold_cm3:.1f}")
         f = min(found, key=lambda f: f["vol"])
         z0 = int(np.argmax(f["lesion"].sum(axis=(1, 2))))  # the axial slice with the most lesion
         panels = ((None, f"{f['study'].study_id}: {lesion_kind} {f['cm3']:.1f} cm³ (yellow)"),
                   ("z_flow", f"|z_flow|: lesion median {f['flow']:.1f}"),
                   ("z_density", f"|z_density| (core only; weighed in × {w:g}): lesion median {f['raw']:.1f}"),
-                  *((("z_blob", f"z_blob (× {wb:g}): lesion median {f['blob']:.1f}, 90th pct {f['blob90']:.1f}"),)
+                  *((("z_blob", f"{solid} (× {wb:g}): lesion median {f['blob']:.1f}, 90th pct {f['blob90']:.1f}"),)
                     if a.blobs else ()),
                   ("flagged", f"flagged (|z| > {tau:g}): {f['vol']:.1f} cm³, T {op.threshold_cm3:.1f}"))
         for j, (key, title) in enumerate(panels):

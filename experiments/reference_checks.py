@@ -25,7 +25,8 @@ space of ``transfer.py``) and tested once, beside the platform's ``anatomy`` ref
   (``plate``, :func:`plateness`), against median and MAD or its healthy tail (``--outer-calibration``); none helped.
 
 ``--blobs`` scores the platform's bright-blob response too (``ct3dflow.detect.blobs``, the default since
-2026-12-07 02:30 UTC; ``--blob-sigmas``, kept per study in ``--feature-cache``) and searches its weight.
+2026-12-07 02:30 UTC; ``--blob-sigmas``, kept per study in ``--feature-cache``) and searches its weight; ``--bite``
+adds the lung's bite (``ct3dflow.detect.bite``, the default since 2026-12-07 05:00 UTC) to that channel.
 
 ``--oracle`` adds the best test AUROC any point of the grid (at v_min 0) reaches: a ceiling of the map, to
 tell a weak map from a poor choice on validation; it never chooses anything.
@@ -53,6 +54,7 @@ from transfer import SPACE, summarise  # noqa: E402
 
 from ct3dflow.cache import StudyCache  # noqa: E402
 from ct3dflow.detect.anatomy_map import AnatomyMap, anatomy_z, fit_anatomy_reference  # noqa: E402
+from ct3dflow.detect.bite import BITE_OPENING, lung_bite  # noqa: E402
 from ct3dflow.detect.blobs import BLOB_SIGMAS, bright_blobness, hessian_response  # noqa: E402
 from ct3dflow.detect.density_map import (  # noqa: E402
     DENSITY_MARGIN,
@@ -232,7 +234,7 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
                parenchyma: float = 0.0, platform_kind: bool = False, detrend: str = "none",
                margin: int = DENSITY_MARGIN, feature: str = "median", where: str = "strict",
                below_hu: float | None = None, outer: str = "median", blobs: bool = False,
-               feature_cache: str | None = None, blob_sigmas=BLOB_SIGMAS) -> list[ScoredStudy]:
+               feature_cache: str | None = None, blob_sigmas=BLOB_SIGMAS, bite: int = 0) -> list[ScoredStudy]:
     res = pd.read_parquet(transfer / direction / split / "results.parquet").set_index("study_id")
     cache = StudyCache(data_run / "cache")
     out = []
@@ -256,8 +258,10 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
                         Path(feature_cache) / f"{data_run.name}-m{margin}{scales}" / f"{r['study_id']}.npy",
                         tuple(blob_sigmas))
                 if platform_kind and blobs else None)
+        bites = lung_bite(st.strict, lung_core(hull, margin), st.spacing, bite) if platform_kind and bite else None
         maps = (DensityScore(**vars(flow), parenchyma=dens, density_percentile=parenchyma, density_margin=margin,
-                             blob=blob, blob_sigmas=tuple(blob_sigmas) if blobs else ())
+                             blob=blob, blob_sigmas=tuple(blob_sigmas) if blobs else (), bite=bites,
+                             bite_opening=bite if bites is not None else 0)
                 if platform_kind
                 else Maps(flow, vol, strict, dens))
         if platform_kind and where == "both":
@@ -321,6 +325,9 @@ def main(argv=None) -> int:
                    "default since 2026-12-07) and search blob_weight; without it the kind as before that")
     p.add_argument("--blob-sigmas", type=float, nargs="+", default=list(BLOB_SIGMAS),
                    help="--blobs: the filter's scales in voxels (scoring.blobs)")
+    p.add_argument("--bite", type=int, nargs="?", const=BITE_OPENING, default=0, metavar="VOXELS",
+                   help="with --blobs: score the lung's bite too (ct3dflow.detect.bite; the platform's default since "
+                   "2026-12-07 05:00 UTC), with this opening (default %(const)s), in the solid-lesion channel")
     p.add_argument("--feature-cache", default=None, help="a folder to keep the blob responses in (per data run)")
     p.add_argument("--oracle", action="store_true",
                    help="also print the best test AUROC over the grid at v_min 0 (a ceiling, not a choice)")
@@ -337,7 +344,7 @@ def main(argv=None) -> int:
             where = "both" if name == "anatomy-two-densities" else a.density_mask
             val, test = (studies_of(Path(a.transfer), d, data_run, s, par, name in kinds, a.density_detrend,
                                      a.density_margin, a.density_feature, where, a.density_below,
-                                     a.outer_feature, a.blobs, a.feature_cache, tuple(a.blob_sigmas))
+                                     a.outer_feature, a.blobs, a.feature_cache, tuple(a.blob_sigmas), a.bite)
                          for s in ("val", "test"))
             kind, t = (kinds[name]() if name in kinds else Candidate(name)), time.time()
             kind.outer_calibration = a.outer_calibration

@@ -42,7 +42,7 @@ def volumes(kind, studies, sigma: float, refs) -> tuple[np.ndarray, np.ndarray]:
     """``(V_flow[study, τ], V_density[study, τ_density])`` in voxels, each study against its own reference."""
     vf, vd = np.zeros((len(studies), len(TAUS))), np.zeros((len(studies), len(TAUS_DENSITY)))
     for i, (s, ref) in enumerate(zip(studies, refs, strict=True)):
-        zf, zd, _ = (np.nan_to_num(z, nan=0.0) for z in kind.z_maps(s.score, s.permissive, sigma, ref))
+        zf, zd, *_ = (np.nan_to_num(z, nan=0.0) for z in kind.z_maps(s.score, s.permissive, sigma, ref))
         vf[i] = [np.count_nonzero(zf > t) for t in TAUS]
         vd[i] = [np.count_nonzero(zd > t) for t in TAUS_DENSITY]
     return vf, vd

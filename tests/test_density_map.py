@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from ct3dflow.detect import OperatingPoint, get_kind
 from ct3dflow.detect.anatomy_map import AnatomyMap
+from ct3dflow.detect.bite import lung_bite
 from ct3dflow.detect.blobs import BLOB_SIGMAS, bright_blobness
 from ct3dflow.detect.density_map import (
     AnatomyDensityMap,
@@ -180,7 +181,8 @@ def test_density_score_round_trips_and_a_plain_voxel_map_is_refused(tmp_path):
     np.testing.assert_array_equal(back.parenchyma, s.parenchyma)
     np.testing.assert_array_equal(back.voxel_map, s.voxel_map)
     assert kind.score_settings(back) == {**get_kind("anatomy").score_settings(s), "density_percentile": 50.0,
-                                         "density_margin": 2, "density_below_hu": "off", "blobs": "off"}
+                                         "density_margin": 2, "density_below_hu": "off", "blobs": "off",
+                                         "bite": "off"}
     # a file written before the margin was recorded was read in the whole strict mask, and so is a point without it
     np.savez(tmp_path / "old.npz", **{k: v for k, v in s.arrays().items() if k != "density_margin"})
     assert kind.load_score(tmp_path / "old.npz").density_margin == 0
@@ -189,10 +191,10 @@ def test_density_score_round_trips_and_a_plain_voxel_map_is_refused(tmp_path):
     old = OperatingPoint("anatomy-density", {}, 1.0, {}, {"stride": 8, "patch_size": 8, "density_percentile": 50.0})
     assert resolve_settings(kind, {"density_margin": 2}, 8, old)["density_margin"] == 0
     assert resolve_settings(kind, {"density_below_hu": -300}, 8, old)["density_below_hu"] == "off"
-    assert resolve_settings(kind, {}, 8, old)["blobs"] == "off"
+    assert resolve_settings(kind, {}, 8, old)["blobs"] == resolve_settings(kind, {}, 8, old)["bite"] == "off"
     assert resolve_settings(kind, {}, 8)["density_margin"] == 2
     assert resolve_settings(kind, {}, 8)["density_below_hu"] == -300.0
-    assert resolve_settings(kind, {}, 8)["blobs"] == (1.5, 2.5, 3.5)
+    assert resolve_settings(kind, {}, 8)["blobs"] == (1.5, 2.5, 3.5) and resolve_settings(kind, {}, 8)["bite"] == 3
     VoxelScore(s.voxel_map, 8, size=8).save(tmp_path / "plain.npz")
     with pytest.raises(ValueError, match="without the parenchyma density.*anatomy-density"):
         kind.load_score(tmp_path / "plain.npz")
@@ -223,8 +225,8 @@ def test_density_weight_scales_only_the_density_and_weight_0_is_the_anatomy_map(
     params = {"sigma_vox": 1.0, "density_weight": 1.0}
     ref = kind.fit_reference([s.score for s in val], [s.permissive for s in val], params)
     s = _study(rng, 9, 1)
-    z_flow, z_density, z_blob = kind.z_maps(s.score, s.permissive, 1.0, ref)
-    assert np.isnan(z_blob).all()  # scored without the blob response, the reference has no blob part
+    z_flow, z_density, z_blob, z_bite = kind.z_maps(s.score, s.permissive, 1.0, ref)
+    assert np.isnan(z_blob).all() and np.isnan(z_bite).all()  # scored without either, the reference has neither
     a1 = kind.atypicality(s.score, s.permissive, params, ref)
     a2 = kind.atypicality(s.score, s.permissive, {**params, "density_weight": 0.5}, ref)
     haze = z_density > 2 * z_flow + 1.0  # voxels where the density decides
@@ -354,4 +356,78 @@ def test_blob_settings_round_trip_and_mixed_scales_are_refused(tmp_path):
     other = _nodule_study(np.random.default_rng(9), 1, 0).score
     other.blob_sigmas = (2.0,)
     with pytest.raises(ValueError, match="different scales.*one scoring.blobs"):
+        kind.fit_reference([s, other], [np.ones(s.voxel_map.shape, bool)] * 2, {"sigma_vox": 1.0})
+
+
+def _pleural_study(rng, i, label, bite=True):
+    """Two ellipsoid lungs (smooth walls, as a healthy lung's are) in soft tissue, and a flow map of noise; abnormal
+    ones hold a half-ball of soft tissue (radius 5 voxels) pressing into a lung from its lateral wall, as a pleural
+    consolidation does: the strict mask gives way, the permissive one (the healthy shape) holds it. Scored without
+    the blobs, so that the bite alone carries the solid-lesion channel."""
+    shape = (40, 48, 72)
+    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    strict = np.zeros(shape, np.uint8)
+    for lab, cx in ((1, 18), (2, 54)):
+        c = np.array([20, 24, cx]) + rng.integers(-1, 2, 3)
+        strict[((z - c[0]) / 15.0) ** 2 + ((y - c[1]) / 19.0) ** 2 + ((x - c[2]) / 14.0) ** 2 <= 1] = lab
+    permissive = ndimage.binary_dilation(strict != 0, iterations=2).astype(np.uint8)
+    ct = np.where(strict != 0, LUNG, TISSUE).astype(np.float32) + 0.01 * rng.standard_normal(shape).astype(np.float32)
+    if label:
+        xs = np.nonzero(strict.any(axis=(0, 1)))[0]
+        tip = xs.min() if rng.random() < 0.5 else xs.max()  # the lateral wall of the right or the left lung
+        zc, yc = 20 + int(rng.integers(-3, 4)), 24 + int(rng.integers(-3, 4))
+        pit = ((z - zc) ** 2 + (y - yc) ** 2 + (x - tip) ** 2 <= 25) & (permissive != 0)
+        ct[pit], strict[pit] = TISSUE, 0
+    flow = ndimage.gaussian_filter(rng.standard_normal(shape), 1.0).astype(np.float32)
+    score = DensityScore(flow, 8, size=8, parenchyma=parenchyma_density(ct, strict, below=below_normalised(-300.0)),
+                         density_below_hu=-300.0, bite=lung_bite(strict, lung_core(permissive, 2)) if bite else None,
+                         bite_opening=3 if bite else 0)
+    return ScoredStudy(f"p{i}", label, "consolidation" if label else None, permissive, SP, score)
+
+
+def test_a_pleural_lesion_the_flow_misses_is_found_by_the_lung_s_bite():
+    """The lung's bite (ct3dflow.detect.bite) against its healthy tail per band, in the solid-lesion channel at
+    blob_weight: the search takes it and every half-ball on the lung's wall is found; without it (weight 0) the
+    flow's noise ranks them at chance. Weight 0 is the kind without the bite, exactly, and a reference with a bite
+    part refuses a study scored without one."""
+    rng = np.random.default_rng(11)
+    val = [_pleural_study(rng, i, y) for i, y in enumerate([0] * 6 + [1] * 6)]
+    space = {"sigma_vox": [1.0], "tau_z": [4.0], "v_min_cm3": [0.1], "density_weight": [0.0],
+             "blob_weight": [0.0, 0.5, 1.0]}
+    op, _ = grid_search(AnatomyDensityMap(), val, space)
+    without, _ = grid_search(AnatomyDensityMap(), val, {**space, "blob_weight": [0.0]})
+    assert op.validation["auroc"] == 1.0 and without.validation["auroc"] < 0.8
+    assert op.params["blob_weight"] > 0 and set(op.reference) == {"type", "flow", "density", "bite"}
+    fresh = [_pleural_study(rng, 100 + i, y) for i, y in enumerate([0, 0, 0, 1, 1, 1])]
+    again = OperatingPoint.from_dict(op.to_dict())
+    vols = np.array([get_kind("anatomy-density").decide(s.score, s.permissive, SP, again)[0] for s in fresh])
+    assert vols[3:].min() > 0.1 and vols[:3].max() < 0.1, vols
+    kind, s = AnatomyDensityMap(), fresh[3]
+    z_bite = kind.z_maps(s.score, s.permissive, 1.0, op.reference)[3]
+    assert np.isnan(kind.z_maps(s.score, s.permissive, 1.0, op.reference)[2]).all()  # no blobs were scored
+    assert np.nanmax(z_bite) > 4.0 / op.params["blob_weight"]
+    bare = _pleural_study(np.random.default_rng(0), 0, 0, bite=False).score
+    bare.voxel_map, bare.parenchyma = s.score.voxel_map, s.score.parenchyma
+    params = {**op.params, "blob_weight": 0.0}
+    np.testing.assert_array_equal(kind.atypicality(s.score, s.permissive, params, op.reference),
+                                  kind.atypicality(bare, s.permissive, params,
+                                                   {k: v for k, v in op.reference.items() if k != "bite"}))
+    with pytest.raises(ValueError, match="weighs the lung's bite but this study was scored without it.*score it"):
+        kind.atypicality(bare, s.permissive, op.params, op.reference)
+
+
+def test_bite_settings_round_trip_and_mixed_openings_are_refused(tmp_path):
+    kind = AnatomyDensityMap()
+    s = _pleural_study(np.random.default_rng(12), 0, 1).score
+    back = kind.load_score(kind.save_score(s, tmp_path / kind.score_file))
+    np.testing.assert_array_equal(back.bite, s.bite)
+    assert kind.score_settings(back)["bite"] == 3 and back.blob is None
+    assert kind.settings({}, 8)["bite"] == 3
+    assert kind.settings({"bite": "off"}, 8)["bite"] == kind.settings({"bite": False}, 8)["bite"] == "off"
+    assert kind.settings({"bite": 2}, 8)["bite"] == 2
+    for bad in (0, 9, 2.5, "3", True, [3]):
+        with pytest.raises(ValueError, match="scoring.bite must be the opening"):
+            kind.settings({"bite": bad}, 8)
+    other = _pleural_study(np.random.default_rng(13), 1, 0, bite=False).score
+    with pytest.raises(ValueError, match="different openings.*one scoring.bite"):
         kind.fit_reference([s, other], [np.ones(s.voxel_map.shape, bool)] * 2, {"sigma_vox": 1.0})

@@ -169,3 +169,23 @@ def test_lung1_tumour_holds_the_bright_blobs_the_rest_of_its_lung_lacks(lung1):
     assert tumour.sum() * 8e-3 > 150 and lung.sum() * 8e-3 > 3000  # cm³: the tumour lies in the core the blobs read
     top = np.percentile(blob[lung], 99.9)
     assert np.mean(blob[tumour] > top) >= 0.03  # 30× the lung's own share, at least
+
+
+def test_lung1_tumour_bites_into_its_lung(lung1):
+    """The default's lung's bite (``anatomy-density``, ct3dflow.detect.bite) on a real NSCLC, which presses into
+    its lung: by definition 1 % of the lung beyond 2 cm of the tumour lies above that lung's
+    own 99th percentile; of the tumour 17 % does (docs/RESULTS.md, 2026-12-07). At 159 cm³ it is wider than the
+    16 mm closing ball, which fills its rim where it meets the lung, not its body."""
+    from scipy import ndimage
+
+    from ct3dflow.detect.bite import lung_bite
+    from ct3dflow.detect.density_map import lung_core
+
+    study, lab = lung1
+    core = lung_core(study.permissive)
+    bite = lung_bite(study.strict, core, study.spacing)
+    assert np.isfinite(bite[core]).all() and np.isnan(bite[~core]).all()
+    tumour = (lab == 3) & core
+    lung = ((lab == 1) | (lab == 2)) & core & ~ndimage.binary_dilation(lab == 3, iterations=10)
+    assert np.mean(bite[lung] > 0) < 0.05  # a healthy wall has no bite: the lung's own concavities are few
+    assert np.mean(bite[tumour] > np.percentile(bite[lung], 99)) >= 0.08  # 8× the lung's own share, at least

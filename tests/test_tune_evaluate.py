@@ -136,8 +136,9 @@ def test_tuned_operating_point_is_stored_and_used_by_scoring(jobs_done, mlflow_s
         assert op["params"]["tau_z"] in space["tau_z"]["grid"]
         assert op["params"]["v_min_cm3"] == 0.0001  # every trial tied with v_min 0: the larger v_min wins
         assert op["scoring"]["patch_size"] == TINY_TRAIN["patch_size"] and op["scoring"]["stride"] == 8
-        if map_kind == "anatomy-density":  # the platform default through the Ray jobs: flow, density and blobs
-            assert set(op["reference"]) == {"type", "flow", "density", "blob"} and op["params"]["blob_weight"] == 0.5
+        if map_kind == "anatomy-density":  # the platform default through the Ray jobs: flow, density, blobs, bite
+            assert set(op["reference"]) == {"type", "flow", "density", "blob", "bite"}
+            assert op["params"]["blob_weight"] == 0.5 and op["scoring"]["bite"] == 3
             assert op["scoring"]["blobs"] == [1.5, 2.5, 3.5] and op["scoring"]["density_below_hu"] == -300.0
         # the MLflow tune run: operating point artifact, trials, best trial = the stored point
         run = client.get_run(tuned["run_id"])

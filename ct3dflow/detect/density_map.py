@@ -1,4 +1,4 @@
-"""The anatomy voxel map plus the lung's own density and its bright blobs (issue 16; not in the paper).
+"""The anatomy voxel map plus the lung's own density, its bright blobs and its bite (issue 16; not in the paper).
 ``scoring.map: anatomy-density``, the platform's default since 2026-12-07.
 
 Why: ground glass, a haze that raises the lung from about −850 to −700…−400 HU, lies within 1.3 healthy MADs of
@@ -22,25 +22,33 @@ density is read where it means lung:
   *permissive* mask's core (``density_margin`` voxels inside it), where subpleural consolidation lies that the
   strict mask leaves out. Tubes and planes, the lung's own solid structures, answer 0. A flow trained on other
   chests gives such lesions too little contrast (docs/img/transfer-misses-a-to-b.png); this reads the CT alone.
+* **The lung's bite** (:func:`.bite.lung_bite`, ``scoring.bite``, default opening 3 voxels; ``"off"``): how far
+  solid tissue presses into the lung from its wall (a pleural consolidation's half-ball, honeycombing's rind), on
+  the same permissive core: its distance from the opened strict lung where a 16 mm closing fills the lung's
+  surface. The blob filter does not answer to a half-ball against the chest wall; the lung's shape does.
 * **Score**: the voxel map (:class:`DensityScore`, a :class:`VoxelScore`) with the parenchyma density beside
-  it, NaN outside the core, and the blob response, NaN outside its core.
+  it, NaN outside the core, and the blob response and the bite, NaN outside their core.
 * **Reference**: two anatomy references (:func:`fit_anatomy_reference`, median and MAD per band of depth,
   medial–lateral and cranio-caudal position): the flow's map on the permissive mask, as ``anatomy`` does, and
   the density on the core, with the same depth bands less the margin (:func:`core_bins`). Both from healthy
   validation studies only: a density reference means something only on the scanner and protocol it was fitted
-  on, so it is always the site's own. The blob response has a third, with the ``"tail"`` calibration: it is 0 in
-  most healthy lung (its MAD is 0), so it is measured in units of its healthy 99.9th percentile per band.
-* **Atypicality**: ``−max(|z_flow|, density_weight·|z_density|, blob_weight·z_blob)``: a voxel is abnormal where
-  the flow's map is more than τ from healthy, the density more than τ/density_weight, or the blob response more
-  than τ/(3.09·blob_weight) times its healthy 99.9th percentile. The weight is searched on validation
-  like σ and τ: the density's healthy tails (vessels where the strict mask meets the hilum, the dependent lung)
-  are heavier than the flow's, and at weights 0 this kind is ``anatomy`` exactly, so a site whose validation
-  studies gain nothing from the density or the blobs gets the flow's map alone. Points tuned before the blobs
-  existed have no ``blob_weight`` and were scored without them (``point_defaults``): they map as they were chosen.
+  on, so it is always the site's own. The blob response and the bite have a third and a fourth, with the
+  ``"tail"`` calibration: each is 0 in most healthy lung (its MAD is 0), so it is measured in units of its healthy
+  99.9th percentile per band (the hilum's healthy bite is large, the lateral wall's small).
+* **Atypicality**: ``−max(|z_flow|, density_weight·|z_density|, blob_weight·max(z_blob, z_bite))``: a voxel is
+  abnormal where the flow's map is more than τ from healthy, the density more than τ/density_weight, or the blob
+  response or the bite more than τ/(3.09·blob_weight) times its healthy 99.9th percentile. The blobs and the bite
+  share one weight, the solid-lesion channel's, so the search's grid stays as it was. The weights are searched on
+  validation like σ and τ: the density's healthy tails (vessels where the strict mask meets the hilum, the
+  dependent lung) are heavier than the flow's, and at weights 0 this kind is ``anatomy`` exactly, so a site whose
+  validation studies gain nothing from the density or the solid lesions gets the flow's map alone. Points tuned
+  before the blobs existed have no ``blob_weight`` and were scored without them (``point_defaults``): they map as
+  they were chosen; points tuned before the bite have no bite part in their reference and map without it.
 
 Everything else (σ-smoothing inside each mask, components ≥ v_min, T) is the voxel map's, and so is the
 predictor: this kind costs one separable median filter per study beyond ``anatomy``, and the blob response's 18
-Gaussian derivatives and a 3 × 3 eigenvalue problem per voxel of the permissive core (bench/density.py).
+Gaussian derivatives and a 3 × 3 eigenvalue problem per voxel of the permissive core (bench/density.py); the
+bite is an opening, a closing and a distance transform (0.13 s on a phantom chest).
 
 Measured (docs/RESULTS.md, 2026-12-06): on every stored crosswise and site-adapted map of issue 16 (10
 model-and-direction runs, 36 validation studies each) the cross-fitted search took the density in 8 and left it
@@ -67,6 +75,7 @@ import numpy as np
 from scipy import ndimage
 
 from .anatomy_map import AnatomyMap, anatomy_z, fit_anatomy_reference
+from .bite import BITE_OPENING, lung_bite
 from .blobs import BLOB_SIGMAS, bright_blobness
 from .voxel_map import VoxelScore, smooth_in_mask
 
@@ -152,6 +161,8 @@ class DensityScore(VoxelScore):
     density_below_hu: float = float("nan")  # NaN: "off", every voxel of the core was read
     blob: np.ndarray | None = None  # the bright-blob response on the permissive core (NaN elsewhere); None: "off"
     blob_sigmas: tuple = ()  # its scales in voxels; () with blob None
+    bite: np.ndarray | None = None  # the lung's bite on the permissive core (NaN elsewhere); None: "off"
+    bite_opening: int = 0  # its opening in voxels; 0 with bite None
 
     def arrays(self) -> dict:
         out = {**super().arrays(), "parenchyma": self.parenchyma,
@@ -160,6 +171,8 @@ class DensityScore(VoxelScore):
                "density_below_hu": np.float64(self.density_below_hu)}
         if self.blob is not None:
             out.update(blob=self.blob, blob_sigmas=np.asarray(self.blob_sigmas, np.float64))
+        if self.bite is not None:
+            out.update(bite=self.bite, bite_opening=np.int64(self.bite_opening))
         return out
 
     @classmethod
@@ -173,9 +186,11 @@ class DensityScore(VoxelScore):
             below = float(f["density_below_hu"]) if "density_below_hu" in f.files else float("nan")
             blob = f["blob"] if "blob" in f.files else None  # files from before 2026-12-07 02:30 UTC have none
             sigmas = tuple(float(v) for v in f["blob_sigmas"]) if blob is not None else ()
+            bite = f["bite"] if "bite" in f.files else None  # files from before 2026-12-07 05:00 UTC have none
             return cls(**cls.fields_of(f), parenchyma=f["parenchyma"],
                        density_percentile=float(f["density_percentile"]), density_margin=margin,
-                       density_below_hu=below, blob=blob, blob_sigmas=sigmas)
+                       density_below_hu=below, blob=blob, blob_sigmas=sigmas, bite=bite,
+                       bite_opening=int(f["bite_opening"]) if bite is not None else 0)
 
     @property
     def strict(self) -> np.ndarray:
@@ -186,6 +201,11 @@ class DensityScore(VoxelScore):
     def blob_region(self) -> np.ndarray | None:
         """Where the bright-blob response was read: the permissive mask's core (None: it was not)."""
         return None if self.blob is None else np.isfinite(self.blob)
+
+    @property
+    def bite_region(self) -> np.ndarray | None:
+        """Where the lung's bite was read: the permissive mask's core (None: it was not)."""
+        return None if self.bite is None else np.isfinite(self.bite)
 
 
 def reference_fingerprint(reference: dict) -> tuple:
@@ -209,7 +229,8 @@ class AnatomyDensityMap(AnatomyMap):
     reference_params = ("sigma_vox",)  # the search refits the references per σ, not per weight
     tie_break = (*AnatomyMap.tie_break, ("density_weight", "asc"), ("blob_weight", "asc"))  # a lower weight flags less
     # what points made before these settings existed were scored with
-    point_defaults = {**AnatomyMap.point_defaults, "density_margin": 0, "density_below_hu": "off", "blobs": "off"}
+    point_defaults = {**AnatomyMap.point_defaults, "density_margin": 0, "density_below_hu": "off", "blobs": "off",
+                      "bite": "off"}
 
     def settings(self, scoring: dict, patch_size: int) -> dict:
         pct = float(scoring.get("density_percentile") or DENSITY_PERCENTILE)
@@ -226,7 +247,7 @@ class AnatomyDensityMap(AnatomyMap):
                              f"below it), or \"off\", got {below!r}")
         return {**super().settings(scoring, patch_size), "density_percentile": pct, "density_margin": int(margin),
                 "density_below_hu": below if below == "off" else float(below),
-                "blobs": blob_sigmas_setting(scoring.get("blobs"))}
+                "blobs": blob_sigmas_setting(scoring.get("blobs")), "bite": bite_setting(scoring.get("bite"))}
 
     def score(self, predictor, study, settings: dict, device="cpu") -> DensityScore:
         flow = super().score(predictor, study, settings, device)
@@ -237,10 +258,13 @@ class AnatomyDensityMap(AnatomyMap):
                                   below=below_normalised(below, getattr(study, "hu_window", None)))
         sigmas = settings.get("blobs", BLOB_SIGMAS)
         sigmas = () if sigmas == "off" else tuple(float(v) for v in sigmas)
-        blob = bright_blobness(study.volume, lung_core(study.permissive, margin), sigmas) if sigmas else None
+        core = lung_core(study.permissive, margin)
+        blob = bright_blobness(study.volume, core, sigmas) if sigmas else None
+        opening = settings.get("bite", BITE_OPENING)
+        bite = None if opening == "off" else lung_bite(study.strict, core, study.spacing, int(opening))
         return DensityScore(**vars(flow), density_percentile=pct, density_margin=margin, parenchyma=dens,
                             density_below_hu=float("nan") if below == "off" else float(below), blob=blob,
-                            blob_sigmas=sigmas)
+                            blob_sigmas=sigmas, bite=bite, bite_opening=0 if bite is None else int(opening))
 
     def load_score(self, path) -> DensityScore:
         return DensityScore.load(path)
@@ -249,17 +273,20 @@ class AnatomyDensityMap(AnatomyMap):
         below = float(score.density_below_hu)
         return {**super().score_settings(score), "density_percentile": float(score.density_percentile),
                 "density_margin": int(score.density_margin), "density_below_hu": "off" if np.isnan(below) else below,
-                "blobs": "off" if score.blob is None else tuple(float(v) for v in score.blob_sigmas)}
+                "blobs": "off" if score.blob is None else tuple(float(v) for v in score.blob_sigmas),
+                "bite": "off" if score.bite is None else int(score.bite_opening)}
 
     def _smoothed(self, score: DensityScore, mask, sigma: float) -> tuple:
-        """The flow's map, the density and the blob response (None where not scored), each smoothed in its mask."""
+        """The flow's map, the density, the blob response and the bite (None where not scored), each smoothed in
+        its mask."""
         return (smooth_in_mask(score.voxel_map, mask, sigma), smooth_in_mask(score.parenchyma, score.strict, sigma),
-                None if score.blob is None else smooth_in_mask(score.blob, score.blob_region, sigma))
+                None if score.blob is None else smooth_in_mask(score.blob, score.blob_region, sigma),
+                None if score.bite is None else smooth_in_mask(score.bite, score.bite_region, sigma))
 
     def fit_reference(self, scores, masks, params) -> dict:
         sigma = float(params["sigma_vox"])
-        flow, density, blob = zip(*(self._smoothed(s, m, sigma) for s, m in zip(scores, masks, strict=True)),
-                                  strict=True)
+        flow, density, blob, bite = zip(*(self._smoothed(s, m, sigma) for s, m in zip(scores, masks, strict=True)),
+                                        strict=True)
 
         margins = {int(s.density_margin) for s in scores}
         if len(margins) != 1:
@@ -269,6 +296,10 @@ class AnatomyDensityMap(AnatomyMap):
         if len(blobs) != 1:
             raise ValueError(f"the studies' bright-blob responses were read at different scales {sorted(blobs)} (() "
                              "where scoring.blobs was off): score them again with one scoring.blobs")
+        openings = {s.bite_opening if s.bite is not None else "off" for s in scores}
+        if len(openings) != 1:
+            raise ValueError(f"the studies' bites were read with different openings {sorted(map(str, openings))}: "
+                             "score them again with one scoring.bite")
         bins = core_bins(self.bins, margins.pop())
 
         def fit(maps, ms, bins, calibration=self.calibration):
@@ -278,49 +309,60 @@ class AnatomyDensityMap(AnatomyMap):
                "density": fit(density, [s.strict for s in scores], bins)}
         if blobs.pop():  # a one-sided channel, 0 in most healthy lung: its healthy 99.9th percentile per band
             ref["blob"] = fit(blob, [s.blob_region for s in scores], bins, "tail")
+        if openings.pop() != "off":  # one-sided too, 0 in most healthy lung, as large as the hilum in its bands
+            ref["bite"] = fit(bite, [s.bite_region for s in scores], bins, "tail")
         return ref
 
     def _z_inside(self, score: DensityScore, mask, sigma: float, reference: dict) -> tuple:
-        """``(inside, |z_flow|, |z_density|, z_blob)`` at the voxels of ``mask`` (``|z_density|`` NaN off the strict
-        lung; ``z_blob`` NaN off the permissive core, and everywhere where the reference has no blob part). The
-        last one is kept on the score, because the search rebuilds the map for every weight at one σ and one
-        reference; only the mask's voxels, so the memo is a fraction of the map the search holds."""
+        """``(inside, |z_flow|, |z_density|, z_blob, z_bite)`` at the voxels of ``mask`` (``|z_density|`` NaN off
+        the strict lung; ``z_blob`` and ``z_bite`` NaN off the permissive core, and everywhere where the reference
+        has no such part). The last one is kept on the score, because the search rebuilds the map for every weight
+        at one σ and one reference; only the mask's voxels, so the memo is a fraction of the map the search holds."""
         key = (float(sigma), reference_fingerprint(reference))
         memo = getattr(score, "_z_memo", None)
         if memo is None or memo[0] != key:
-            if "blob" in reference and score.blob is None:
-                raise ValueError("the reference weighs the bright-blob response but this study was scored without "
-                                 "it (scoring.blobs: off, or a score file from before the bright blobs of "
-                                 "2026-12-07): score it again")
+            for part, arr, what, setting in (("blob", score.blob, "the bright-blob response", "blobs"),
+                                             ("bite", score.bite, "the lung's bite", "bite")):
+                if part in reference and arr is None:
+                    raise ValueError(f"the reference weighs {what} but this study was scored without it "
+                                     f"(scoring.{setting}: off, or a score file from before it, 2026-12-07): score "
+                                     "it again")
             inside = np.asarray(mask) != 0
-            flow, density, blob = self._smoothed(score, mask, sigma)
-            z_blob = (np.full(int(inside.sum()), np.nan, np.float32) if "blob" not in reference else
-                      anatomy_z(reference["blob"], blob, score.blob_region)[inside])
+            flow, density, blob, bite = self._smoothed(score, mask, sigma)
+
+            def one_sided(part, smoothed, region):
+                return (np.full(int(inside.sum()), np.nan, np.float32) if part not in reference else
+                        anatomy_z(reference[part], smoothed, region)[inside])
+
             memo = (key, inside, np.abs(anatomy_z(reference["flow"], flow, mask))[inside],
-                    np.abs(anatomy_z(reference["density"], density, score.strict))[inside], z_blob)
+                    np.abs(anatomy_z(reference["density"], density, score.strict))[inside],
+                    one_sided("blob", blob, score.blob_region), one_sided("bite", bite, score.bite_region))
             score._z_memo = memo
         return memo[1:]
 
     def z_maps(self, score: DensityScore, mask, sigma: float, reference: dict) -> tuple[np.ndarray, ...]:
-        """``(|z_flow|, |z_density|, z_blob)`` on the study's grid (NaN outside ``mask``; the density's also off
-        the strict lung, the blob's off the permissive core)."""
+        """``(|z_flow|, |z_density|, z_blob, z_bite)`` on the study's grid (NaN outside ``mask``; the density's also
+        off the strict lung, the blob's and the bite's off the permissive core)."""
         inside, *zs = self._z_inside(score, mask, sigma, reference)
-        out = np.full((3, *inside.shape), np.nan, np.float32)
+        out = np.full((len(zs), *inside.shape), np.nan, np.float32)
         for o, z in zip(out, zs, strict=True):
             o[inside] = z
         return tuple(out)
 
     def atypicality(self, score: DensityScore, mask, params, reference) -> np.ndarray:
-        inside, z_flow, z_density, z_blob = self._z_inside(score, mask, float(params["sigma_vox"]), reference)
+        inside, z_flow, z_density, z_blob, z_bite = self._z_inside(score, mask, float(params["sigma_vox"]),
+                                                                   reference)
         w, wb = float(params["density_weight"]), float(params.get("blob_weight", 0.0))  # points before blobs: 0
         out = np.full(inside.shape, np.nan, np.float32)
         with np.errstate(invalid="ignore"):
             a = np.fmax(z_flow, w * z_density) if w > 0 else z_flow
-            out[inside] = -(np.fmax(a, wb * z_blob) if wb > 0 else a)
+            # the solid-lesion channel: a ball inside the lung or a bite out of its wall, at one weight
+            out[inside] = -(np.fmax(a, wb * np.fmax(z_blob, z_bite)) if wb > 0 else a)
         return out
 
     def __repr__(self) -> str:
-        return f"<map kind {self.name!r}: the anatomy map, the parenchyma density and the bright-blob response>"
+        return (f"<map kind {self.name!r}: the anatomy map, the parenchyma density, the bright-blob response and the "
+                "lung's bite>")
 
 
 def blob_sigmas_setting(value) -> tuple[float, ...] | str:
@@ -335,3 +377,15 @@ def blob_sigmas_setting(value) -> tuple[float, ...] | str:
         raise ValueError(f"scoring.blobs must be a list of scales in voxels (each above 0 and at most 8, e.g. "
                          f"{list(BLOB_SIGMAS)}), or \"off\", got {value!r}")
     return tuple(float(v) for v in value)
+
+
+def bite_setting(value) -> int | str:
+    """``scoring.bite``: the lung's bite's opening in voxels (unset: BITE_OPENING), or ``"off"``."""
+    if value is None:
+        return BITE_OPENING
+    if value is False or value == "off":  # YAML reads off as False
+        return "off"
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 1 <= value <= 8:
+        raise ValueError(f"scoring.bite must be the opening of the lung before its bite is measured, a whole number "
+                         f"of voxels from 1 to 8 (e.g. {BITE_OPENING}), or \"off\", got {value!r}")
+    return int(value)
