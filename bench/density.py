@@ -1,5 +1,5 @@
-"""What the parenchyma density and the bright blobs of ``scoring.map: anatomy-density`` add to a study's scoring
-and decision.
+"""What the parenchyma density, the bright blobs and the lung's bite of ``scoring.map: anatomy-density`` add to a
+study's scoring and decision.
 
     .venv/bin/python bench/density.py [--threads 2] [--write-docs]
 
@@ -12,9 +12,9 @@ scan gives), preprocessed as the platform does. Timed in one run, each the best 
   along z, y, x in turn; over the aerated lung only, as the default reads it, and over every core voxel), what
   ``anatomy-density`` adds to it, beside the full 7³ cube median it stands in for (scipy's ``median_filter``,
   the same nearest-lung filling outside the mask), with their agreement inside the lung;
-* ``bright_blobness`` on the permissive lung's core (3 scales), which the default adds as well;
-* the decision's map at one operating point: ``anatomy``'s atypicality against ``anatomy-density``'s (three
-  references, three z maps), with references fitted on this study (a stand-in: the cost does not depend on it).
+* ``bright_blobness`` and ``lung_bite`` on the permissive lung's core, which the default adds as well;
+* the decision's map at one operating point: ``anatomy``'s atypicality against ``anatomy-density``'s (four
+  references, four z maps), with references fitted on this study (a stand-in: the cost does not depend on it).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main() -> None:
     import torch
 
     from ct3dflow.detect import get_kind
+    from ct3dflow.detect.bite import BITE_OPENING, lung_bite
     from ct3dflow.detect.blobs import BLOB_SIGMAS, bright_blobness
     from ct3dflow.detect.density_map import (
         DENSITY_BELOW_HU,
@@ -96,12 +97,13 @@ def main() -> None:
     t_aerated, aerated = best_of(lambda: parenchyma_density(study.volume, study.strict, below=below), a.repeat)
     t_cube, cube = best_of(lambda: cube_median(study.volume, lung_core(study.strict)), 1)
     t_blob, blob = best_of(lambda: bright_blobness(study.volume, lung_core(study.permissive)), a.repeat)
+    t_bite, bite = best_of(lambda: lung_bite(study.strict, lung_core(study.permissive), study.spacing), a.repeat)
     lung = np.isfinite(dens)  # the core, where the density is read
     diff = np.abs(dens[lung] - cube[lung])
     mad = 1.4826 * float(np.median(np.abs(cube[lung] - np.median(cube[lung]))))
     corr = float(np.corrcoef(dens[lung], cube[lung])[0, 1])
     both = DensityScore(**vars(flow), parenchyma=aerated, density_below_hu=DENSITY_BELOW_HU, blob=blob,
-                        blob_sigmas=BLOB_SIGMAS)
+                        blob_sigmas=BLOB_SIGMAS, bite=bite, bite_opening=BITE_OPENING)
     params = {"sigma_vox": 1.0, "density_weight": 0.5, "blob_weight": 0.5}
     ref_a = anatomy.fit_reference([flow], [study.permissive], params)
     ref_d = density.fit_reference([both], [study.permissive], params)
@@ -130,9 +132,11 @@ def main() -> None:
         f"| the same over every core voxel (`density_below_hu: off`) | {t_density:.2f} | {t_density / t_score:.2f} |",
         f"| the bright-blob response on the permissive core (scales {', '.join(map(str, BLOB_SIGMAS))} voxels; "
         f"what the default adds too) | {t_blob:.2f} | {t_blob / t_score:.2f} |",
+        f"| the lung's bite on the permissive core (opening {BITE_OPENING} voxels; what the default adds too) | "
+        f"{t_bite:.2f} | {t_bite / t_score:.2f} |",
         f"| the full 7³ cube median it stands in for (once) | {t_cube:.2f} | {t_cube / t_score:.2f} |",
         f"| the decision's map, `anatomy` (one z map) | {t_map_a:.2f} | {t_map_a / t_score:.2f} |",
-        f"| the decision's map, `anatomy-density` (three z maps) | {t_map_d:.2f} | {t_map_d / t_score:.2f} |",
+        f"| the decision's map, `anatomy-density` (four z maps) | {t_map_d:.2f} | {t_map_d / t_score:.2f} |",
     ]
     lines += ["", "Separable against cube (both over every core voxel) inside the strict lung's core "
               f"({int(lung.sum()):,} voxels): correlation "
