@@ -63,7 +63,10 @@ runs 0.772 → 0.815, never lower by more than 0.003, A→A 0.942 and B→A 0.83
 the demo's stored scores (test AUROC 0.812, ``anatomy`` 0.758), so it became the default. The bright blobs
 (2026-12-07, 02:30 UTC) raised it again on the same 8 runs: mean test AUROC 0.815 → 0.911, never lower (A→A 0.942
 as before, crosswise A→B 0.700 → 0.885 and B→A 0.831 → 0.899; nodules 0.85–1.00 in every run), the normal test
-studies at 0.0–0.6 cm³; on the demo's stored scores 0.812 → 0.946.
+studies at 0.0–0.6 cm³; on the demo's stored scores 0.812 → 0.946. The lung's bite (2026-12-07, 05:00
+UTC), in one channel with the blobs, raised it in all 8 runs: mean 0.911 → 0.940 (A→A 0.947, every kind ≥ 0.9;
+crosswise A→B 0.909–0.953, B→A 0.944–0.947; honeycombing 0.74–0.86 → 0.91–0.98), the normal test studies at
+0.0–1.1 cm³; on the demo's stored scores 0.946 → 0.975.
 """
 
 from __future__ import annotations
