@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", nargs="*", help="only these splits (default: all)")
     s.add_argument("--operating-point", help="operating_point.json from tune-local (it names its map kind)")
     s.add_argument("--map", choices=sorted(MAP_KINDS), default=None,
-                   help="anatomy-density (default): the per-voxel coarse-latent map, the lung's aerated density "
+                   help="anatomy-density (default): the per-voxel coarse-latent map, the lung's aerated density, "
                         "its bright blobs and its bite, each against a reference per band of depth and position in "
                         "the lung, "
                         "beyond the paper; anatomy: that voxel map alone; voxel: the voxel map against depth bands "

@@ -13,16 +13,16 @@ the vessels enter).
    and any lung thinner than the opening, stop counting as lung;
 2. each lung (as thresholded, before the opening) is *closed* with a ball of ``closing_mm`` (16 mm): the tight
    concavities of its surface fill, the broad ones (the diaphragm's dome, the heart's impression) do not;
-3. at each voxel of the region (the permissive mask's core) that the closing filled, the bite is its distance in
-   voxels from the opened lung; 0 elsewhere in the region, NaN outside it.
+3. at each voxel of the region (the permissive mask's core) inside the closed lung, the bite is its distance in
+   voxels from the opened lung (0 in the opened lung itself); 0 elsewhere in the region, NaN outside it.
 
 ``anatomy-density`` measures it, like the bright blobs, per anatomical band against the healthy 99.9th percentile
 (the ``"tail"`` calibration of :mod:`.anatomy_map`): the hilum's bite is healthy there, a bite at the lateral
 chest wall is not.
 
 Measured (docs/RESULTS.md, 2026-12-07): opening 3 voxels and closing 16 mm, chosen on family B's validation
-normals and lesions against the permissive mask's own 30 mm closing (whose fill of the dome put the healthy tail
-at the lateral base at 10 voxels, against 5 with 16 mm); shared with the bright blobs in one solid-lesion channel.
+normals and lesions against the permissive mask's own 30 mm closing (with which the healthy tail at the lateral
+lung base was 10 voxels, against 4.8 with 16 mm); shared with the bright blobs in one solid-lesion channel.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ BITE_CLOSING_MM = 16.0  # fills a bite of a few cm across; not the dome of the d
 def lung_bite(strict: np.ndarray, region: np.ndarray, spacing=(2.0, 2.0, 2.0), opening: int = BITE_OPENING,
               closing_mm: float = BITE_CLOSING_MM) -> np.ndarray:
     """The bite (voxels) at each voxel of ``region``: its distance from the ``strict`` lung (labelled 1 right, 2
-    left, or binary) opened by ``opening`` voxels, where a closing of each lung of ``strict`` with a ball of
-    ``closing_mm`` fills it, 0 where it does not; float32, NaN outside ``region``. ``spacing`` is (x, y, z) mm."""
+    left, or binary) opened by ``opening`` voxels, where it lies inside the closing of its lung of ``strict`` with a
+    ball of ``closing_mm``, 0 where it does not; float32, NaN outside ``region``. ``spacing`` is (x, y, z) mm."""
     strict = np.asarray(strict)
     region = np.asarray(region) != 0
     out = np.full(strict.shape, np.nan, np.float32)
