@@ -202,3 +202,43 @@ def test_the_band_cache_keeps_to_its_budget(monkeypatch):
     for bins in ((0.0, 2.0), (0.0, 3.0), (0.0, 4.0)):
         band_index(m, bins, 3, 3)
     assert list(anatomy_map._BAND_CACHE)[-1][2] == (0.0, 4.0) and len(anatomy_map._BAND_CACHE) == 1
+
+
+def test_anterior_posterior_bands_keep_the_hilum_s_tail_away_from_the_back_of_the_lung():
+    """The lung's bite (ct3dflow.detect.bite) is large at the hilum (medial, mid-way from front to back) in every
+    healthy study, and a consolidation in the paravertebral gutter (medial, at the back) lies in the same bands:
+    split in three from front to back, the gutter's healthy tail is its own."""
+    from ct3dflow.detect.anatomy_map import anatomy_z, fit_anatomy_reference
+
+    m = _lungs()
+    bins = (0.0, 2.0, 4.0)
+    plain, _ = band_index(m, bins, 3, 3)
+    split, _ = band_index(m, bins, 3, 3, anterior_posterior=3)
+    assert (split[m] // 3 == plain[m]).all() and (split[~m] == -1).all()  # each band in three, nothing else
+    assert (split[:, 6][m[:, 6]] % 3 == 0).all() and (split[:, 49][m[:, 49]] % 3 == 2).all()  # front 0, back 2
+    hilum = np.zeros(m.shape, bool)
+    hilum[18:26, 24:32, 30:36] = True  # medial side of the right lung, mid-way from front to back
+    gutter = np.zeros(m.shape, bool)
+    gutter[18:26, 42:48, 30:36] = True  # the same medial band, at the back
+    rng = np.random.default_rng(5)
+
+    def healthy():
+        v = np.abs(0.1 * rng.standard_normal(m.shape)).astype(np.float32)
+        v[hilum] += 4.0
+        return v
+
+    maps = [healthy() for _ in range(4)]
+    lesion = healthy()
+    lesion[gutter] += 2.0
+    z = {}
+    for ap in (1, 3):
+        ref = fit_anatomy_reference(maps, [m] * 4, bins, 3, 3, "tail", anterior_posterior=ap)
+        assert ref["anterior_posterior"] == ap
+        z[ap] = anatomy_z(ref, lesion, m)
+    # z = 3.09 · v / (the band's healthy 99.9th percentile), v ≈ 2.08 in the gutter: against the hilum's 4.0 +
+    # about 0.3, 1.5; against the gutter's own |0.1·N| (99.9th percentile 0.33), 19.5
+    assert 1.0 < np.median(z[1][gutter]) < 2.0 and 15.0 < np.median(z[3][gutter]) < 25.0, (np.median(z[1][gutter]),
+                                                                                             np.median(z[3][gutter]))
+    old = fit_anatomy_reference(maps, [m] * 4, bins, 3, 3, "tail")
+    del old["anterior_posterior"]  # a reference fitted before the split existed maps as it did
+    np.testing.assert_array_equal(anatomy_z(old, lesion, m), z[1])

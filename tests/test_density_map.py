@@ -398,6 +398,8 @@ def test_a_pleural_lesion_the_flow_misses_is_found_by_the_lung_s_bite():
     without, _ = grid_search(AnatomyDensityMap(), val, {**space, "blob_weight": [0.0]})
     assert op.validation["auroc"] == 1.0 and without.validation["auroc"] < 0.8
     assert op.params["blob_weight"] > 0 and set(op.reference) == {"type", "flow", "density", "bite"}
+    # the bite's bands are split from front to back (the hilum apart from the paravertebral gutter), no others
+    assert op.reference["bite"]["anterior_posterior"] == 3 and op.reference["flow"]["anterior_posterior"] == 1
     fresh = [_pleural_study(rng, 100 + i, y) for i, y in enumerate([0, 0, 0, 1, 1, 1])]
     again = OperatingPoint.from_dict(op.to_dict())
     vols = np.array([get_kind("anatomy-density").decide(s.score, s.permissive, SP, again)[0] for s in fresh])

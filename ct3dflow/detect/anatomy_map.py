@@ -20,6 +20,9 @@ and changes the reference:
   normals it was fitted on too closely (cross-fitted it loses to MAD, docs/RESULTS.md).
   ``"tail"`` is for a channel that is 0 in most healthy lung and one-sided (the bright-blob response of
   :mod:`.blobs`): ``z = 3.09 · v / (the band's healthy 99.9th percentile)``.
+* ``anterior_posterior`` (default 1: none) splits every band into equal parts of the mask's anterior–posterior
+  extent: in the medial bands the hilum lies mid-way and the paravertebral gutter at the back, and a channel whose
+  healthy tail is the hilum's (the lung's bite, :mod:`.bite`) needs them apart.
 * A band with too few healthy voxels (``MIN_BAND_VOXELS``) falls back to its depth band, so a small validation
   set degrades to the depth reference instead of failing.
 
@@ -106,20 +109,21 @@ def clear_band_cache() -> None:
         _band_bytes = 0
 
 
-def band_index(mask: np.ndarray, bins, lateral: int, vertical: int, fraction: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def band_index(mask: np.ndarray, bins, lateral: int, vertical: int, fraction: int = 1,
+               anterior_posterior: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(anatomy band, depth band) per voxel (−1 outside the mask). A search asks for the same masks' bands at
     every σ, weight and fold, and the distance transforms cost most of it: the bands are kept per mask content
     (a digest of the mask and the settings), least recently used dropped beyond ``BAND_CACHE_BYTES``
     (``CT3DFLOW_BAND_CACHE_MB``, default 512)."""
     m = np.asarray(mask) != 0
     key = (m.shape, hashlib.blake2b(np.packbits(m).tobytes(), digest_size=16).digest(),
-           tuple(float(b) for b in bins), int(lateral), int(vertical), int(fraction))
+           tuple(float(b) for b in bins), int(lateral), int(vertical), int(fraction), int(anterior_posterior))
     with _BAND_LOCK:
         hit = _BAND_CACHE.get(key)
         if hit is not None:
             _BAND_CACHE.move_to_end(key)
     if hit is None:
-        full, depth = _band_index(m, bins, lateral, vertical, fraction)
+        full, depth = _band_index(m, bins, lateral, vertical, fraction, anterior_posterior)
         hit = (full[m].astype(np.int32), depth[m].astype(np.int16))
         global _band_bytes
         with _BAND_LOCK:
@@ -134,7 +138,8 @@ def band_index(mask: np.ndarray, bins, lateral: int, vertical: int, fraction: in
     return full, depth
 
 
-def _band_index(m: np.ndarray, bins, lateral: int, vertical: int, fraction: int) -> tuple[np.ndarray, np.ndarray]:
+def _band_index(m: np.ndarray, bins, lateral: int, vertical: int, fraction: int,
+                anterior_posterior: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """:func:`band_index` computed (``m`` boolean)."""
     depth, lat, ver = anatomy_coordinates(m)
     d = np.digitize(depth, np.asarray(bins, dtype=np.float64)[1:])
@@ -144,6 +149,11 @@ def _band_index(m: np.ndarray, bins, lateral: int, vertical: int, fraction: int)
     if fraction > 1:
         fi = np.minimum((lung_fraction(m) * fraction).astype(np.int64), fraction - 1)
         full = full * fraction + fi
+    if anterior_posterior > 1 and m.any():  # y grows to the back (LPS): 0 at the mask's front, 1 at its back
+        ys = np.nonzero(m.any(axis=(0, 2)))[0]
+        y = (np.arange(m.shape[1]) - ys[0]) / max(ys[-1] - ys[0], 1)
+        ai = np.minimum((y * anterior_posterior).astype(np.int64), anterior_posterior - 1)
+        full = full * anterior_posterior + ai[None, :, None]
     return np.where(m, full, -1), np.where(m, d, -1)
 
 
@@ -161,14 +171,14 @@ def _stats(vals: np.ndarray, calibration: str) -> dict:
 
 
 def fit_anatomy_reference(maps, masks, bins=DEFAULT_DEPTH_BINS, lateral: int = 3, vertical: int = 3,
-                          calibration: str = "mad", fraction: int = 1) -> dict:
+                          calibration: str = "mad", fraction: int = 1, anterior_posterior: int = 1) -> dict:
     """From the smoothed maps and permissive masks of healthy validation studies."""
-    per_depth = lateral * vertical * fraction
+    per_depth = lateral * vertical * fraction * anterior_posterior
     n_full = len(bins) * per_depth
     full_vals: list[list[np.ndarray]] = [[] for _ in range(n_full)]
     depth_vals: list[list[np.ndarray]] = [[] for _ in bins]
     for v, m in zip(maps, masks, strict=True):
-        full, depth = band_index(m, bins, lateral, vertical, fraction)
+        full, depth = band_index(m, bins, lateral, vertical, fraction, anterior_posterior)
         ok = np.isfinite(v) & (full >= 0)
         fv, dv, vv = full[ok], depth[ok], np.asarray(v[ok], dtype=np.float64)
         order = np.argsort(fv, kind="stable")
@@ -189,13 +199,14 @@ def fit_anatomy_reference(maps, masks, bins=DEFAULT_DEPTH_BINS, lateral: int = 3
         bands.append(_stats(vals, calibration) if vals.size >= MIN_BAND_VOXELS else
                      {**depth_stats[b // per_depth], "fallback": True})
     return {"type": "anatomy", "bins": [float(v) for v in bins], "lateral": int(lateral), "vertical": int(vertical),
-            "fraction": int(fraction), "calibration": calibration, "bands": bands, "depth_bands": depth_stats}
+            "fraction": int(fraction), "anterior_posterior": int(anterior_posterior), "calibration": calibration,
+            "bands": bands, "depth_bands": depth_stats}
 
 
 def anatomy_z(reference: dict, smoothed: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """z of every voxel against its anatomical band (NaN outside ``mask``)."""
     full, _ = band_index(mask, reference["bins"], reference["lateral"], reference["vertical"],
-                         int(reference.get("fraction", 1)))
+                         int(reference.get("fraction", 1)), int(reference.get("anterior_posterior", 1)))
     z = np.full(np.shape(smoothed), np.nan, dtype=np.float32)
     inside = full >= 0
     fv, vv = full[inside], np.asarray(smoothed, dtype=np.float64)[inside]

@@ -18,7 +18,9 @@ the vessels enter).
 
 ``anatomy-density`` measures it, like the bright blobs, per anatomical band against the healthy 99.9th percentile
 (the ``"tail"`` calibration of :mod:`.anatomy_map`): the hilum's bite is healthy there, a bite at the lateral
-chest wall is not.
+chest wall is not. Its bands are each split in three from front to back (``BITE_ANTERIOR_POSTERIOR``): the hilum
+and the paravertebral gutter share the medial bands, and a consolidation against the spine would otherwise be
+measured against the hilum's tail.
 
 Measured (docs/RESULTS.md, 2026-12-07): opening 3 voxels and closing 16 mm, chosen on family B's validation
 normals and lesions against the permissive mask's own 30 mm closing (with which the healthy tail at the lateral
@@ -34,6 +36,9 @@ from ..lungs import closing_ball
 
 BITE_OPENING = 3  # voxels (6 mm on the 2 mm grid): honeycombing's cysts are 3–5.5 mm in radius
 BITE_CLOSING_MM = 16.0  # fills a bite of a few cm across; not the dome of the diaphragm
+# its reference's bands are split in three from front to back: the hilum's healthy bite (mid-way, medial) is
+# large, the paravertebral gutter's (at the back, medial) small, and a consolidation there lies in the same bands
+BITE_ANTERIOR_POSTERIOR = 3
 
 
 def lung_bite(strict: np.ndarray, region: np.ndarray, spacing=(2.0, 2.0, 2.0), opening: int = BITE_OPENING,

@@ -34,7 +34,9 @@ density is read where it means lung:
   validation studies only: a density reference means something only on the scanner and protocol it was fitted
   on, so it is always the site's own. The blob response and the bite have a third and a fourth, with the
   ``"tail"`` calibration: each is 0 in most healthy lung (its MAD is 0), so it is measured in units of its healthy
-  99.9th percentile per band (the hilum's healthy bite is large, the lateral wall's small).
+  99.9th percentile per band (the hilum's healthy bite is large, the lateral wall's small; the bite's bands are
+  each split in three from front to back, ``BITE_ANTERIOR_POSTERIOR``, so that the paravertebral gutter, in the
+  same medial bands as the hilum, has its own).
 * **Atypicality**: ``−max(|z_flow|, density_weight·|z_density|, blob_weight·max(z_blob, z_bite))``: a voxel is
   abnormal where the flow's map is more than τ from healthy, the density more than τ/density_weight, or the blob
   response or the bite more than τ/(3.09·blob_weight) times its healthy 99.9th percentile. The blobs and the bite
@@ -78,7 +80,7 @@ import numpy as np
 from scipy import ndimage
 
 from .anatomy_map import AnatomyMap, anatomy_z, fit_anatomy_reference
-from .bite import BITE_OPENING, lung_bite
+from .bite import BITE_ANTERIOR_POSTERIOR, BITE_OPENING, lung_bite
 from .blobs import BLOB_SIGMAS, bright_blobness
 from .voxel_map import VoxelScore, smooth_in_mask
 
@@ -305,15 +307,16 @@ class AnatomyDensityMap(AnatomyMap):
                              "score them again with one scoring.bite")
         bins = core_bins(self.bins, margins.pop())
 
-        def fit(maps, ms, bins, calibration=self.calibration):
-            return fit_anatomy_reference(maps, ms, bins, self.lateral, self.vertical, calibration, self.fraction)
+        def fit(maps, ms, bins, calibration=self.calibration, anterior_posterior=1):
+            return fit_anatomy_reference(maps, ms, bins, self.lateral, self.vertical, calibration, self.fraction,
+                                         anterior_posterior)
 
         ref = {"type": "anatomy-density", "flow": fit(flow, masks, self.bins),
                "density": fit(density, [s.strict for s in scores], bins)}
         if blobs.pop():  # a one-sided channel, 0 in most healthy lung: its healthy 99.9th percentile per band
             ref["blob"] = fit(blob, [s.blob_region for s in scores], bins, "tail")
-        if openings.pop() != "off":  # one-sided too, 0 in most healthy lung, as large as the hilum in its bands
-            ref["bite"] = fit(bite, [s.bite_region for s in scores], bins, "tail")
+        if openings.pop() != "off":  # one-sided too, 0 in most healthy lung; the hilum's apart from the spine's
+            ref["bite"] = fit(bite, [s.bite_region for s in scores], bins, "tail", BITE_ANTERIOR_POSTERIOR)
         return ref
 
     def _z_inside(self, score: DensityScore, mask, sigma: float, reference: dict) -> tuple:
