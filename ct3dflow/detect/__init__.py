@@ -29,7 +29,8 @@ MAP_KINDS: dict[str, MapKind] = {"voxel": VoxelMap(), "anatomy": AnatomyMap(), "
                                   "patch": PatchMap()}
 # anatomy-density, reading the aerated lung, beat anatomy on all 8 stored crosswise, in-domain and adapted runs
 # (mean test AUROC 0.711 → 0.815) and on the demo's stored scores (0.758 → 0.812); with the bright blobs 0.911 and
-# 0.946, with the lung's bite as well 0.940 and 0.975: docs/RESULTS.md, 2026-12-07
+# 0.946, with the lung's bite as well 0.940 and 0.975, its bands split from front to back 0.954 and 0.979 (another
+# demo's scores): docs/RESULTS.md, 2026-12-07
 DEFAULT_KIND = "anatomy-density"
 
 

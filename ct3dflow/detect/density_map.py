@@ -68,7 +68,8 @@ as before, crosswise A→B 0.700 → 0.885 and B→A 0.831 → 0.899; nodules 0.
 studies at 0.0–0.6 cm³; on the demo's stored scores 0.812 → 0.946. The lung's bite (2026-12-07, 05:00
 UTC), in one channel with the blobs, raised it in all 8 runs: mean 0.911 → 0.940 (A→A 0.947, every kind ≥ 0.9;
 crosswise A→B 0.909–0.953, B→A 0.944–0.947; honeycombing 0.74–0.86 → 0.91–0.98), the normal test studies at
-0.0–1.1 cm³; on the demo's stored scores 0.946 → 0.975.
+0.0–1.1 cm³; on the demo's stored scores 0.946 → 0.975. With the bite's bands split from front to back (06:00
+UTC) 0.954: crosswise B→A 0.960–0.965, A→B 0.929–0.955, A→A 0.970; family B's consolidation 0.81–0.89.
 """
 
 from __future__ import annotations
