@@ -313,33 +313,46 @@ def _nodule_study(rng, i, label, blobs=True):
     return ScoredStudy(f"n{i}", label, "nodule" if label else None, permissive, SP, score)
 
 
+def _the_solid_channel_is_taken(make, seed, v_min, part):
+    """Searched on 6 normal and 6 abnormal studies of ``make``, the solid-lesion channel (reference ``part``) is
+    taken and separates them, where the flow's noise alone (blob_weight 0) does not; the point, stored and read
+    back, decides 6 fresh studies right. Returns the point and the fresh studies."""
+    rng = np.random.default_rng(seed)
+    val = [make(rng, i, y) for i, y in enumerate([0] * 6 + [1] * 6)]
+    space = {"sigma_vox": [1.0], "tau_z": [4.0], "v_min_cm3": [v_min], "density_weight": [0.0],
+             "blob_weight": [0.0, 0.5, 1.0]}
+    op, _ = grid_search(AnatomyDensityMap(), val, space)
+    without, _ = grid_search(AnatomyDensityMap(), val, {**space, "blob_weight": [0.0]})
+    assert op.validation["auroc"] == 1.0 and without.validation["auroc"] < 0.8
+    assert op.params["blob_weight"] > 0 and set(op.reference) == {"type", "flow", "density", part}
+    fresh = [make(rng, 100 + i, y) for i, y in enumerate([0, 0, 0, 1, 1, 1])]
+    again = OperatingPoint.from_dict(op.to_dict())
+    vols = np.array([get_kind("anatomy-density").decide(s.score, s.permissive, SP, again)[0] for s in fresh])
+    assert vols[3:].min() > v_min and vols[:3].max() < v_min, vols
+    return op, fresh
+
+
+def _weight_0_is_the_kind_without(part, study, op, bare, match):
+    """At blob_weight 0 the map of ``study`` is, exactly, that of the kind without ``part`` (``bare``, the same
+    study scored without it; the reference without that part); at the chosen weight ``bare`` is refused."""
+    kind, bare = AnatomyDensityMap(), bare.score
+    bare.voxel_map, bare.parenchyma = study.score.voxel_map, study.score.parenchyma
+    params = {**op.params, "blob_weight": 0.0}
+    np.testing.assert_array_equal(kind.atypicality(study.score, study.permissive, params, op.reference),
+                                  kind.atypicality(bare, study.permissive, params,
+                                                   {k: v for k, v in op.reference.items() if k != part}))
+    with pytest.raises(ValueError, match=match):
+        kind.atypicality(bare, study.permissive, op.params, op.reference)
+
+
 def test_a_nodule_the_flow_misses_is_found_by_the_blob_response_and_vessels_are_not():
     """The bright-blob response (ct3dflow.detect.blobs) against its healthy tail per band: the search takes it,
     every nodule is found, the normals' vessels (tubes, different in every study) are not. The density is left
     out (weight 0): on this noiseless toy lung its healthy MAD is so small that the aerated reading's filling around
     a solid ball shows too."""
-    rng = np.random.default_rng(7)
-    val = [_nodule_study(rng, i, y) for i, y in enumerate([0] * 6 + [1] * 6)]
-    space = {"sigma_vox": [1.0], "tau_z": [4.0], "v_min_cm3": [0.5], "density_weight": [0.0],
-             "blob_weight": [0.0, 0.5, 1.0]}
-    op, _ = grid_search(AnatomyDensityMap(), val, space)
-    without, _ = grid_search(AnatomyDensityMap(), val, {**space, "blob_weight": [0.0]})
-    assert op.validation["auroc"] == 1.0 and without.validation["auroc"] < 0.8
-    assert op.params["blob_weight"] > 0 and set(op.reference) == {"type", "flow", "density", "blob"}
-    fresh = [_nodule_study(rng, 100 + i, y) for i, y in enumerate([0, 0, 0, 1, 1, 1])]
-    again = OperatingPoint.from_dict(op.to_dict())
-    vols = np.array([get_kind("anatomy-density").decide(s.score, s.permissive, SP, again)[0] for s in fresh])
-    assert vols[3:].min() > 0.5 and vols[:3].max() < 0.5, vols
-    # blob_weight 0 is the kind without the blob response, exactly
-    s, params = fresh[3], {**op.params, "blob_weight": 0.0}
-    kind = AnatomyDensityMap()
-    bare = _nodule_study(np.random.default_rng(0), 0, 0, blobs=False).score
-    bare.voxel_map, bare.parenchyma = s.score.voxel_map, s.score.parenchyma
-    ref_bare = {k: v for k, v in op.reference.items() if k != "blob"}
-    np.testing.assert_array_equal(kind.atypicality(s.score, s.permissive, params, op.reference),
-                                  kind.atypicality(bare, s.permissive, params, ref_bare))
-    with pytest.raises(ValueError, match="scored without it.*score it again"):
-        kind.atypicality(bare, s.permissive, op.params, op.reference)
+    op, fresh = _the_solid_channel_is_taken(_nodule_study, 7, 0.5, "blob")
+    _weight_0_is_the_kind_without("blob", fresh[3], op, _nodule_study(np.random.default_rng(0), 0, 0, blobs=False),
+                                  "weighs the bright-blob response but this study was scored without it.*score it")
 
 
 def test_blob_settings_round_trip_and_mixed_scales_are_refused(tmp_path):
@@ -390,32 +403,15 @@ def test_a_pleural_lesion_the_flow_misses_is_found_by_the_lung_s_bite():
     blob_weight: the search takes it and every half-ball on the lung's wall is found; without it (weight 0) the
     flow's noise ranks them at chance. Weight 0 is the kind without the bite, exactly, and a reference with a bite
     part refuses a study scored without one."""
-    rng = np.random.default_rng(11)
-    val = [_pleural_study(rng, i, y) for i, y in enumerate([0] * 6 + [1] * 6)]
-    space = {"sigma_vox": [1.0], "tau_z": [4.0], "v_min_cm3": [0.1], "density_weight": [0.0],
-             "blob_weight": [0.0, 0.5, 1.0]}
-    op, _ = grid_search(AnatomyDensityMap(), val, space)
-    without, _ = grid_search(AnatomyDensityMap(), val, {**space, "blob_weight": [0.0]})
-    assert op.validation["auroc"] == 1.0 and without.validation["auroc"] < 0.8
-    assert op.params["blob_weight"] > 0 and set(op.reference) == {"type", "flow", "density", "bite"}
+    op, fresh = _the_solid_channel_is_taken(_pleural_study, 11, 0.1, "bite")
     # the bite's bands are split from front to back (the hilum apart from the paravertebral gutter), no others
     assert op.reference["bite"]["anterior_posterior"] == 3 and op.reference["flow"]["anterior_posterior"] == 1
-    fresh = [_pleural_study(rng, 100 + i, y) for i, y in enumerate([0, 0, 0, 1, 1, 1])]
-    again = OperatingPoint.from_dict(op.to_dict())
-    vols = np.array([get_kind("anatomy-density").decide(s.score, s.permissive, SP, again)[0] for s in fresh])
-    assert vols[3:].min() > 0.1 and vols[:3].max() < 0.1, vols
     kind, s = AnatomyDensityMap(), fresh[3]
     z_bite = kind.z_maps(s.score, s.permissive, 1.0, op.reference)[3]
     assert np.isnan(kind.z_maps(s.score, s.permissive, 1.0, op.reference)[2]).all()  # no blobs were scored
     assert np.nanmax(z_bite) > 4.0 / op.params["blob_weight"]
-    bare = _pleural_study(np.random.default_rng(0), 0, 0, bite=False).score
-    bare.voxel_map, bare.parenchyma = s.score.voxel_map, s.score.parenchyma
-    params = {**op.params, "blob_weight": 0.0}
-    np.testing.assert_array_equal(kind.atypicality(s.score, s.permissive, params, op.reference),
-                                  kind.atypicality(bare, s.permissive, params,
-                                                   {k: v for k, v in op.reference.items() if k != "bite"}))
-    with pytest.raises(ValueError, match="weighs the lung's bite but this study was scored without it.*score it"):
-        kind.atypicality(bare, s.permissive, op.params, op.reference)
+    _weight_0_is_the_kind_without("bite", s, op, _pleural_study(np.random.default_rng(0), 0, 0, bite=False),
+                                  "weighs the lung's bite but this study was scored without it.*score it")
 
 
 def test_bite_settings_round_trip_and_mixed_openings_are_refused(tmp_path):
