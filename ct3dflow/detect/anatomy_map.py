@@ -116,14 +116,22 @@ def band_index(mask: np.ndarray, bins, lateral: int, vertical: int, fraction: in
     (a digest of the mask and the settings), least recently used dropped beyond ``BAND_CACHE_BYTES``
     (``CT3DFLOW_BAND_CACHE_MB``, default 512)."""
     m = np.asarray(mask) != 0
+    if anterior_posterior > 1:  # the bands without the split (kept), each cut in parts from front to back
+        full, depth = band_index(m, bins, lateral, vertical, fraction)
+        if m.any():
+            ys = np.nonzero(m.any(axis=(0, 2)))[0]  # y grows to the back (LPS): 0 at the mask's front, 1 at its back
+            y = (np.arange(m.shape[1]) - ys[0]) / max(ys[-1] - ys[0], 1)
+            ai = np.minimum((y * anterior_posterior).astype(np.int64), anterior_posterior - 1)
+            full = np.where(m, full * anterior_posterior + ai[None, :, None], -1)
+        return full, depth
     key = (m.shape, hashlib.blake2b(np.packbits(m).tobytes(), digest_size=16).digest(),
-           tuple(float(b) for b in bins), int(lateral), int(vertical), int(fraction), int(anterior_posterior))
+           tuple(float(b) for b in bins), int(lateral), int(vertical), int(fraction))
     with _BAND_LOCK:
         hit = _BAND_CACHE.get(key)
         if hit is not None:
             _BAND_CACHE.move_to_end(key)
     if hit is None:
-        full, depth = _band_index(m, bins, lateral, vertical, fraction, anterior_posterior)
+        full, depth = _band_index(m, bins, lateral, vertical, fraction)
         hit = (full[m].astype(np.int32), depth[m].astype(np.int16))
         global _band_bytes
         with _BAND_LOCK:
@@ -138,8 +146,7 @@ def band_index(mask: np.ndarray, bins, lateral: int, vertical: int, fraction: in
     return full, depth
 
 
-def _band_index(m: np.ndarray, bins, lateral: int, vertical: int, fraction: int,
-                anterior_posterior: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def _band_index(m: np.ndarray, bins, lateral: int, vertical: int, fraction: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`band_index` computed (``m`` boolean)."""
     depth, lat, ver = anatomy_coordinates(m)
     d = np.digitize(depth, np.asarray(bins, dtype=np.float64)[1:])
@@ -149,11 +156,6 @@ def _band_index(m: np.ndarray, bins, lateral: int, vertical: int, fraction: int,
     if fraction > 1:
         fi = np.minimum((lung_fraction(m) * fraction).astype(np.int64), fraction - 1)
         full = full * fraction + fi
-    if anterior_posterior > 1 and m.any():  # y grows to the back (LPS): 0 at the mask's front, 1 at its back
-        ys = np.nonzero(m.any(axis=(0, 2)))[0]
-        y = (np.arange(m.shape[1]) - ys[0]) / max(ys[-1] - ys[0], 1)
-        ai = np.minimum((y * anterior_posterior).astype(np.int64), anterior_posterior - 1)
-        full = full * anterior_posterior + ai[None, :, None]
     return np.where(m, full, -1), np.where(m, d, -1)
 
 

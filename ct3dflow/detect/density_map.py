@@ -222,13 +222,13 @@ def reference_fingerprint(reference: dict) -> tuple:
 
 
 class AnatomyDensityMap(AnatomyMap):
-    """The anatomy voxel map, the parenchyma density and the bright-blob response, each against its own anatomy
-    reference (module docstring)."""
+    """The anatomy voxel map, the parenchyma density, the bright-blob response and the lung's bite, each against its
+    own anatomy reference (module docstring)."""
 
     name = "anatomy-density"
-    title = ("coarse-latent voxel map, parenchyma density and bright-blob response, each against a healthy reference "
-             "per anatomical band; |z_flow| > τ, density_weight·|z_density| > τ or blob_weight·z_blob > τ (not in "
-             "the paper)")
+    title = ("coarse-latent voxel map, parenchyma density, bright-blob response and the lung's bite, each against a "
+             "healthy reference per anatomical band; |z_flow| > τ, density_weight·|z_density| > τ or "
+             "blob_weight·max(z_blob, z_bite) > τ (not in the paper)")
     score_file = "voxel_density_map.npz"
     space = {**AnatomyMap.space, "density_weight": [0.0, 0.33, 0.5, 0.67, 1.0], "blob_weight": [0.0, 0.5, 1.0]}
     map_params = ("sigma_vox", "density_weight", "blob_weight")
