@@ -28,6 +28,12 @@ space of ``transfer.py``) and tested once, beside the platform's ``anatomy`` ref
 2026-12-07 02:30 UTC; ``--blob-sigmas``, kept per study in ``--feature-cache``) and searches its weight; ``--bite``
 adds the lung's bite (``ct3dflow.detect.bite``, the default since 2026-12-07 05:00 UTC) to that channel.
 
+``anatomy-more`` (2026-12-07, 08:00 UTC) is ``anatomy-density`` with more one-sided channels, each against its own
+healthy tail per band: ``--bite-closings 30`` (a bite at a wider closing too, in the solid channel, for wide pleural
+consolidation) and ``--dark-blobs`` (a dark-ball response on the strict core, for emphysema's small pockets);
+``--density-window`` reads the density over a narrower window (any candidate of the kind). None helped
+(docs/RESULTS.md).
+
 ``--oracle`` adds the best test AUROC any point of the grid (at v_min 0) reaches: a ceiling of the map, to
 tell a weak map from a poor choice on validation; it never chooses anything.
 
@@ -40,6 +46,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +61,10 @@ from transfer import SPACE, summarise  # noqa: E402
 
 from ct3dflow.cache import StudyCache  # noqa: E402
 from ct3dflow.detect.anatomy_map import AnatomyMap, anatomy_z, fit_anatomy_reference  # noqa: E402
-from ct3dflow.detect.bite import BITE_OPENING, lung_bite  # noqa: E402
+from ct3dflow.detect.bite import BITE_ANTERIOR_POSTERIOR, BITE_OPENING, lung_bite  # noqa: E402
 from ct3dflow.detect.blobs import BLOB_SIGMAS, bright_blobness, hessian_response  # noqa: E402
 from ct3dflow.detect.density_map import (  # noqa: E402
+    DENSITY_CUBE,
     DENSITY_MARGIN,
     AnatomyDensityMap,
     DensityScore,
@@ -176,8 +184,61 @@ class TwoDensities(AnatomyDensityMap):
             return np.where(np.asarray(mask) != 0, -np.fmax(-a, w * memo[1]), np.nan)
 
 
+class MoreChannels(AnatomyDensityMap):
+    """``anatomy-density`` with more one-sided channels (``score.extra``: name → (array, channel, front-to-back
+    parts)), each against its own healthy tail per band and folded into a channel of the kind: ``"solid"`` (with the
+    blobs and the bite, at blob_weight) or ``"density"`` (with |z_density|, at density_weight). A prototype for
+    ``--bite-closings`` and ``--dark-blobs``."""
+
+    def fit_reference(self, scores, masks, params) -> dict:
+        from ct3dflow.detect.density_map import core_bins
+
+        ref = super().fit_reference(scores, masks, params)
+        sigma, bins = float(params["sigma_vox"]), core_bins(self.bins, int(scores[0].density_margin))
+        for name, (_, _, ap) in scores[0].extra.items():
+            arrs = [s.extra[name][0] for s in scores]
+            regions = [np.isfinite(a) for a in arrs]
+            ref["x-" + name] = fit_anatomy_reference([smooth_in_mask(a, r, sigma) for a, r in zip(arrs, regions)],
+                                                     regions, bins, self.lateral, self.vertical, "tail", 1, ap)
+        return ref
+
+    def _z_inside(self, score, mask, sigma, reference) -> tuple:
+        inside, z_flow, z_density, z_blob, z_bite = super()._z_inside(score, mask, sigma, reference)
+        key = (float(sigma), reference_fingerprint(reference))
+        memo = getattr(score, "_x_memo", None)
+        if memo is None or memo[0] != key:
+            z_density, z_blob = z_density.copy(), z_blob.copy()
+            for name, (arr, channel, _) in score.extra.items():
+                region = np.isfinite(arr)
+                z = anatomy_z(reference["x-" + name], smooth_in_mask(arr, region, sigma), region)[inside]
+                if channel == "density":
+                    z_density = np.fmax(z_density, z)
+                else:
+                    z_blob = np.fmax(z_blob, z)
+            memo = (key, inside, z_flow, z_density, z_blob, z_bite)
+            score._x_memo = memo
+        return memo[1:]
+
+
+def cached_feature(path: Path | None, compute) -> np.ndarray:
+    """``compute()``, kept in ``path`` when given (a feature of the study alone: not of the model or direction)."""
+    if path is not None and path.exists():
+        return np.load(path)
+    out = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, out)
+    return out
+
+
+def dark_blobness(volume: np.ndarray, region: np.ndarray, sigmas) -> np.ndarray:
+    """σ²·λ1 where all eigenvalues of the Hessian at scale σ are positive (a dark ball: an emphysema pocket, a cyst),
+    the largest over ``sigmas``; NaN off ``region``."""
+    return hessian_response(volume, region, sigmas, lambda lam: np.where(lam[:, 0] > 0, lam[:, 0], 0.0))
+
+
 CANDIDATES = ("anatomy-mad", "study-centred", "study-scaled", "density", "flow+density", "parenchyma",
-              "flow+parenchyma", "anatomy-density", "anatomy-two-densities")
+              "flow+parenchyma", "anatomy-density", "anatomy-two-densities", "anatomy-more")
 
 
 def detrended(dens: np.ndarray, how: str, slab: int = 4) -> np.ndarray:
@@ -234,7 +295,9 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
                parenchyma: float = 0.0, platform_kind: bool = False, detrend: str = "none",
                margin: int = DENSITY_MARGIN, feature: str = "median", where: str = "strict",
                below_hu: float | None = None, outer: str = "median", blobs: bool = False,
-               feature_cache: str | None = None, blob_sigmas=BLOB_SIGMAS, bite: int = 0) -> list[ScoredStudy]:
+               feature_cache: str | None = None, blob_sigmas=BLOB_SIGMAS, bite: int = 0,
+               bite_closings=(), dark_sigmas=(), dark_channel: str = "density",
+               density_window: int = DENSITY_CUBE) -> list[ScoredStudy]:
     res = pd.read_parquet(transfer / direction / split / "results.parquet").set_index("study_id")
     cache = StudyCache(data_run / "cache")
     out = []
@@ -248,7 +311,8 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
         # aerated lung only: the hilum's vessels and other soft tissue leave the density (the preprocessing's scale)
         below = None if below_hu is None else below_normalised(below_hu, st.hu_window)
         flow = VoxelScore.load(res.loc[r["study_id"], "score_path"])
-        dens = (detrended(parenchyma_density(vol, strict, percentile=parenchyma, margin=margin, below=below), detrend)
+        dens = (detrended(parenchyma_density(vol, strict, size=density_window, percentile=parenchyma, margin=margin,
+                                             below=below), detrend)
                 if parenchyma else None)
         if parenchyma and feature == "spread":
             dens = local_spread(vol, strict, margin)
@@ -264,6 +328,19 @@ def studies_of(transfer: Path, direction: str, data_run: Path, split: str,
                              bite_opening=bite if bites is not None else 0)
                 if platform_kind
                 else Maps(flow, vol, strict, dens))
+        if platform_kind:
+            fc = None if feature_cache is None else Path(feature_cache) / f"{data_run.name}-m{margin}-more"
+            maps.extra = {}
+            for mm in bite_closings:
+                maps.extra[f"bite{mm:g}"] = (cached_feature(
+                    None if fc is None else fc / f"bite{bite}-c{mm:g}" / f"{r['study_id']}.npy",
+                    partial(lung_bite, st.strict, lung_core(hull, margin), st.spacing, bite, mm)),
+                    "solid", BITE_ANTERIOR_POSTERIOR)
+            if dark_sigmas:
+                tag = "-".join(f"{v:g}" for v in dark_sigmas)
+                maps.extra["dark"] = (cached_feature(
+                    None if fc is None else fc / f"dark-{tag}" / f"{r['study_id']}.npy",
+                    partial(dark_blobness, vol, lung_core(st.strict, margin), tuple(dark_sigmas))), dark_channel, 1)
         if platform_kind and where == "both":
             maps.outer = (local_spread(vol, hull, margin) if outer == "spread" else
                           plateness(vol, lung_core(hull, margin)) if outer == "plate" else
@@ -328,6 +405,15 @@ def main(argv=None) -> int:
     p.add_argument("--bite", type=int, nargs="?", const=BITE_OPENING, default=0, metavar="VOXELS",
                    help="with --blobs: score the lung's bite too (ct3dflow.detect.bite; the platform's default since "
                    "2026-12-07 05:00 UTC), with this opening (default %(const)s), in the solid-lesion channel")
+    p.add_argument("--bite-closings", type=float, nargs="*", default=[], metavar="MM",
+                   help="anatomy-more: a bite at each of these closings too (mm), each against its own tail, in the "
+                   "solid channel")
+    p.add_argument("--dark-blobs", type=float, nargs="*", default=[], metavar="VOXELS",
+                   help="anatomy-more: a dark-blob response at these scales on the strict lung's core (emphysema's "
+                   "pockets), against its own tail, in --dark-channel")
+    p.add_argument("--dark-channel", choices=("density", "solid"), default="density")
+    p.add_argument("--density-window", type=int, default=DENSITY_CUBE,
+                   help="the parenchyma density's window in voxels per axis (a separable median)")
     p.add_argument("--feature-cache", default=None, help="a folder to keep the blob responses in (per data run)")
     p.add_argument("--oracle", action="store_true",
                    help="also print the best test AUROC over the grid at v_min 0 (a ceiling, not a choice)")
@@ -339,12 +425,14 @@ def main(argv=None) -> int:
     for d in a.directions:
         data_run = runs[d.split("->")[1]]
         for name in a.candidates:
-            kinds = {"anatomy-density": AnatomyDensityMap, "anatomy-two-densities": TwoDensities}
+            kinds = {"anatomy-density": AnatomyDensityMap, "anatomy-two-densities": TwoDensities,
+                     "anatomy-more": MoreChannels}
             par = a.parenchyma_percentile if ("parenchyma" in name or name in kinds) else 0.0
             where = "both" if name == "anatomy-two-densities" else a.density_mask
             val, test = (studies_of(Path(a.transfer), d, data_run, s, par, name in kinds, a.density_detrend,
                                      a.density_margin, a.density_feature, where, a.density_below,
-                                     a.outer_feature, a.blobs, a.feature_cache, tuple(a.blob_sigmas), a.bite)
+                                     a.outer_feature, a.blobs, a.feature_cache, tuple(a.blob_sigmas), a.bite,
+                                     tuple(a.bite_closings), tuple(a.dark_blobs), a.dark_channel, a.density_window)
                          for s in ("val", "test"))
             kind, t = (kinds[name]() if name in kinds else Candidate(name)), time.time()
             kind.outer_calibration = a.outer_calibration

@@ -136,6 +136,8 @@ def summarise(ev: dict) -> dict:
 def direction(name: str, model_file: Path, data_run: Path, out: Path, a) -> dict:
     log(f"{name}: model {model_file}, studies of {data_run.name}")
     rows, res = scores_for(model_file, data_run, out / name, a.stride, a.threads, a.precision)
+    if a.score_only:
+        return {}
     cache = data_run / "cache"
     voxel = get_kind("voxel")
     val = load_scored_studies(voxel, [r for r in rows if r["split"] == "val"], res["val"], cache)
@@ -223,6 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--adapt-steps", type=int, default=0,
                    help="crosswise: first fine-tune the model this many steps on the screened family's healthy "
                         "training studies (0: screen with the model as trained)")
+    p.add_argument("--score-only", action="store_true",
+                   help="only store the maps (for experiments/reference_checks.py); no reference is searched")
     p.add_argument("--adapt-lr", type=float, default=2e-4)
     p.add_argument("--adapt-seed", type=int, default=5, help="the adaptation's batch order")
     a = p.parse_args(argv)
@@ -239,6 +243,9 @@ def main(argv=None) -> int:
                                a.threads, a.adapt_seed)
         results[d] = direction(d, model_file, runs[s], out, a)
         write_json(results, out / "transfer.json")
+    if a.score_only:
+        log(f"maps stored in {(time.time() - t0) / 60:.1f} min")
+        return 0
     (out / "transfer.md").write_text(markdown(results), encoding="utf-8")
     log(f"done in {(time.time() - t0) / 60:.1f} min\n{markdown(results)}")
     return 0
