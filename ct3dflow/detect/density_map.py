@@ -85,7 +85,9 @@ from .bite import BITE_ANTERIOR_POSTERIOR, BITE_OPENING, lung_bite
 from .blobs import BLOB_SIGMAS, bright_blobness
 from .voxel_map import VoxelScore, smooth_in_mask
 
-DENSITY_CUBE = 7  # voxels (14 mm on the 2 mm grid): wider than the lung's vessels outside the hilum
+# voxels (14 mm on the 2 mm grid): wider than the lung's vessels outside the hilum. 5 and 3 read small emphysema
+# pockets that 7 smooths away, but lost family A's ground glass in the search (2026-12-07, docs/RESULTS.md)
+DENSITY_CUBE = 7
 DENSITY_PERCENTILE = 50.0
 # voxels: the density is read deeper than this into the strict lung. Its outer shell is partial volume with the
 # pleura and the diaphragm: on family A's validation normals it held most of the density's healthy tail (17 cm³
