@@ -242,7 +242,8 @@ def main(argv=None) -> int:
             model_file = adapt(model_file, runs[s], out / f"adapt-{m}-to-{s}" / "model", a.adapt_steps, a.adapt_lr,
                                a.threads, a.adapt_seed)
         results[d] = direction(d, model_file, runs[s], out, a)
-        write_json(results, out / "transfer.json")
+        if not a.score_only:  # an earlier full run's record stays as it was
+            write_json(results, out / "transfer.json")
     if a.score_only:
         log(f"maps stored in {(time.time() - t0) / 60:.1f} min")
         return 0
