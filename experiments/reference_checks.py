@@ -282,13 +282,7 @@ def plateness(volume: np.ndarray, region: np.ndarray, sigmas=(1.0, 1.5)) -> np.n
 def blob_of(vol: np.ndarray, hull: np.ndarray, margin: int, cached: Path | None, sigmas=BLOB_SIGMAS) -> np.ndarray:
     """The platform's bright-blob response on the permissive core (what ``anatomy-density`` scores), kept in
     ``cached`` when given: it depends on the study alone, not on the model or the direction."""
-    if cached is not None and cached.exists():
-        return np.load(cached)
-    b = bright_blobness(vol, lung_core(hull, margin), sigmas)
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cached, b)
-    return b
+    return cached_feature(cached, partial(bright_blobness, vol, lung_core(hull, margin), sigmas))
 
 
 def studies_of(transfer: Path, direction: str, data_run: Path, split: str,

@@ -423,8 +423,8 @@ def test_a_pleural_lesion_the_flow_misses_is_found_by_the_lung_s_bite():
     # the bite's bands are split from front to back (the hilum apart from the paravertebral gutter), no others
     assert op.reference["bite"]["anterior_posterior"] == 3 and op.reference["flow"]["anterior_posterior"] == 1
     kind, s = AnatomyDensityMap(), fresh[3]
-    z_bite = kind.z_maps(s.score, s.permissive, 1.0, op.reference)[3]
-    assert np.isnan(kind.z_maps(s.score, s.permissive, 1.0, op.reference)[2]).all()  # no blobs were scored
+    *_, z_blob, z_bite = kind.z_maps(s.score, s.permissive, 1.0, op.reference)
+    assert np.isnan(z_blob).all()  # no blobs were scored
     assert np.nanmax(z_bite) > 4.0 / op.params["blob_weight"]
     _weight_0_is_the_kind_without("bite", s, op, _pleural_study(np.random.default_rng(0), 0, 0, bite=False),
                                   "weighs the lung's bite but this study was scored without it.*score it")
