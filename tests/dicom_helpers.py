@@ -14,6 +14,8 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
+from ct3dflow.synthetic.writers import keeps_locale
+
 
 def _fmt(values: Iterable[float]) -> str:
     return "\\".join(f"{v:.6f}" for v in values)
@@ -64,7 +66,8 @@ def write_dicom_slice(
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     writer.SetFileName(str(path))
-    writer.Execute(img)
+    with keeps_locale():
+        writer.Execute(img)
 
 
 def write_dicom_series(

@@ -10,6 +10,7 @@ from ct3dflow.cache import StudyCache
 from ct3dflow.errors import CTInputError
 from ct3dflow.preprocess import PreprocessConfig
 from ct3dflow.synthetic import make_phantom, write_dicom_series, write_nifti
+from ct3dflow.synthetic.writers import keeps_locale
 
 
 def test_hit_then_recompute_on_changed_content_or_setting(tmp_path):
@@ -71,7 +72,8 @@ def test_masks_are_nifti_on_the_volume_grid_and_dicom_folders_are_keyed(tmp_path
     w = sitk.ImageFileWriter()
     w.KeepOriginalImageUIDOn()
     w.SetFileName(str(first))
-    w.Execute(new)
+    with keeps_locale():
+        w.Execute(new)
     assert not cache.get_or_compute("d1", folder).hit
     assert cache.study_ids() == ["d1"]
 

@@ -1,3 +1,5 @@
+import locale
+
 import numpy as np
 import pandas as pd
 import pydicom
@@ -13,6 +15,7 @@ from ct3dflow.synthetic import (
     write_mask,
     write_nifti,
 )
+from ct3dflow.synthetic.writers import keeps_locale
 
 SMALL = dict(shape=(32, 64, 80), spacing=(3.0, 3.0, 5.0))  # fast archive tests
 
@@ -136,6 +139,33 @@ def test_nifti_roundtrip(tmp_path, healthy):
     _geometry_equal(img, healthy)
     m = sitk.ReadImage(str(write_mask(healthy, tmp_path / "m.nii.gz")))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(m), healthy.lung_mask)
+
+
+def test_writing_a_dicom_series_leaves_the_process_locale_as_it_was(tmp_path):
+    """GDCM's writer sets the C locale and leaves it; under LANG=C.UTF-8 every later text read in the process
+    that names no encoding would then be ASCII (a YAML with an en dash, a page with a µ, failed that way)."""
+    before = locale.setlocale(locale.LC_ALL)
+    try:
+        locale.setlocale(locale.LC_ALL, "C.UTF-8")
+    except locale.Error:
+        pytest.skip("no C.UTF-8 locale on this machine")
+    try:
+        ph = make_phantom(11, **SMALL)
+        one = ph.to_image(ph.hu[:1].astype(np.int16))[:, :, 0]
+        one.SetMetaData("0020|0032", "1.5\\2.5\\3.5")  # a decimal string is what makes GDCM set the C locale
+        raw = sitk.ImageFileWriter()  # GDCM alone: the process's locale is C afterwards
+        raw.SetFileName(str(tmp_path / "raw.dcm"))
+        raw.Execute(one)
+        assert locale.setlocale(locale.LC_CTYPE) == "C"
+        locale.setlocale(locale.LC_ALL, "C.UTF-8")
+        write_dicom_series(ph, tmp_path / "dcm")
+        assert locale.setlocale(locale.LC_CTYPE) == "C.UTF-8"
+        assert locale.getpreferredencoding(False) == "UTF-8"
+        with keeps_locale():
+            locale.setlocale(locale.LC_ALL, "C")
+        assert locale.setlocale(locale.LC_CTYPE) == "C.UTF-8"
+    finally:
+        locale.setlocale(locale.LC_ALL, before)
 
 
 def test_dicom_roundtrip_and_tags(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,19 @@ def write_mask(phantom: Phantom, path, which: str = "lung") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(phantom.to_image(arr.astype(np.uint8)), str(path), True)
     return path
+
+
+@contextlib.contextmanager
+def keeps_locale():
+    """Restore the process's locale after the block. GDCM's DICOM writer (behind SimpleITK's ``ImageFileWriter``)
+    switches the whole process to the C locale, so that it writes decimal points, and leaves it there; under a
+    UTF-8 locale such as ``LANG=C.UTF-8`` every later ``open()`` and ``read_text()`` in the process that names
+    no encoding then reads ASCII and fails on the first non-ASCII byte."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def phantom_uid(seed: int, *parts) -> str:
@@ -111,19 +126,20 @@ def write_dicom_series(
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     paths = []
-    for i in range(img.GetDepth()):
-        sl = img[:, :, i]
-        for tag, value in common.items():
-            sl.SetMetaData(tag, value)
-        pos = img.TransformIndexToPhysicalPoint((0, 0, i))
-        sl.SetMetaData("0020|0032", "\\".join(f"{v:.4f}" for v in pos))
-        sl.SetMetaData("0020|1041", f"{pos[2]:.4f}")
-        sl.SetMetaData("0020|0013", str(i + 1))
-        sl.SetMetaData("0008|0018", phantom_uid(seed, "sop", series_uid, i))
-        p = folder / f"IM{i + 1:04d}.dcm"
-        writer.SetFileName(str(p))
-        writer.Execute(sl)
-        paths.append(p)
+    with keeps_locale():
+        for i in range(img.GetDepth()):
+            sl = img[:, :, i]
+            for tag, value in common.items():
+                sl.SetMetaData(tag, value)
+            pos = img.TransformIndexToPhysicalPoint((0, 0, i))
+            sl.SetMetaData("0020|0032", "\\".join(f"{v:.4f}" for v in pos))
+            sl.SetMetaData("0020|1041", f"{pos[2]:.4f}")
+            sl.SetMetaData("0020|0013", str(i + 1))
+            sl.SetMetaData("0008|0018", phantom_uid(seed, "sop", series_uid, i))
+            p = folder / f"IM{i + 1:04d}.dcm"
+            writer.SetFileName(str(p))
+            writer.Execute(sl)
+            paths.append(p)
     _mark_unsigned(paths)
     return paths
 
