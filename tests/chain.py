@@ -36,6 +36,7 @@ TUNE = {"num_samples": 1, "threshold_cm3": [0.0, 1.0e6], "seed": 0, "n_boot": 20
                             "blob_weight": {"grid": [0.5]}},
         "patch": {"sigma_vox": {"grid": [1.0]}, "tau_z": {"grid": [-1.0]}, "v_min_cm3": {"grid": [0.0, 0.0001]}}}
 GLOW, AE = "ct3dflow-glow3d-te", "ct3dflow-ae-te"
+TWO_WORKERS = ("--set", "ray.num_workers=2")
 AE_ARGS = ("--set", "train.model=ae", "--set", "name=te-ae", "--set", f"mlflow.registered_model={AE}",
            "--set", "scoring.map=patch")  # the paper's AE row: an autoencoder has no flow to map per voxel
 # the AE trains against the clock, on both workers: 6 s of a 2,000-step budget it cannot finish, the last 3 s of
@@ -82,7 +83,9 @@ def write_chain_config(path: Path, name: str, work: Path, manifest: Path, cache:
     its ray section (bench/job_cpu.py)."""
     cfg = {"name": name, "work_dir": str(work), "data": {"manifest": str(manifest), "cache_dir": str(cache)},
            "train": TINY_TRAIN, "scoring": {"map": "anatomy-density", "stride": 8, "batch_size": 32}, "tune": TUNE,
-           "ray": {"num_workers": 2, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5, "log_every": 5,
+           # one Ray Train worker, two where a test is about every rank (the AE's clock, the site's init weights):
+           # each worker is a process of ≈ 25 CPU-s here (docs/BENCHMARKS.md)
+           "ray": {"num_workers": 1, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5, "log_every": 5,
                    "preprocess_workers": 1, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5,
                    # one Ray worker process each: a process costs a job ≈ 5 CPU-s to start on 2 cores, and
                    # these studies and patches are tiny (docs/BENCHMARKS.md)
@@ -182,9 +185,9 @@ def _run_chain(env: dict, tmp: Path, champion: Future | None, nightly: Future | 
     if nightly is not None:
         nightly.set_result(out["nightly"])
     clock = tuple(a for k, v in AE_CLOCK.items() for a in ("--set", f"train.{k}={v}"))
-    run("te-train-ae", "jobs/train.py", *AE_ARGS, *clock)
+    run("te-train-ae", "jobs/train.py", *AE_ARGS, *clock, *TWO_WORKERS)
     run("te-tune-ae", "jobs/tune.py", *AE_ARGS)
-    run("te-train-site", "jobs/train.py", *SITE_ARGS)
+    run("te-train-site", "jobs/train.py", *SITE_ARGS, *TWO_WORKERS)
     # snapshot before the test split is ever used
     out["after_tune_files"] = [str(p) for p in work.rglob("*")] + [str(p) for p in (tmp / "cache").rglob("*")]
     for sid, extra in [("te-eval-glow", evaluate), ("te-eval-ae", evaluate + AE_ARGS)]:

@@ -1,3 +1,4 @@
+import codecs
 import locale
 
 import numpy as np
@@ -160,7 +161,7 @@ def test_writing_a_dicom_series_leaves_the_process_locale_as_it_was(tmp_path):
         locale.setlocale(locale.LC_ALL, "C.UTF-8")
         write_dicom_series(ph, tmp_path / "dcm")
         assert locale.setlocale(locale.LC_CTYPE) == "C.UTF-8"
-        assert locale.getpreferredencoding(False) == "UTF-8"
+        assert codecs.lookup(locale.getpreferredencoding(False)).name == "utf-8"
         with keeps_locale():
             locale.setlocale(locale.LC_ALL, "C")
         assert locale.setlocale(locale.LC_CTYPE) == "C.UTF-8"

@@ -6,7 +6,9 @@ cluster that one node does not have (measured per job in docs/BENCHMARKS.md, ``b
 * every worker exports Prometheus metrics (nothing scrapes them here);
 * the node publishes its stats every 5 s (30 s is plenty for the dashboard of one machine);
 * the log monitor looks for new workers' log files every 0.1 s (0.5 s here);
-* each Ray Train run starts a preemption-watcher actor (one node never drains).
+* each Ray Train run starts a preemption-watcher actor (one node never drains);
+* the raylet starts one idle worker per CPU when the first driver connects, which no job of ours then used
+  (each costs ≈ 3 CPU-s to start on 2 cores; a job starts the workers it needs).
 
 The platform's own head (``platform/ray-head.sh``) and clusters keep Ray's defaults.
 """
@@ -21,6 +23,7 @@ SMALL_NODE_ENV = {
     "REPORTER_UPDATE_INTERVAL_MS": "30000",
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_prestart_worker_first_driver": "false",
 }
 
 
