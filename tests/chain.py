@@ -2,11 +2,11 @@
 server (conftest's ``jobs_done``): for CT-3DFlow on the ``anatomy-density`` map (the default ``anatomy`` voxel map
 and the parenchyma density, against anatomy-banded references; opt-in, so the chain runs it through every job) train
 (stopped after its first checkpoint, then resumed) → tune → the nightly screening of tonight's archive (a hostile
-one, tests/tonight_archive.py) → evaluate; for the AE baseline on the paper's patch map train → tune → evaluate. The
-CT-3DFlow champion is announced as soon as it is tuned, and the nightly screening's outcome as soon as it is done,
-so the tests that need only those (test_pacs.py, test_screen.py) run beside the rest of the chain. Several test
-modules read the chain; conftest starts it in the background when the session starts, while the tests that do not
-need it run.
+one, tests/tonight_archive.py) → evaluate; for the AE baseline on the paper's patch map train → tune → evaluate
+(one evaluate job for both champions). The CT-3DFlow champion is announced as soon as it is tuned, and the nightly
+screening's outcome as soon as it is done, so the tests that need only those (test_pacs.py, test_screen.py) run
+beside the rest of the chain. Several test modules read the chain; conftest starts it in the background when the
+session starts, while the tests that do not need it run.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def write_chain_config(path: Path, name: str, work: Path, manifest: Path, cache:
     its ray section (bench/job_cpu.py)."""
     cfg = {"name": name, "work_dir": str(work), "data": {"manifest": str(manifest), "cache_dir": str(cache)},
            "train": TINY_TRAIN, "scoring": {"map": "anatomy-density", "stride": 8, "batch_size": 32}, "tune": TUNE,
-           # one Ray Train worker, two where a test is about every rank (the AE's clock, the site's init weights):
-           # each worker is a process of ≈ 25 CPU-s here (docs/BENCHMARKS.md)
+           # one Ray Train worker, two where a test is about every rank (the AE's clock: DDP hangs unless both
+           # stop at one step); each worker is a process of ≈ 25 CPU-s here (docs/BENCHMARKS.md)
            "ray": {"num_workers": 1, "use_gpu": False, "backend": "gloo", "cpus_per_worker": 0.5, "log_every": 5,
                    "preprocess_workers": 1, "preprocess_cpus": 0.5, "scoring_actors": 1, "scoring_cpus": 0.5,
                    # one Ray worker process each: a process costs a job ≈ 5 CPU-s to start on 2 cores, and
@@ -187,10 +187,10 @@ def _run_chain(env: dict, tmp: Path, champion: Future | None, nightly: Future | 
     clock = tuple(a for k, v in AE_CLOCK.items() for a in ("--set", f"train.{k}={v}"))
     run("te-train-ae", "jobs/train.py", *AE_ARGS, *clock, *TWO_WORKERS)
     run("te-tune-ae", "jobs/tune.py", *AE_ARGS)
-    run("te-train-site", "jobs/train.py", *SITE_ARGS, *TWO_WORKERS)
+    run("te-train-site", "jobs/train.py", *SITE_ARGS)
     # snapshot before the test split is ever used
     out["after_tune_files"] = [str(p) for p in work.rglob("*")] + [str(p) for p in (tmp / "cache").rglob("*")]
-    for sid, extra in [("te-eval-glow", evaluate), ("te-eval-ae", evaluate + AE_ARGS)]:
-        run(sid, "jobs/evaluate.py", *extra)
+    # both champions in one evaluate job, each with its own operating point and map kind (jobs/evaluate.py)
+    run("te-eval", "jobs/evaluate.py", *evaluate, "--model", f"models:/{GLOW}@champion", f"models:/{AE}@champion")
     (tmp / "timings.json").write_text(json.dumps(timings, indent=1))  # seconds per job, to keep the suite short
     return out

@@ -98,8 +98,9 @@ def test_training_against_the_clock_stops_on_every_worker_and_registers(jobs_don
 
 def test_a_train_job_fine_tunes_the_registered_champion(jobs_done, mlflow_server):
     """``train.init_model: models:/NAME@champion`` (site adaptation): the job fetches the champion once, pinned to
-    its version (tagged on the run), and both workers start from its weights, not from a fresh flow: after one
-    update at lr 1e-5 the validation bits/dim are the champion's."""
+    its version (tagged on the run), and the trainer starts from its weights, not from a fresh flow: after one
+    update at lr 1e-5 the validation bits/dim are the champion's. (One worker since 2026-12-07: with two, DDP
+    broadcasts rank 0's weights at the start anyway, so a second rank tested nothing of ours here.)"""
     from chain import GLOW, SITE, SITE_TRAIN
     from mlflow.tracking import MlflowClient
 

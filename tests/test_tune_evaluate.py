@@ -249,7 +249,7 @@ def test_evaluations_side_by_side_and_once_per_version(jobs_done, mlflow_server)
     assert table.startswith("| Method | AUROC | F1 | Accuracy |")
     assert "CT-3DFlow (ct3dflow-glow3d-te" in table and "AE (ct3dflow-ae-te" in table
     # a second evaluation of the same version is refused before anything is read or scored
-    from ct3dflow.adapters.ray_jobs import evaluate_job
+    from ct3dflow.adapters.ray_jobs import evaluate_job, evaluate_models
     from ct3dflow.config import load_config
 
     real = jobs_done["tmp"] / "archive" / "manifest.parquet"
@@ -257,4 +257,8 @@ def test_evaluations_side_by_side_and_once_per_version(jobs_done, mlflow_server)
     before = sorted(p.stat().st_mtime_ns for p in (jobs_done["work"] / "scores").rglob("*") if p.is_file())
     with pytest.raises(RuntimeError, match="already evaluated on the test split.*--force"):
         evaluate_job(cfg, f"models:/{GLOW}@champion")
+    # several models in one job (the chain evaluated both so): each refused on its own, neither stops the other
+    with pytest.raises(RuntimeError, match=rf"2 of 2 model\(s\) not evaluated:\n  models:/{GLOW}@champion: .*already "
+                       rf"evaluated.*\n  models:/{AE}@champion: .*already evaluated"):
+        evaluate_models(cfg, [f"models:/{GLOW}@champion", f"models:/{AE}@champion"])
     assert sorted(p.stat().st_mtime_ns for p in (jobs_done["work"] / "scores").rglob("*") if p.is_file()) == before

@@ -453,6 +453,24 @@ def evaluate_job(cfg, model_uri: str | None = None, force: bool = False) -> dict
     return out
 
 
+
+def evaluate_models(cfg, model_uris: list[str | None], force: bool = False) -> list[dict]:
+    """:func:`evaluate_job` for each model in turn, in one job (one Ray connection and driver: a researcher
+    compares the champions of several models on the same test split). A model that cannot be evaluated (its
+    version already was, it has no operating point) is reported and the others still are; the job then fails
+    naming each one that was not."""
+    done, failed = [], []
+    for uri in model_uris:
+        try:
+            done.append(evaluate_job(cfg, uri, force))
+        except Exception as exc:  # noqa: BLE001 - one model's refusal must not cost the others' evaluation
+            name = default_model_uri(cfg, uri)
+            _log(f"error {name}: {exc}")
+            failed.append(f"{name}: {exc}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(model_uris)} model(s) not evaluated:\n  " + "\n  ".join(failed))
+    return done
+
 COMPARISON_VIEW_KEY = "ct3dflow-comparison"
 
 
