@@ -51,8 +51,7 @@ def main() -> None:
     (work / "state").mkdir(parents=True)
     env = _platform_env(work / "state")
     env.update(RAY_HEAD_PORT="6395", RAY_DASHBOARD_PORT="8279", MLFLOW_PORT="5059",
-               RAY_ADDRESS="http://127.0.0.1:8279", MLFLOW_TRACKING_URI="http://127.0.0.1:5059",
-               RAY_NUM_CPUS="2")  # one job at a time here: the platform's head (the test head declares 4)
+               RAY_ADDRESS="http://127.0.0.1:8279", MLFLOW_TRACKING_URI="http://127.0.0.1:5059")
     for k in SMALL_NODE_ENV:
         env.pop(k, None)  # the head as the platform starts it, unless --head-env says otherwise
     env.update(kv.split("=", 1) for kv in args.head_env)

@@ -177,29 +177,17 @@ def _run_chain(env: dict, tmp: Path, champion: Future | None, nightly: Future | 
         return r.stdout
 
     out["resume"] = train_stopped_then_resumed(env, config, work / "ray_results" / "te-glow", run)
-
-    def ae_branch():
-        clock = tuple(a for k, v in AE_CLOCK.items() for a in ("--set", f"train.{k}={v}"))
-        run("te-train-ae", "jobs/train.py", *AE_ARGS, *clock, *TWO_WORKERS)
-        run("te-tune-ae", "jobs/tune.py", *AE_ARGS)
-
-    # the AE's train and tune need nothing of CT-3DFlow's: they run beside its tune, screening and site jobs (the
-    # cache is complete by now), so one branch's job starts and MLflow calls overlap the other's work
-    ae_pool = ThreadPoolExecutor(1, thread_name_prefix="chain-ae")
-    ae = ae_pool.submit(ae_branch)
-    ae_pool.shutdown(wait=False)
-    try:
-        run("te-tune-glow", "jobs/tune.py")
-        out["model_file"] = next((work / "ray_results").glob("te-glow/model.pt"))
-        if champion is not None:
-            champion.set_result({"model_file": out["model_file"], "registered_model": GLOW})
-        out["nightly"] = nightly_screening(run, tonight.result(), tmp / "nightly", env["MLFLOW_TRACKING_URI"])
-        if nightly is not None:
-            nightly.set_result(out["nightly"])
-        run("te-train-site", "jobs/train.py", *SITE_ARGS)
-    finally:
-        ae.exception()  # never leave the AE's jobs running behind a failure here (conftest then stops the head)
-    ae.result()
+    run("te-tune-glow", "jobs/tune.py")
+    out["model_file"] = next((work / "ray_results").glob("te-glow/model.pt"))
+    if champion is not None:
+        champion.set_result({"model_file": out["model_file"], "registered_model": GLOW})
+    out["nightly"] = nightly_screening(run, tonight.result(), tmp / "nightly", env["MLFLOW_TRACKING_URI"])
+    if nightly is not None:
+        nightly.set_result(out["nightly"])
+    clock = tuple(a for k, v in AE_CLOCK.items() for a in ("--set", f"train.{k}={v}"))
+    run("te-train-ae", "jobs/train.py", *AE_ARGS, *clock, *TWO_WORKERS)
+    run("te-tune-ae", "jobs/tune.py", *AE_ARGS)
+    run("te-train-site", "jobs/train.py", *SITE_ARGS)
     # snapshot before the test split is ever used
     out["after_tune_files"] = [str(p) for p in work.rglob("*")] + [str(p) for p in (tmp / "cache").rglob("*")]
     # both champions in one evaluate job, each with its own operating point and map kind (jobs/evaluate.py)

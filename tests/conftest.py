@@ -28,10 +28,6 @@ def _platform_env(state: Path) -> dict:
         RAY_DASHBOARD_PORT="8276",
         MLFLOW_PORT="5056",
         VENV_BIN=str(Path(os.sys.executable).parent),
-        # 4 logical CPUs on the 2 cores: the chain's AE branch runs beside its CT-3DFlow branch and the PACS and
-        # screening tests submit their own jobs meanwhile; each reserves ≈ 1–1.5 CPU, and on 2 logical CPUs one
-        # job's tasks waited on another's reservations (tests/chain.py)
-        RAY_NUM_CPUS="4",
     )
     for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN_PATH"):
         env.pop(k, None)
