@@ -457,7 +457,6 @@ def evaluate_job(cfg, model_uri: str | None = None, force: bool = False) -> dict
     return out
 
 
-
 def evaluate_models(cfg, model_uris: list[str | None], force: bool = False) -> list[dict]:
     """:func:`evaluate_job` for each model in turn, in one job (one Ray connection and driver: a researcher
     compares the champions of several models on the same test split). A model that cannot be evaluated (its
@@ -474,6 +473,7 @@ def evaluate_models(cfg, model_uris: list[str | None], force: bool = False) -> l
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(model_uris)} model(s) not evaluated:\n  " + "\n  ".join(failed))
     return done
+
 
 COMPARISON_VIEW_KEY = "ct3dflow-comparison"
 
