@@ -42,13 +42,6 @@ AE_ARGS = ("--set", "train.model=ae", "--set", "name=te-ae", "--set", f"mlflow.r
 # the AE trains against the clock, on both workers: 6 s of a 2,000-step budget it cannot finish, the last 3 s of
 # them at lr/10 (test_ray_jobs)
 AE_CLOCK = {"iterations": 2000, "max_minutes": 0.1, "checkpoint_every": 1000, "lr_decay_at": 0.5}
-# site adaptation: the CT-3DFlow champion fine-tuned for a few steps at a small lr (train.init_model), registered
-# under its own name so that the champion and its operating point stay as they are (test_ray_jobs)
-SITE = f"{GLOW}-site"
-SITE_TRAIN = {"iterations": 6, "lr": 1e-5, "warmup_steps": 0, "val_every": 1, "checkpoint_every": 1000}
-SITE_ARGS = ("--set", "name=te-glow-site", "--set", f"mlflow.registered_model={SITE}",
-             "--set", f"train.init_model=models:/{GLOW}@champion",
-             *(a for k, v in SITE_TRAIN.items() for a in ("--set", f"train.{k}={v}")))
 
 
 def sentinel_manifest(real: Path, out: Path) -> tuple[Path, list[str]]:
@@ -187,7 +180,6 @@ def _run_chain(env: dict, tmp: Path, champion: Future | None, nightly: Future | 
     clock = tuple(a for k, v in AE_CLOCK.items() for a in ("--set", f"train.{k}={v}"))
     run("te-train-ae", "jobs/train.py", *AE_ARGS, *clock, *TWO_WORKERS)
     run("te-tune-ae", "jobs/tune.py", *AE_ARGS)
-    run("te-train-site", "jobs/train.py", *SITE_ARGS)
     # snapshot before the test split is ever used
     out["after_tune_files"] = [str(p) for p in work.rglob("*")] + [str(p) for p in (tmp / "cache").rglob("*")]
     # both champions in one evaluate job, each with its own operating point and map kind (jobs/evaluate.py)

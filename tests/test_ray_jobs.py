@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -96,35 +97,44 @@ def test_training_against_the_clock_stops_on_every_worker_and_registers(jobs_don
     _registered_model_scores_a_patch(mlflow_server, AE, TINY_TRAIN["patch_size"])
 
 
-def test_a_train_job_fine_tunes_the_registered_champion(jobs_done, mlflow_server):
-    """``train.init_model: models:/NAME@champion`` (site adaptation): the job fetches the champion once, pinned to
-    its version (tagged on the run), and the trainer starts from its weights, not from a fresh flow: after one
-    update at lr 1e-5 the validation bits/dim are the champion's. (One worker since 2026-12-07: with two, DDP
-    broadcasts rank 0's weights at the start anyway, so a second rank tested nothing of ours here.)"""
-    from chain import GLOW, SITE, SITE_TRAIN
+def test_a_train_job_starts_from_the_registered_champion(jobs_done, mlflow_server, tmp_path):
+    """``train.init_model: models:/NAME@champion`` (site adaptation), the train job's own step against the session's
+    MLflow server: its driver fetches the champion once into the run's folder, pinned to its version (a resumed
+    job starts from the same weights even if the alias moves), and the model every Ray Train worker builds
+    (``TrainConfig.build_model``) starts from the champion's weights, not from a fresh flow. The rest of that job
+    is any train job's (the chain's stopped and resumed one); fine-tuning from the weights: test_train.py. Until
+    2026-12-07 the chain ran it as a Ray job of its own, a train job's start that `make test` could not afford
+    (docs/BENCHMARKS.md)."""
+    import mlflow
+    import torch
+    from chain import GLOW
     from mlflow.tracking import MlflowClient
 
-    status, log = jobs_done["statuses"]["te-train-site"]
-    assert status == "SUCCEEDED", log
+    from ct3dflow.adapters.ray_jobs import start_model_file
+    from ct3dflow.adapters.tracking import load_patch_model
+    from ct3dflow.train import TrainConfig
+
+    mlflow.set_tracking_uri(mlflow_server)
     client = MlflowClient(mlflow_server)
     champion = client.get_model_version_by_alias(GLOW, "champion")
-    source = json.loads((jobs_done["work"] / "ray_results" / "te-glow" / "train_result.json").read_text())
-    site = json.loads((jobs_done["work"] / "ray_results" / "te-glow-site" / "train_result.json").read_text())
-    assert f"fine-tuning from models:/{GLOW}@champion ({GLOW}/{champion.version})" in log
-    assert client.get_run(site["run_id"]).data.tags["ct3dflow.init_model"] == f"{GLOW}/{champion.version}"
-    assert site["steps"] == SITE_TRAIN["iterations"] and site["registered_model"] == SITE
-    val = sorted(client.get_metric_history(site["run_id"], "val_bits_per_dim"), key=lambda h: h.step)
-    assert val[0].step == 1 and abs(val[0].value - source["val_bits_per_dim"]) < 0.01, (val[0], source)
-    # ... which a fresh flow, data-initialised on the run's own init patches, is not
-    import torch
-
-    from ct3dflow.train import FlowTrainer, TrainConfig
-
-    run_dir = jobs_done["work"] / "ray_results" / "te-glow-site"
-    fresh = FlowTrainer(TrainConfig(**TINY_TRAIN).build_model(), TrainConfig(**TINY_TRAIN))
-    fresh.initialise(torch.from_numpy(np.load(run_dir / "init_patches.npy")))
-    assert abs(fresh.validate(torch.from_numpy(np.load(run_dir / "val_patches.npy"))) - val[0].value) > 0.1
-    _registered_model_scores_a_patch(mlflow_server, SITE, TINY_TRAIN["patch_size"])
+    tcfg = TrainConfig(**{**TINY_TRAIN, "init_model": f"models:/{GLOW}@champion"})
+    pinned, version = start_model_file(tcfg, tmp_path)
+    assert version == f"{GLOW}/{champion.version}"
+    assert Path(pinned.init_model) == (tmp_path / "init_model.pt").resolve()
+    want = load_patch_model(f"models:/{GLOW}/{champion.version}").model.state_dict()
+    got = pinned.build_model().state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    fresh = TrainConfig(**TINY_TRAIN).build_model().state_dict()
+    assert not all(torch.equal(fresh[k], got[k]) for k in fresh)
+    # pinned: a resumed job reads the run folder's file, whatever the alias says now (this one names no model)
+    again, version_again = start_model_file(TrainConfig(**{**TINY_TRAIN, "init_model": "models:/moved-on@champion"}),
+                                            tmp_path)
+    assert version_again == version and again.init_model == pinned.init_model
+    # a model of another architecture is refused before any worker starts, naming the settings
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match="train.init_model"):
+        start_model_file(TrainConfig(**{**TINY_TRAIN, "width": 16, "init_model": f"models:/{GLOW}@champion"}),
+                         tmp_path / "other")
 
 
 def test_stopped_training_job_resumes_from_checkpoint(jobs_done, mlflow_server):
