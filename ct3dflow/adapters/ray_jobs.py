@@ -7,7 +7,6 @@ Each takes the job's ``JobConfig``; Ray is initialised by the caller (``ray.init
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +29,14 @@ def _log_errors(df: pd.DataFrame) -> None:
 # ---------------------------------------------------------------------------------------------------
 def preprocess_job(cfg, rows_filter=None) -> pd.DataFrame:
     """Manifest → Ray Data preprocessing on CPU workers → the cache and ``cache/summary.parquet``."""
+    from ..detect.batch import write_parquet_atomic
     from .ray_data import preprocess_manifest
 
     cache = cfg.cache_path
     cache.mkdir(parents=True, exist_ok=True)
     summary = preprocess_manifest(cfg.manifest_path, cache, cfg.preprocess_config().to_dict(),
                                   concurrency=cfg.ray.get("preprocess_concurrency"))
-    # written whole and then renamed: jobs that share a cache (two train jobs at once) never leave half a file
-    part = cache / f".summary.{os.getpid()}.parquet"
-    summary.to_parquet(part, index=False)
-    os.replace(part, cache / "summary.parquet")
+    write_parquet_atomic(summary, cache / "summary.parquet")  # jobs that share a cache never leave half a file
     n_err = int((summary["status"] == "error").sum())
     _log(f"preprocessed {len(summary)} studies into {cache}: {len(summary) - n_err} ok, {n_err} errors "
          f"({int(summary['cache_hit'].fillna(False).sum())} served from the cache)")
