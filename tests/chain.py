@@ -2,16 +2,20 @@
 server (conftest's ``jobs_done``): for CT-3DFlow on the ``anatomy-density`` map (the default ``anatomy`` voxel map
 and the parenchyma density, against anatomy-banded references; opt-in, so the chain runs it through every job) train
 (stopped after its first checkpoint, then resumed) → tune → the nightly screening of tonight's archive (a hostile
-one, tests/tonight_archive.py) → evaluate; for the AE baseline on the paper's patch map train → tune → evaluate
-(one evaluate job for both champions). The CT-3DFlow champion is announced as soon as it is tuned, and the nightly
-screening's outcome as soon as it is done, so the tests that need only those (test_pacs.py, test_screen.py) run
-beside the rest of the chain. Several test modules read the chain; conftest starts it in the background when the
+one, tests/tonight_archive.py: the first job's scoring actor is killed and the job stopped mid-run, the second
+resumes it) → evaluate; for the AE baseline on the paper's patch map train → tune → evaluate (one evaluate job for
+both champions). The CT-3DFlow champion is announced as soon as it is tuned, and the nightly screening's outcome as
+soon as it is done, so the tests that need only those (test_pacs.py, test_screen.py) run beside the rest of the
+chain. Several test modules read the chain; conftest starts it in the background when the
 session starts, while the tests that do not need it run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -128,16 +132,70 @@ def run_chain(env: dict, tmp: Path, champion: Future | None = None, nightly: Fut
         raise
 
 
-def nightly_screening(run, tonight: dict, folder: Path, tracking_uri: str) -> dict:
+def parts_of(work: Path) -> dict[str, int]:
+    """A screening job's result parts (one per study, an error row's too): file name → modification time."""
+    return {p.name: p.stat().st_mtime_ns for p in (work / "results" / "parts").glob("*.parquet")}
+
+
+def ok_parts(work: Path) -> dict[str, int]:
+    """The parts of studies scored (an error row has a part too)."""
+    parts = work / "results" / "parts"
+    return {k: v for k, v in parts_of(work).items() if pd.read_parquet(parts / k).status.iloc[0] == "ok"}
+
+
+def _wait_ok_parts(env, sid: str, work: Path, k: int, timeout: float = 240) -> int:
+    """Waits until the job has ``k`` studies scored, or has ended, or ``timeout`` passed; returns how many."""
+    deadline = time.time() + timeout
+    while (n := len(ok_parts(work)) if (work / "results" / "parts").exists() else 0) < k:
+        if time.time() > deadline or raycli.job_status(env, sid) not in ("PENDING", "RUNNING"):
+            break
+        time.sleep(0.3)
+    return n
+
+
+def screening_interrupted(env, sid: str, entrypoint: list[str], work: Path) -> dict:
+    """The screening job is submitted; its scoring actor is killed (SIGKILL) once its first study is scored, and
+    the job is stopped (`ray job stop`) as soon as the actor Ray started in its place has scored one more. What
+    it saw is returned for test_screen.py to check: the pids of the actors in the logs, the studies done at the
+    kill and at the stop, the parts on disk with their times, the job's status and logs."""
+    r = raycli.submit(env, sid, entrypoint, wait=False)
+    assert r.returncode == 0, r.stderr
+    deadline, pid = time.time() + 240, None
+    while pid is None and time.time() < deadline and raycli.job_status(env, sid) in ("PENDING", "RUNNING"):
+        m = re.search(r"scoring actor pid (\d+) loaded", raycli.job_logs(env, sid))
+        pid = int(m.group(1)) if m else None
+        time.sleep(0.3)
+    assert pid, raycli.job_logs(env, sid)[-3000:]
+    out = {"killed": pid, "done_before_kill": _wait_ok_parts(env, sid, work, 1)}
+    os.kill(pid, signal.SIGKILL)
+    done = len(ok_parts(work))  # what the killed actor finished; any further part is a new actor's
+    # stopped at once when the new actor's first part lands (the job's logs reach the REST API seconds late,
+    # and by then the tiny studies may all be done): its pid is read from the logs afterwards
+    _wait_ok_parts(env, sid, work, done + 1)
+    out["status"] = raycli.stop_job(env, sid)
+    out["logs"] = raycli.job_logs(env, sid)
+    out["pids"] = {int(p) for p in re.findall(r"scoring actor pid (\d+) loaded", out["logs"])}
+    time.sleep(1)
+    out["parts"], out["ok"] = parts_of(work), set(ok_parts(work))
+    return out
+
+
+def nightly_screening(env: dict, run, tonight: dict, folder: Path, tracking_uri: str) -> dict:
     """The nightly screening job with the CT-3DFlow champion (its map kind and operating point from the model
-    version's tag) over tonight's archive (``tonights_archive``): the archive, its expectations, the job's work
-    folder and logs."""
+    version's tag) over tonight's archive (``tonights_archive``), as a hard night goes: the first submission's
+    scoring actor is killed and the job is stopped mid-run (``screening_interrupted``); tonight's last study
+    arrives; the second submission resumes the night. Returns the archive, its expectations, the job's work
+    folder, the second job's logs and what the first one saw (``interrupted``)."""
     work = folder / "work"
     # one actor of 2 torch threads on its half CPU: ray.scoring_threads reaches the actor (test_screen.py)
     cfg = write_config(folder / "screen.yaml", work, tracking_uri, GLOW, scoring_threads=2)
+    entry = ["python", "jobs/screen.py", "--config", str(cfg), "--archive", str(tonight["archive"])]
     sid = "te-screen-nightly"
+    interrupted = screening_interrupted(env, f"{sid}-stopped", [*entry, "--run-name", f"{sid}-stopped"], work)
+    held, late = tonight["late"]
+    held.rename(late)
     logs = run(sid, "jobs/screen.py", "--archive", str(tonight["archive"]), "--run-name", sid, config=cfg)
-    return {**tonight, "work": work, "cfg": cfg, "logs": logs}
+    return {**tonight, "work": work, "cfg": cfg, "logs": logs, "interrupted": interrupted}
 
 
 def _run_chain(env: dict, tmp: Path, champion: Future | None, nightly: Future | None, ready) -> dict:
@@ -174,7 +232,7 @@ def _run_chain(env: dict, tmp: Path, champion: Future | None, nightly: Future | 
     out["model_file"] = next((work / "ray_results").glob("te-glow/model.pt"))
     if champion is not None:
         champion.set_result({"model_file": out["model_file"], "registered_model": GLOW})
-    out["nightly"] = nightly_screening(run, tonight.result(), tmp / "nightly", env["MLFLOW_TRACKING_URI"])
+    out["nightly"] = nightly_screening(env, run, tonight.result(), tmp / "nightly", env["MLFLOW_TRACKING_URI"])
     if nightly is not None:
         nightly.set_result(out["nightly"])
     clock = tuple(a for k, v in AE_CLOCK.items() for a in ("--set", f"train.{k}={v}"))

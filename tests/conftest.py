@@ -229,7 +229,7 @@ def champion(_chain_in_background):
 @pytest.fixture(scope="session")
 def nightly(_chain_in_background):
     """The chain's nightly screening with the CT-3DFlow champion over tonight's (hostile) archive
-    (tests/chain.py, tests/tonight_archive.py). Ready once the champion's screening job is done."""
+    (tests/chain.py, tests/tonight_archive.py), stopped mid-run and resumed. Ready once its second job is done."""
     return _chain_in_background["nightly"].result()
 
 

@@ -2,8 +2,8 @@
 
 The chain's nightly screening (tests/chain.py) of a hostile archive (≥ 20 kinds of bad input beside good DICOM
 and NIfTI phantoms) and tonight's new studies (tests/tonight_archive.py): one row per study, the champion's map and
-operating point, flags, privacy. Then re-runs that score only what is new, an actor killed mid-run and a job
-stopped mid-run and submitted again.
+operating point, flags, privacy; and how the night went: its first job's scoring actor killed mid-run, the job
+stopped mid-run, and the second job resuming it with a study that arrived late.
 """
 
 from __future__ import annotations
@@ -11,18 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import raycli
 import yaml
-from chain import GLOW
-from raycli import job_logs, job_status, stop_job
-from tonight_archive import PATCH, SHAPE, SPACING, write_config
+from chain import GLOW, parts_of
+from tonight_archive import PATCH, SHAPE, SPACING
 
 from ct3dflow.discovery import discover_studies, hash_uids
 from ct3dflow.synthetic import make_phantom, write_dicom_series, write_nifti
@@ -83,27 +79,10 @@ def test_discovery_ids_links_and_errors(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------
 # helpers for the job tests
-def submit(env, sid: str, config: Path, archive: Path, model: str | None = None, wait=True):
-    entry = ["python", "jobs/screen.py", "--config", str(config), "--archive", str(archive), "--run-name", sid]
-    return raycli.submit(env, sid, entry + (["--model", model] if model else []), wait=wait)
-
-
 def summary_of(logs: str) -> dict:
     m = re.findall(r"screen summary: (.*)", logs)
     assert m, logs[-3000:]
     return {k: float(v) if "." in v else int(v) for k, v in (kv.split("=") for kv in m[-1].split())}
-
-
-def run_ok(env, sid, config, archive, model=None) -> str:
-    r = submit(env, sid, config, archive, model)
-    status = job_status(env, sid)
-    logs = job_logs(env, sid) if status != "PENDING" else ""
-    assert status == "SUCCEEDED", r.stdout[-3000:] + r.stderr[-3000:] + logs[-3000:]
-    return logs
-
-
-def parts_of(work: Path) -> dict[str, float]:
-    return {p.name: p.stat().st_mtime_ns for p in (work / "results" / "parts").glob("*.parquet")}
 
 
 def one_row_per_study(work: Path, n: int) -> pd.DataFrame:
@@ -150,9 +129,9 @@ def test_hostile_archive_one_row_per_study(nightly, tiny_model):
             assert r.map_kind == "anatomy-density" and Path(r.map_path).name == "atypicality_map.nii.gz"
         assert r.model == f"models:/{MODEL_NAME}/{tiny_model['version']}"
         assert r.model_version == f"{MODEL_NAME}/{tiny_model['version']}"
-    s = summary_of(nightly["logs"])
+    s = summary_of(nightly["logs"])  # the night's second job: the first was stopped mid-run (below)
     n_ok = sum(1 for v in exp.values() if v[0] == "ok")
-    assert (s["found"], s["scored"], s["skipped"], s["errors"]) == (len(exp), n_ok, 0, len(exp) - n_ok)
+    assert (s["found"], s["scored"] + s["skipped"], s["errors"]) == (len(exp), n_ok, len(exp) - n_ok)
     assert "operating point from model version tag" in nightly["logs"]
     # ray.scoring_threads reached the actor (the driver's plan and the actor's own line)
     assert "1 scoring actor(s) on 0.5 CPU, 2 torch threads each" in nightly["logs"]
@@ -199,7 +178,7 @@ def test_privacy_no_patient_data_in_results_logs_or_mlflow(nightly, mlflow_serve
     from mlflow.tracking import MlflowClient
 
     secrets = [*nightly["secrets"].values(), "PHANTOM^", "Phantom^Test", "PHANTOM-0001"]
-    blobs = {"logs": nightly["logs"]}
+    blobs = {"logs": nightly["logs"], "the stopped job's logs": nightly["interrupted"]["logs"]}
     res = nightly["work"] / "results"
     for p in [res / "results.parquet", *(res / "parts").glob("*.parquet")]:
         blobs[str(p)] = p.read_bytes().decode("latin-1")
@@ -254,77 +233,33 @@ def test_manifest_mode_duplicates_and_missing_paths(tmp_path):
     assert df[df.study_id == "C"].error.str.contains("not found").all()
 
 
-# ---------------------------------------------------------------------------------------------------
-# faults
-def _fault_archive(d: Path, n: int, seed0: int) -> Path:
-    for i in range(n):
-        write_nifti(make_phantom(seed0 + i, shape=SHAPE, spacing=SPACING), d / f"study{i:02d}.nii.gz")
-    return d
-
-
-def ok_parts(work: Path) -> dict[str, float]:
-    """The parts of studies scored (an error row has a part too)."""
-    parts = work / "results" / "parts"
-    return {k: v for k, v in parts_of(work).items() if pd.read_parquet(parts / k).status.iloc[0] == "ok"}
-
-
-def _wait_parts(env, sid, work, k, timeout=240) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        n = len(ok_parts(work)) if (work / "results" / "parts").exists() else 0
-        if n >= k:
-            return n
-        st = job_status(env, sid)
-        assert st in ("PENDING", "RUNNING"), (st, job_logs(env, sid)[-3000:])
-        time.sleep(0.3)
-    pytest.fail(f"fewer than {k} parts within {timeout} s")
-
-
+# faults: the chain's night (tests/chain.py, nightly_screening)
 @pytest.mark.ray
 @pytest.mark.mlflow
 @pytest.mark.slow
-def test_killed_actor_is_replaced_and_a_stopped_job_resumes(ray_head, mlflow_server, tiny_model, tmp_path):
-    """One job: its scoring actor is killed after the first study (Ray starts another and the run goes on),
-    then the job is stopped mid-run. The next night one more study has arrived: submitted again, the job skips
-    what was scored, scores the rest and the new study, and gives the broken input its error row again."""
-    n = 6  # the job is stopped when the new actor's first study lands: 2–4 done by then (8 cost the re-run 10 s)
-    archive = _fault_archive(tmp_path / "archive", n, 400)
-    (archive / "broken.nii.gz").write_bytes(b"not an image")
-    work = tmp_path / "work"
-    cfg = write_config(tmp_path / "screen.yaml", work, mlflow_server, MODEL_NAME, stride=4, preprocess_workers=1)
-    sid = "test-screen-faults-1"
-    r = submit(ray_head, sid, cfg, archive, model=str(tiny_model["path"]), wait=False)
-    assert r.returncode == 0, r.stderr
-    deadline, pid = time.time() + 240, None
-    while pid is None and time.time() < deadline:
-        m = re.search(r"scoring actor pid (\d+) loaded", job_logs(ray_head, sid))
-        pid = int(m.group(1)) if m else None
-        time.sleep(0.3)
-    assert pid, job_logs(ray_head, sid)[-3000:]
-    done = _wait_parts(ray_head, sid, work, 1)
-    assert done < n, "the job finished before the kill: raise n or lower the stride"
-    os.kill(pid, signal.SIGKILL)
-    done = len(ok_parts(work))  # what the killed actor finished; any further part is a new actor's
-    # a new actor takes over and finishes a study; stopped at once (the job's logs reach the REST API seconds
-    # late, and by then the tiny studies may all be done), its pid is checked in the logs afterwards
-    _wait_parts(ray_head, sid, work, done + 1)
-    assert stop_job(ray_head, sid) == "STOPPED"
-    pids = {int(p) for p in re.findall(r"scoring actor pid (\d+) loaded", job_logs(ray_head, sid))}
-    assert pid in pids and len(pids) >= 2, f"the killed actor {pid} was not replaced: {pids}"
-    time.sleep(1)
-    before = parts_of(work)
-    ok_before = set(ok_parts(work))
-    assert 2 <= len(ok_before) < n, f"{len(ok_before)} of {n} studies before the stop: not stopped mid-run"
-    write_nifti(make_phantom(21, shape=SHAPE, spacing=SPACING), archive / "new" / "late.nii.gz")
-    logs = run_ok(ray_head, "test-screen-faults-2", cfg, archive, model=str(tiny_model["path"]))
-    s = summary_of(logs)
-    assert (s["found"], s["skipped"], s["scored"], s["errors"]) == (n + 2, len(ok_before), n + 1 - len(ok_before), 1), s
+def test_killed_actor_is_replaced_and_a_stopped_night_resumes(nightly):
+    """The night's first screening job: its scoring actor was killed after the first study (Ray started another
+    and the run went on), then the job was stopped mid-run. Tonight's last study arrived after that: the second
+    submission skipped what was scored, left those parts untouched, scored the rest and the late study, and gave
+    every broken input its error row again."""
+    first, exp, work = nightly["interrupted"], nightly["exp"], nightly["work"]
+    n_ok = sum(1 for status, _ in exp.values() if status == "ok")
+    assert first["status"] == "STOPPED", first["logs"][-3000:]
+    assert first["done_before_kill"] < n_ok, "the job finished before the kill"
+    assert first["killed"] in first["pids"] and len(first["pids"]) >= 2, \
+        f"the killed actor {first['killed']} was not replaced: {first['pids']}"
+    ok_before = first["ok"]
+    assert 2 <= len(ok_before) < n_ok - 1, f"{len(ok_before)} of {n_ok - 1} studies before the stop: not mid-run"
+    held, late = nightly["late"]
+    assert held.name not in first["logs"] and not held.exists()  # the late study was not there the first time
+    s = summary_of(nightly["logs"])
+    assert (s["found"], s["skipped"], s["scored"], s["errors"]) == \
+        (len(exp), len(ok_before), n_ok - len(ok_before), len(exp) - n_ok), s
     after = parts_of(work)
-    assert len(after) == n + 2 and all(after[k] == before[k] for k in ok_before)  # done studies untouched
-    df = one_row_per_study(work, n + 2)
-    assert (df.status == "ok").sum() == n + 1 and (df.loc[df.path.str.endswith("late.nii.gz"), "status"] == "ok").all()
-    assert "cannot read broken.nii.gz" in df.loc[df.path.str.endswith("broken.nii.gz"), "error"].iloc[0]
-    assert len(re.findall(r"skipped \(already scored\)", logs)) == len(ok_before)
+    assert len(after) == len(exp) and all(after[k] == first["parts"][k] for k in ok_before)  # done ones untouched
+    df = one_row_per_study(work, len(exp)).set_index("path")
+    assert df.loc[str(late), "status"] == "ok" and df.loc[str(late), "predicted_abnormal"] in (True, False)
+    assert len(re.findall(r"skipped \(already scored\)", nightly["logs"])) == len(ok_before)
 
 
 def test_nightly_scripts_are_valid(tmp_path):

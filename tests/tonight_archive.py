@@ -214,8 +214,14 @@ def build_hostile_archive(a: Path) -> tuple[dict, dict]:
 
 def tonights_archive(a: Path) -> dict:
     """The hostile archive with tonight's new studies in ``tonight/``: ``exp`` (relative path → (expected
-    status, reason regex or None)), ``secrets`` (to grep for) and ``tonight`` (path → lesion kind or None)."""
+    status, reason regex or None)), ``secrets`` (to grep for) and ``tonight`` (path → lesion kind or None).
+    Tonight's last study arrives late: it waits beside the archive, and ``late`` is (where it waits, where it
+    belongs in the archive), for the chain to move it in while the night's screening is stopped."""
     exp, secrets = build_hostile_archive(a)
     tonight = tonight_studies(a / "tonight")
     exp.update({Path(p).relative_to(a).as_posix(): ("ok", None) for p in tonight})
-    return {"archive": a, "exp": exp, "secrets": secrets, "tonight": tonight}
+    last = Path(list(tonight)[-1])  # a NIfTI file: moved in at once, as a PACS export would rename it
+    held = a.parent / "late" / last.name
+    held.parent.mkdir(parents=True, exist_ok=True)
+    last.rename(held)
+    return {"archive": a, "exp": exp, "secrets": secrets, "tonight": tonight, "late": (held, last)}
