@@ -6,12 +6,13 @@ one, tests/tonight_archive.py: the first job's scoring actor is killed and the j
 resumes it) → evaluate; for the AE baseline on the paper's patch map train → tune → evaluate (one evaluate job for
 both champions). The CT-3DFlow champion is announced as soon as it is tuned, and the nightly screening's outcome as
 soon as it is done, so the tests that need only those (test_pacs.py, test_screen.py) run beside the rest of the
-chain. Several test modules read the chain; conftest starts it in the background when the
-session starts, while the tests that do not need it run.
+chain. Several test modules read the chain; conftest starts it in the background when the session starts, while
+the tests that do not need it run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -167,7 +168,8 @@ def screening_interrupted(env, sid: str, entrypoint: list[str], work: Path) -> d
         time.sleep(0.3)
     assert pid, raycli.job_logs(env, sid)[-3000:]
     out = {"killed": pid, "done_before_kill": _wait_ok_parts(env, sid, work, 1)}
-    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # gone already: the job ended (test_screen.py says so)
+        os.kill(pid, signal.SIGKILL)
     done = len(ok_parts(work))  # what the killed actor finished; any further part is a new actor's
     # stopped at once when the new actor's first part lands (the job's logs reach the REST API seconds late,
     # and by then the tiny studies may all be done): its pid is read from the logs afterwards
