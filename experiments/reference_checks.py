@@ -246,8 +246,8 @@ class FlowBands(AnatomyDensityMap):
 
 def floor_bite_tail(kind, floor: float):
     """``kind`` (in place) with its bite reference's healthy 99.9th percentile at least ``floor`` voxels in every
-    band. Where healthy lungs never bite (the lung's base, in front), a band's tail is 0 and the trace of a bite that
-    smoothing spreads there (0.001–0.1 voxel) reads as z of 36 to 400,000: 1.1–2.7 cm³ of three of family B's normal
+    band. Where healthy lungs (almost) never bite, a band's tail is 0 or nearly, and the trace of a bite that
+    smoothing spreads there (0.001–0.1 voxel) reads as z of 37 to 422,337: 1.1–2.7 cm³ of three of family B's normal
     test studies, A→B. Floored at 1 or 0.25 voxel, though, both directions' validation fell or held, and real
     lesions' bites there went with the traces (docs/RESULTS.md, 2026-12-07 13:20): not adopted."""
     fit = kind.fit_reference
