@@ -138,16 +138,20 @@ def parts_of(work: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in (work / "results" / "parts").glob("*.parquet")}
 
 
-def ok_parts(work: Path) -> dict[str, int]:
-    """The parts of studies scored (an error row has a part too)."""
-    parts = work / "results" / "parts"
-    return {k: v for k, v in parts_of(work).items() if pd.read_parquet(parts / k).status.iloc[0] == "ok"}
+def ok_parts(work: Path, seen: dict | None = None) -> dict[str, int]:
+    """The parts of studies scored (an error row has a part too). ``seen`` keeps each part's status by (name,
+    time), so that a poll reads only the parts written since the last one."""
+    parts, seen, now = work / "results" / "parts", {} if seen is None else seen, parts_of(work)
+    for k, v in now.items():
+        if (k, v) not in seen:
+            seen[k, v] = pd.read_parquet(parts / k).status.iloc[0] == "ok"
+    return {k: v for k, v in now.items() if seen[k, v]}
 
 
 def _wait_ok_parts(env, sid: str, work: Path, k: int, timeout: float = 240) -> int:
     """Waits until the job has ``k`` studies scored, or has ended, or ``timeout`` passed; returns how many."""
-    deadline = time.time() + timeout
-    while (n := len(ok_parts(work)) if (work / "results" / "parts").exists() else 0) < k:
+    deadline, seen = time.time() + timeout, {}
+    while (n := len(ok_parts(work, seen))) < k:
         if time.time() > deadline or raycli.job_status(env, sid) not in ("PENDING", "RUNNING"):
             break
         time.sleep(0.3)
