@@ -63,7 +63,8 @@ def _fill_holes(mask: np.ndarray, per_slice: bool) -> np.ndarray:
     return mask | holes
 
 
-def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """The slices of ``mask``'s bounding box, ``margin`` voxels wider on every side where the volume has them."""
     idx = [np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))[0] for ax in range(3)]
     return tuple(
         slice(max(int(i[0]) - margin, 0), min(int(i[-1]) + margin + 1, n)) for i, n in zip(idx, mask.shape)
@@ -125,7 +126,7 @@ def _side_fractions(comp: np.ndarray, x_mid: float) -> float:
 
 def _split_component(comp: np.ndarray, x_mid: float, max_iter: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Split one component holding both lungs into (right, left): erosion until two seeds, else midline."""
-    sl = _bbox(comp, 1)
+    sl = bounding_box(comp, 1)
     sub = comp[sl]
     x0 = sl[2].start
     er = sub
@@ -189,7 +190,7 @@ def _compose(right: np.ndarray, left: np.ndarray) -> np.ndarray:
     out = np.zeros(right.shape, dtype=np.uint8)
     for value, m in ((1, right), (2, left)):
         if m.any():
-            sl = _bbox(m, 1)
+            sl = bounding_box(m, 1)
             filled = _fill_holes(m[sl], per_slice=True)
             out[sl][filled & (out[sl] == 0)] = value
     return out
@@ -249,7 +250,7 @@ def closing_ball(mask: np.ndarray, radius_mm: float, samp) -> np.ndarray:
     """Morphological closing of ``mask`` with a ball of ``radius_mm`` (``samp``: (z, y, x) mm), on its bounding
     box. Where the mask touches the volume's edge the ball may reach beyond it (outside counts as mask)."""
     margin = int(np.ceil(radius_mm / min(samp))) + 2
-    sl = _bbox(mask, margin)
+    sl = bounding_box(mask, margin)
     sub = mask[sl]
     dilated = ndimage.distance_transform_edt(~sub, sampling=samp) <= radius_mm
     out = np.zeros(mask.shape, dtype=bool)
@@ -279,7 +280,7 @@ def permissive_lung_mask(
     hull = np.zeros(lung.shape, dtype=bool)
     for label in np.unique(strict[lung]):  # 1 right, 2 left (a binary mask is one "side")
         hull |= closing_ball(strict == label, closing_radius_mm, samp)
-    sl = _bbox(hull, int(np.ceil(dilation_mm / min(samp))) + 2)
+    sl = bounding_box(hull, int(np.ceil(dilation_mm / min(samp))) + 2)
     near = ndimage.distance_transform_edt(~hull[sl], sampling=samp) <= dilation_mm
     body = ~outside_air(hu, body_hu)[sl]
     perm = (hull[sl] | near) & body

@@ -242,3 +242,33 @@ def test_anterior_posterior_bands_keep_the_hilum_s_tail_away_from_the_back_of_th
     old = fit_anatomy_reference(maps, [m] * 4, bins, 3, 3, "tail")
     del old["anterior_posterior"]  # a reference fitted before the split existed maps as it did
     np.testing.assert_array_equal(anatomy_z(old, lesion, m), z[1])
+
+
+def _two_irregular_lungs(shape=(30, 40, 52), touch_edge=False, seed=0):
+    """Two lumpy lungs (unions of balls) either side of a gap; one touches the scan's edge where asked."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    m = np.zeros(shape, bool)
+    for x0, x1 in ((4, 22), (30, 48)):
+        for _ in range(6):
+            c = rng.integers([6, 8, x0 + 3], [24, 32, x1 - 3])
+            m |= (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < rng.integers(16, 40)
+    if touch_edge:
+        m[:3, 10:20, 8:16] = True
+    return m
+
+
+@pytest.mark.parametrize("touch_edge", [False, True])
+def test_bands_read_on_the_mask_box_are_those_of_the_whole_scan(touch_edge):
+    """The bands are computed on the mask's bounding box (one voxel around it): the same as the whole scan's."""
+    from ct3dflow.detect.anatomy_map import DEFAULT_DEPTH_BINS, clear_band_cache, lung_fraction
+
+    m = _two_irregular_lungs(touch_edge=touch_edge)
+    depth, lat, ver = anatomy_coordinates(m)  # on the whole scan
+    d = np.digitize(depth, np.asarray(DEFAULT_DEPTH_BINS)[1:])
+    fi = np.minimum((lung_fraction(m) * 3).astype(int), 2)
+    want = ((d * 3 + np.minimum((lat * 3).astype(int), 2)) * 3 + np.minimum((ver * 3).astype(int), 2)) * 3 + fi
+    clear_band_cache()
+    full, depth_band = band_index(m, DEFAULT_DEPTH_BINS, 3, 3, fraction=3)
+    assert np.array_equal(full, np.where(m, want, -1)) and np.array_equal(depth_band, np.where(m, d, -1))
+    assert len(np.unique(depth_band[m])) >= 4  # the lungs are thick enough to reach the deep bands

@@ -88,3 +88,28 @@ def test_an_empty_region_and_a_lung_thinner_than_the_opening():
     thin[10:30, 10:30, 20:24] = 1  # 4 voxels thick: the opening of 3 leaves nothing
     bite = lung_bite(thin, thin != 0)
     assert (bite[thin != 0] == 0).all() and np.isnan(bite[thin == 0]).all()
+
+
+
+def test_the_bite_on_the_lungs_box_is_the_whole_scan_s():
+    """lung_bite works on the box of the lung and its region, wide enough for the closing: the whole scan's bite.
+    Lumpy lungs (unions of balls), whose grooves near the box's faces the closing fills only with room around."""
+    from scipy import ndimage
+
+    from ct3dflow.lungs import closing_ball
+
+    rng = np.random.default_rng(0)
+    z, y, x = np.ogrid[:40, :50, :60]
+    strict = np.zeros((40, 50, 60), np.uint8)
+    for label, (x0, x1) in ((1, (6, 24)), (2, (32, 52))):
+        for _ in range(6):
+            c = rng.integers([8, 10, x0 + 3], [30, 38, x1 - 3])
+            strict[(z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < rng.integers(20, 50)] = label
+    region = ndimage.binary_dilation(strict != 0, iterations=2)
+    opened = ndimage.binary_opening(strict != 0, ndimage.generate_binary_structure(3, 1), iterations=3)
+    filled = closing_ball(strict == 1, BITE_CLOSING_MM, (2.0,) * 3) | closing_ball(strict == 2, BITE_CLOSING_MM,
+                                                                                    (2.0,) * 3)
+    want = np.where(filled, ndimage.distance_transform_edt(~opened), 0.0)  # on the whole scan
+    got = lung_bite(strict, region, (2.0, 2.0, 2.0))
+    assert np.allclose(got[region], want[region]) and np.isnan(got[~region]).all()
+    assert got[region].max() >= 2  # the grooves are there to be measured

@@ -278,3 +278,22 @@ def test_v_min_0_keeps_every_component_without_labelling_and_agrees_with_the_lab
     vol1, ab1 = abnormal_region(atyp, mask, -2.5, 1e-9, (2.0, 2.0, 2.0))
     assert ab0.sum() > 20 and vol0 == pytest.approx(vol1) and np.array_equal(ab0, ab1)
     assert abnormal_region(atyp, mask, -2.5, 0.05, (2.0, 2.0, 2.0))[0] < vol0  # single voxels go
+
+
+@pytest.mark.parametrize("sigma", [0.7, 1.0, 2.0])
+def test_smoothing_on_the_mask_box_is_the_whole_scan_s(sigma):
+    """smooth_in_mask works on the mask's box and the kernel's reach: the normalised convolution of the whole scan."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    mask = np.zeros((30, 34, 40), bool)
+    mask[8:20, 10:25, 12:30] = True
+    mask[0:4, 12:16, 14:18] = True  # touches the scan's edge, where the filter reflects
+    v = rng.normal(size=mask.shape).astype(np.float32)
+    num = ndimage.gaussian_filter(np.where(mask, v, 0.0).astype(np.float32), sigma)
+    den = ndimage.gaussian_filter(mask.astype(np.float32), sigma)
+    want = np.where(mask, num / np.maximum(den, 1e-6), np.nan)
+    got = smooth_in_mask(v, mask, sigma)
+    assert np.allclose(got[mask], want[mask], rtol=1e-6, atol=1e-7) and np.isnan(got[~mask]).all()
+    assert np.array_equal(depth_bands(mask), np.where(mask, np.digitize(ndimage.distance_transform_edt(mask),
+                                                                         [2.0, 4.0, 6.0, 9.0, 13.0]), -1))

@@ -47,6 +47,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import ndtr
 
+from ..lungs import bounding_box
 from .voxel_map import DEFAULT_DEPTH_BINS, VoxelMap, smooth_in_mask
 
 MIN_BAND_VOXELS = 200
@@ -147,16 +148,25 @@ def band_index(mask: np.ndarray, bins, lateral: int, vertical: int, fraction: in
 
 
 def _band_index(m: np.ndarray, bins, lateral: int, vertical: int, fraction: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`band_index` computed (``m`` boolean)."""
+    """:func:`band_index` computed (``m`` boolean), on the mask's bounding box and one voxel around it: the
+    coordinates are the same there (the nearest voxel off the mask lies within that box; the medial and lateral
+    edges and the base and apex are read relative to the mask), and a chest's lungs fill a fifth to a half of its
+    scan, so the distance transform costs that much less."""
+    out_full, out_depth = np.full(m.shape, -1, np.int64), np.full(m.shape, -1, np.int64)
+    if not m.any():
+        return out_full, out_depth
+    box = bounding_box(m, 1)
+    m = m[box]
     depth, lat, ver = anatomy_coordinates(m)
     d = np.digitize(depth, np.asarray(bins, dtype=np.float64)[1:])
     li = np.minimum((lat * lateral).astype(np.int64), lateral - 1)
     vi = np.minimum((ver * vertical).astype(np.int64), vertical - 1)
     full = (d * lateral + li) * vertical + vi
-    if fraction > 1:
+    if fraction > 1:  # off the box the mask is empty, as the box filter's constant border assumes
         fi = np.minimum((lung_fraction(m) * fraction).astype(np.int64), fraction - 1)
         full = full * fraction + fi
-    return np.where(m, full, -1), np.where(m, d, -1)
+    out_full[box], out_depth[box] = np.where(m, full, -1), np.where(m, d, -1)
+    return out_full, out_depth
 
 
 def _stats(vals: np.ndarray, calibration: str) -> dict:

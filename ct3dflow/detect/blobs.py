@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from ..lungs import bounding_box
+
 # voxels (3, 5, 7 mm on the 2 mm grid): a Gaussian of scale σ answers best to a ball of radius σ·√3, so these
 # cover balls of about 5–12 mm radius; larger lesions answer at 7 mm too, over their rim and body
 BLOB_SIGMAS = (1.5, 2.5, 3.5)
@@ -32,8 +34,7 @@ def hessian_response(volume: np.ndarray, region: np.ndarray, sigmas, response) -
     if not region.any():
         return out
     pad = int(np.ceil(3 * max(sigmas))) + 1
-    box = ndimage.find_objects(region.astype(np.int8))[0]
-    sl = tuple(slice(max(s.start - pad, 0), s.stop + pad) for s in box)
+    sl = bounding_box(region, pad)
     v, m = np.asarray(volume[sl], np.float32), region[sl]
     best = np.zeros(int(m.sum()), np.float32)
     hessian = np.empty((best.size, 3, 3), np.float32)

@@ -80,6 +80,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..lungs import bounding_box
 from .anatomy_map import AnatomyMap, anatomy_z, fit_anatomy_reference
 from .bite import BITE_ANTERIOR_POSTERIOR, BITE_OPENING, lung_bite
 from .blobs import BLOB_SIGMAS, bright_blobness
@@ -141,8 +142,7 @@ def parenchyma_density(volume: np.ndarray, strict: np.ndarray, size: int = DENSI
     if not m.any():
         return out
     h = int(size) // 2
-    box = ndimage.find_objects(m.astype(np.int8))[0]
-    sl = tuple(slice(max(s.start - h, 0), s.stop + h) for s in box)
+    sl = bounding_box(m, h)
     v, mm = np.array(volume[sl], np.float32), m[sl]
     src = mm
     if below is not None:  # read the aerated lung only, ``margin`` voxels from its vessels and airway walls too

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..lungs import bounding_box
 from .grid import WindowGrid, window_grid
 from .kind import DEFAULT_PRECISION, PRECISIONS, MapKind, use_bf16  # noqa: F401 - re-exported
 
@@ -155,17 +156,30 @@ def smooth_in_mask(voxel_map: np.ndarray, mask: np.ndarray, sigma_vox: float) ->
     m = (np.asarray(mask) != 0) & np.isfinite(voxel_map)
     if sigma_vox <= 0:
         return np.where(m, voxel_map, np.nan).astype(np.float32)
-    num = ndimage.gaussian_filter(np.where(m, voxel_map, 0.0).astype(np.float32), sigma_vox)
+    out = np.full(m.shape, np.nan, np.float32)
+    if not m.any():
+        return out
+    # on the mask's box and the kernel's reach around it (scipy truncates at 4σ): the filter reads only zeros
+    # beyond the box, so the result is the whole scan's, at the lungs' share of its cost
+    box = bounding_box(m, int(4.0 * float(sigma_vox) + 0.5) + 1)
+    m, v = m[box], np.asarray(voxel_map)[box]
+    num = ndimage.gaussian_filter(np.where(m, v, 0.0).astype(np.float32), sigma_vox)
     den = ndimage.gaussian_filter(m.astype(np.float32), sigma_vox)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(m, num / np.maximum(den, 1e-6), np.nan).astype(np.float32)
+        out[box] = np.where(m, num / np.maximum(den, 1e-6), np.nan)
+    return out
 
 
 def depth_bands(mask: np.ndarray, bins=DEFAULT_DEPTH_BINS) -> np.ndarray:
     """Band index (0 … len(bins)−1) of each voxel's depth into ``mask`` (−1 outside)."""
     m = np.asarray(mask) != 0
-    band = np.digitize(ndimage.distance_transform_edt(m), np.asarray(bins, dtype=np.float64)[1:])
-    return np.where(m, band, -1)
+    out = np.full(m.shape, -1, np.int64)
+    if not m.any():
+        return out
+    box = bounding_box(m, 1)  # the nearest voxel off the mask lies within one voxel of its box
+    band = np.digitize(ndimage.distance_transform_edt(m[box]), np.asarray(bins, dtype=np.float64)[1:])
+    out[box] = np.where(m[box], band, -1)
+    return out
 
 
 @dataclass
