@@ -40,6 +40,11 @@ asymmetry in the solid channel, :func:`lung_asymmetry`) and ``anatomy-flow-bands
 the local lung fraction too, :class:`FlowBands`). ``--dump DIR`` writes every test study's volume at the chosen
 point, to read which abnormal–normal pairs are ordered wrong.
 
+2026-12-07, 15:00 UTC (docs/RESULTS.md): ``anatomy-flow-bands --flow-fraction 1 --flow-ap 3`` (the flow's bands split
+from front to back, as the bite's) and ``anatomy-flow-weight`` (the flow's map at a searched weight too,
+:class:`FlowWeight`), none adopted; ``--reference-train`` fits every reference on the target family's healthy
+training studies too (:func:`with_reference_studies`; their maps from ``transfer.py --score-train``).
+
 ``--oracle`` adds the best test AUROC any point of the grid (at v_min 0) reaches: a ceiling of the map, to
 tell a weak map from a poor choice on validation; it never chooses anything.
 
@@ -244,6 +249,43 @@ class FlowBands(AnatomyDensityMap):
         return ref
 
 
+class FlowWeight(AnatomyDensityMap):
+    """``anatomy-density`` with the flow's map at a searched weight too (``anatomy-flow-weight``, ``flow_weight``):
+    ``−max(flow_weight·|z_flow|, density_weight·|z_density|, blob_weight·max(z_blob, z_bite))``. τ's grid ends at 6,
+    and family B's normal phantom-b-7-0048 carries |z_flow| up to 9.7 at the lung's thin tips (A→B,
+    docs/RESULTS.md 2026-12-07 13:30): a lower flow weight lets validation say how far the flow's tails are to be
+    trusted on another family."""
+
+    name = "anatomy-flow-weight"
+    space = {**AnatomyDensityMap.space, "flow_weight": [0.5, 0.75, 1.0]}
+    map_params = (*AnatomyDensityMap.map_params, "flow_weight")
+    tie_break = (*AnatomyDensityMap.tie_break, ("flow_weight", "asc"))
+
+    def atypicality(self, score, mask, params, reference) -> np.ndarray:
+        inside, z_flow, z_density, z_blob, z_bite = self._z_inside(score, mask, float(params["sigma_vox"]),
+                                                                   reference)
+        wf, w, wb = (float(params[k]) for k in ("flow_weight", "density_weight", "blob_weight"))
+        out = np.full(inside.shape, np.nan, np.float32)
+        with np.errstate(invalid="ignore"):
+            a = np.fmax(wf * z_flow, w * z_density) if w > 0 else wf * z_flow
+            out[inside] = -(np.fmax(a, wb * np.fmax(z_blob, z_bite)) if wb > 0 else a)
+        return out
+
+
+def with_reference_studies(kind, healthy: list[ScoredStudy]):
+    """``kind`` (in place) with every reference it fits fitted on ``healthy`` too (``--reference-train``): a site's
+    other healthy studies, never tested, beside the validation normals of the cross-fitting fold. The search still
+    chooses on validation only; the extra studies only widen what the reference knows of healthy lungs (16
+    validation normals give each band's 99.9th percentile from 12 studies per fold)."""
+    fit = kind.fit_reference
+
+    def fit_with(scores, masks, params):
+        return fit([*scores, *(s.score for s in healthy)], [*masks, *(s.permissive for s in healthy)], params)
+
+    kind.fit_reference = fit_with
+    return kind
+
+
 def floor_bite_tail(kind, floor: float):
     """``kind`` (in place) with its bite reference's healthy 99.9th percentile at least ``floor`` voxels in every
     band. Where healthy lungs (almost) never bite, a band's tail is 0 or nearly, and the trace of a bite that
@@ -281,7 +323,8 @@ def dark_blobness(volume: np.ndarray, region: np.ndarray, sigmas) -> np.ndarray:
 
 
 CANDIDATES = ("anatomy-mad", "study-centred", "study-scaled", "density", "flow+density", "parenchyma",
-              "flow+parenchyma", "anatomy-density", "anatomy-two-densities", "anatomy-more", "anatomy-flow-bands")
+              "flow+parenchyma", "anatomy-density", "anatomy-two-densities", "anatomy-more", "anatomy-flow-bands",
+              "anatomy-flow-weight")
 
 
 def lung_asymmetry(strict: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -481,6 +524,9 @@ def main(argv=None) -> int:
     p.add_argument("--flow-ap", type=int, default=1, help="anatomy-flow-bands: front-to-back parts of the flow's bands")
     p.add_argument("--dump", default=None, metavar="DIR",
                    help="write each test evaluation (every study's volume at the chosen point) as JSON into DIR")
+    p.add_argument("--reference-train", action="store_true",
+                   help="fit every reference on the target family's healthy training studies too (their maps from "
+                        "transfer.py --score-train): with_reference_studies")
     p.add_argument("--asymmetry", action="store_true",
                    help="anatomy-more: the lung's left-right asymmetry (lung_asymmetry) in the solid channel")
     p.add_argument("--density-window", type=int, default=DENSITY_CUBE,
@@ -497,21 +543,25 @@ def main(argv=None) -> int:
         data_run = runs[d.split("->")[1]]
         for name in a.candidates:
             kinds = {"anatomy-density": AnatomyDensityMap, "anatomy-two-densities": TwoDensities,
-                     "anatomy-more": MoreChannels, "anatomy-flow-bands": FlowBands}
+                     "anatomy-more": MoreChannels, "anatomy-flow-bands": FlowBands,
+                     "anatomy-flow-weight": FlowWeight}
             par = a.parenchyma_percentile if ("parenchyma" in name or name in kinds) else 0.0
             where = "both" if name == "anatomy-two-densities" else a.density_mask
-            val, test = (studies_of(Path(a.transfer), d, data_run, s, par, name in kinds, a.density_detrend,
-                                     a.density_margin, a.density_feature, where, a.density_below,
-                                     a.outer_feature, a.blobs, a.feature_cache, tuple(a.blob_sigmas), a.bite,
-                                     tuple(a.bite_closings), tuple(a.dark_blobs), a.dark_channel, a.density_window,
-                                     a.asymmetry)
-                         for s in ("val", "test"))
+            val, test, train = (studies_of(Path(a.transfer), d, data_run, s, par, name in kinds, a.density_detrend,
+                                           a.density_margin, a.density_feature, where, a.density_below,
+                                           a.outer_feature, a.blobs, a.feature_cache, tuple(a.blob_sigmas), a.bite,
+                                           tuple(a.bite_closings), tuple(a.dark_blobs), a.dark_channel,
+                                           a.density_window, a.asymmetry)
+                                if s != "train" or a.reference_train else []
+                                for s in ("val", "test", "train"))
             kind, t = (kinds[name]() if name in kinds else Candidate(name)), time.time()
             kind.outer_calibration = a.outer_calibration
             if isinstance(kind, FlowBands):
                 kind.flow_fraction, kind.flow_ap = a.flow_fraction, a.flow_ap
             if a.bite_tail_floor:
                 floor_bite_tail(kind, a.bite_tail_floor)
+            if a.reference_train:
+                with_reference_studies(kind, [s for s in train if s.label == 0])
             # without --blobs the kind has no blob channel: its weight stays 0 instead of tripling the grid
             space = {**SPACE, **({} if a.blobs or name not in kinds else {"blob_weight": [0.0]})}
             op, _ = grid_search(kind, val, space, folds=a.reference_folds)

@@ -69,8 +69,8 @@ def log(msg: str) -> None:
 
 
 def scores_for(model_file: Path, data_run: Path, out: Path, stride: int, threads: int,
-               precision: str = DEFAULT_PRECISION, part: str = "top_latent"):
-    """Voxel-map results of ``data_run``'s val and test studies with the model in ``model_file`` (resumable);
+               precision: str = DEFAULT_PRECISION, part: str = "top_latent", splits=("val", "test")):
+    """Voxel-map results of ``data_run``'s ``splits`` (val and test) with the model in ``model_file`` (resumable);
     ``part``: which local log-likelihood terms are mapped (:mod:`ct3dflow.flow.local`)."""
     import torch
 
@@ -81,7 +81,7 @@ def scores_for(model_file: Path, data_run: Path, out: Path, stride: int, threads
     model = load_patch_scorer(model_file)
     rows = manifest_rows(data_run / "archive" / "manifest.parquet")
     res = {}
-    for split in ("val", "test"):
+    for split in splits:
         todo = [r for r in rows if r["split"] == split]
         scoring = {"stride": stride, "part": part, "batch_size": 32, "precision": precision}
         plan = ScoringPlan.make("voxel", scoring, model.patch_size, None,
@@ -135,7 +135,8 @@ def summarise(ev: dict) -> dict:
 
 def direction(name: str, model_file: Path, data_run: Path, out: Path, a) -> dict:
     log(f"{name}: model {model_file}, studies of {data_run.name}")
-    rows, res = scores_for(model_file, data_run, out / name, a.stride, a.threads, a.precision)
+    rows, res = scores_for(model_file, data_run, out / name, a.stride, a.threads, a.precision,
+                           splits=("val", "test", *(("train",) if a.score_train else ())))
     if a.score_only:
         return {}
     cache = data_run / "cache"
@@ -227,6 +228,9 @@ def main(argv=None) -> int:
                         "training studies (0: screen with the model as trained)")
     p.add_argument("--score-only", action="store_true",
                    help="only store the maps (for experiments/reference_checks.py); no reference is searched")
+    p.add_argument("--score-train", action="store_true",
+                   help="score the target family's healthy training studies too (a site's other healthy studies, for "
+                        "reference_checks.py --reference-train)")
     p.add_argument("--adapt-lr", type=float, default=2e-4)
     p.add_argument("--adapt-seed", type=int, default=5, help="the adaptation's batch order")
     a = p.parse_args(argv)
