@@ -1,6 +1,7 @@
 """What every benchmark records about the machine it ran on (stdlib only: runs on a bare GPU box too)."""
 
 import platform
+import time
 from pathlib import Path
 
 
@@ -30,3 +31,13 @@ def publish(section: str, lines: list[str], write: bool) -> None:
     print(text)
     if write:
         write_docs_section(section, text, Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md")
+
+
+def best_of(fn, repeat: int) -> tuple[float, object]:
+    """The fastest of ``repeat`` calls of ``fn`` (seconds) and its last result."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out

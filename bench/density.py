@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_model, publish
+from _machine import best_of, cpu_model, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,15 +40,6 @@ def cube_median(volume, strict, size: int = 7):
     m = np.asarray(strict) != 0
     filled = volume[tuple(ndimage.distance_transform_edt(~m, return_distances=False, return_indices=True))]
     return np.where(m, ndimage.median_filter(np.asarray(filled, np.float32), size=size), np.nan)
-
-
-def best_of(fn, repeat: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def main() -> None:

@@ -15,26 +15,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_model, publish
+from _machine import best_of, cpu_model, publish
 from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SECTION = "## The lungs' bounding box in the decision (`bench/lung_box.py`)"
-
-
-def best_of(fn, repeat: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def whole_scan_bands(m, bins, lateral=3, vertical=3):
