@@ -90,7 +90,6 @@ def test_an_empty_region_and_a_lung_thinner_than_the_opening():
     assert (bite[thin != 0] == 0).all() and np.isnan(bite[thin == 0]).all()
 
 
-
 def test_the_bite_on_the_lungs_box_is_the_whole_scan_s():
     """lung_bite works on the box of the lung and its region, wide enough for the closing: the whole scan's bite.
     Lumpy lungs (unions of balls), whose grooves near the box's faces the closing fills only with room around."""
