@@ -541,6 +541,9 @@ def main(argv=None) -> int:
     runs = {"A": Path(a.a), "B": Path(a.b)}
     for d in a.directions:
         data_run = runs[d.split("->")[1]]
+        if a.reference_train and d.split("->")[0] == d.split("->")[1]:
+            p.error(f"--reference-train fits references on the target family's training studies, which {d}'s model "
+                    "was trained on: use it crosswise only (A->B, B->A)")
         for name in a.candidates:
             kinds = {"anatomy-density": AnatomyDensityMap, "anatomy-two-densities": TwoDensities,
                      "anatomy-more": MoreChannels, "anatomy-flow-bands": FlowBands,

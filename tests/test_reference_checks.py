@@ -141,3 +141,34 @@ def test_plateness_answers_a_thin_bright_wall_and_not_a_tube_or_a_ball():
     expect = max(g * g * s / (s * s + g * g) ** 1.5 for g in (1.0, 1.5))
     np.testing.assert_allclose(got["wall"][16, 16, 16], expect, rtol=0.05)
     assert got["tube"][16, 16, 16] < 0.02 * expect and got["ball"][16, 16, 16] < 0.02 * expect
+
+
+def test_flow_weight_scales_the_flow_alone_and_at_1_is_anatomy_density():
+    """anatomy-flow-weight: at flow_weight 1 the default exactly; at 0.5 a voxel flagged by the flow alone has half
+    its |z|, and one the density flags keeps the density's."""
+    from ct3dflow.detect.density_map import DensityScore
+
+    rng = np.random.default_rng(5)
+    mask = lung_ball()
+
+    def score(flow_block: bool, dense_block: bool):
+        flow = rng.normal(size=mask.shape).astype(np.float32)
+        dens = (-0.36 + 0.01 * rng.normal(size=mask.shape)).astype(np.float32)
+        if flow_block:
+            flow[6:12, 14:20, 14:20] += 40.0
+        if dense_block:
+            dens[14:20, 14:20, 14:20] = 0.3
+        return DensityScore(flow, 12, size=24, parenchyma=np.where(mask != 0, dens, np.nan), density_margin=0)
+
+    kind = rc.FlowWeight()
+    params = {"sigma_vox": 1.0, "density_weight": 1.0, "blob_weight": 0.0, "flow_weight": 1.0}
+    ref = kind.fit_reference([score(False, False) for _ in range(4)], [mask] * 4, params)
+    sick = score(True, True)
+    full = kind.atypicality(sick, mask, params, ref)
+    half = kind.atypicality(sick, mask, {**params, "flow_weight": 0.5}, ref)
+    np.testing.assert_array_equal(full, rc.AnatomyDensityMap().atypicality(sick, mask, params, ref))
+    flow_only = (slice(7, 11), slice(15, 19), slice(15, 19))
+    np.testing.assert_allclose(half[flow_only], 0.5 * full[flow_only], rtol=1e-6)
+    assert np.nanmax(full[flow_only]) < -10
+    dense = (slice(15, 19), slice(15, 19), slice(15, 19))
+    np.testing.assert_array_equal(half[dense], full[dense])
