@@ -148,9 +148,10 @@ def ok_parts(work: Path, seen: dict | None = None) -> dict[str, int]:
     return {k: v for k, v in now.items() if seen[k, v]}
 
 
-def _wait_ok_parts(env, sid: str, work: Path, k: int, timeout: float = 240) -> int:
-    """Waits until the job has ``k`` studies scored, or has ended, or ``timeout`` passed; returns how many."""
-    deadline, seen = time.time() + timeout, {}
+def _wait_ok_parts(env, sid: str, work: Path, k: int, seen: dict, timeout: float = 240) -> int:
+    """Waits until the job has ``k`` studies scored, or has ended, or ``timeout`` passed; returns how many
+    (``seen``: :func:`ok_parts`'s statuses, kept across the night's polls)."""
+    deadline = time.time() + timeout
     while (n := len(ok_parts(work, seen))) < k:
         if time.time() > deadline or raycli.job_status(env, sid) not in ("PENDING", "RUNNING"):
             break
@@ -171,18 +172,19 @@ def screening_interrupted(env, sid: str, entrypoint: list[str], work: Path) -> d
         pid = int(m.group(1)) if m else None
         time.sleep(0.3)
     assert pid, raycli.job_logs(env, sid)[-3000:]
-    out = {"killed": pid, "done_before_kill": _wait_ok_parts(env, sid, work, 1)}
+    seen: dict = {}  # each part's status, read once for the whole night
+    out = {"killed": pid, "done_before_kill": _wait_ok_parts(env, sid, work, 1, seen)}
     with contextlib.suppress(ProcessLookupError):  # gone already: the job ended (test_screen.py says so)
         os.kill(pid, signal.SIGKILL)
-    done = len(ok_parts(work))  # what the killed actor finished; any further part is a new actor's
+    done = len(ok_parts(work, seen))  # what the killed actor finished; any further part is a new actor's
     # stopped at once when the new actor's first part lands (the job's logs reach the REST API seconds late,
     # and by then the tiny studies may all be done): its pid is read from the logs afterwards
-    _wait_ok_parts(env, sid, work, done + 1)
+    _wait_ok_parts(env, sid, work, done + 1, seen)
     out["status"] = raycli.stop_job(env, sid)
     out["logs"] = raycli.job_logs(env, sid)
     out["pids"] = {int(p) for p in re.findall(r"scoring actor pid (\d+) loaded", out["logs"])}
     time.sleep(1)
-    out["parts"], out["ok"] = parts_of(work), set(ok_parts(work))
+    out["parts"], out["ok"] = parts_of(work), set(ok_parts(work, seen))
     return out
 
 
