@@ -1,14 +1,15 @@
 """The main job on an embedded default: ``make demo`` (= ``python -m ct3dflow.adapters.ray_demo``).
 
-The platform's story on 2 CPU cores in about 10 minutes, with the same job functions ``ray job submit`` runs,
-on a local Ray (started in this process) and a local MLflow (SQLite under the work folder):
+The platform's story on 2 CPU cores in about 12–15 minutes (docs/BENCHMARKS.md), with the same job functions
+``ray job submit`` runs, on a local Ray (started in this process) and a local MLflow (SQLite under the work
+folder), printed as nine stages (training and tuning once per model):
 
 1. a phantom archive: healthy training studies; validation and test studies with all five pathology kinds;
 2. Ray Data preprocessing into the study cache;
 3. Ray Train of CT-3DFlow (the detection recipe of docs/RESULTS.md, scaled to the time) and, cheaply, of the
    AE baseline of the paper's Table 1;
-4. Ray Tune chooses each model's operating point on validation only (CT-3DFlow: the voxel map against the
-   anatomy-banded healthy reference; AE: the paper's patch map), scoring on Ray Data actors;
+4. Ray Tune chooses each model's operating point on validation only (CT-3DFlow: the platform's default
+   ``anatomy-density`` map; AE: the paper's patch map), scoring on Ray Data actors;
 5. the test split, touched once per model: Table 1 with 95 % intervals and the per-kind sensitivity;
 6. the nightly screening job over "tonight's" archive (new DICOM series and NIfTI files, a few of them
    broken) with the champion: found / scored / flagged / errors, each error's reason, and what it got wrong;

@@ -1,6 +1,7 @@
 """The voxel-level map (not in the paper): the flow's coarsest latent mapped per voxel, against a healthy
-reference that knows how deep into the lung a voxel lies. The platform's default kind, ``anatomy``
-(:mod:`.anatomy_map`), is this map with a reference that also knows where in the lung a voxel lies.
+reference that knows how deep into the lung a voxel lies. The ``anatomy`` kind
+(:mod:`.anatomy_map`) is this map with a reference that also knows where in the lung a voxel lies, and the
+platform's default, ``anatomy-density`` (:mod:`.density_map`), adds the lung's own density, blobs and bite.
 
 The paper gives each window one number and blurs those numbers (:mod:`.patch_map`). On our phantoms that
 map does not separate sick from healthy studies (docs/RESULTS.md): a window's log-likelihood sums every
