@@ -73,7 +73,8 @@ class DicomWebSource:
         ``credentials_file`` (JSON ``{"username", "password"}``, mode 600) or ``username_env`` /
         ``password_env`` (default ``CT3DFLOW_PACS_USERNAME`` / ``CT3DFLOW_PACS_PASSWORD``), ``lookback_days``."""
         source = dict(source or {})
-        url = source.get("url") or (archive[len(PREFIX):] if archive and archive.startswith(PREFIX) else archive)
+        # the command line wins over the config, as for every other job argument
+        url = (archive[len(PREFIX):] if archive.startswith(PREFIX) else archive) if archive else source.get("url")
         if not url or not url.startswith(("http://", "https://")):
             raise ValueError(f"a DICOMweb source needs an http(s) URL, e.g. --archive {PREFIX}http://pacs:8042/dicom-web")
         if "@" in url.split("//", 1)[1].split("/", 1)[0]:
@@ -148,7 +149,11 @@ class DicomWebSource:
 
 
 def is_pacs(cfg, archive) -> bool:
-    return bool(str(archive or "").startswith(PREFIX) or (cfg.source or {}).get("url"))
+    """``--archive dicomweb+…``, or no ``--archive`` and the config's ``source.url``: a folder or manifest given on
+    the command line is screened even where the config names a PACS."""
+    if archive:
+        return str(archive).startswith(PREFIX)
+    return bool((cfg.source or {}).get("url"))
 
 
 def preflight(cfg, archive) -> DicomWebSource | None:
