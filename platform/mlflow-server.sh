@@ -7,10 +7,11 @@ source "$(dirname "$0")/env.sh"
 : "${MLFLOW_DIR:=$CT3DFLOW_STATE/mlflow}"
 PIDFILE="$CT3DFLOW_STATE/mlflow.pid"
 mkdir -p "$MLFLOW_DIR/artifacts"
-healthy() { "$VENV_BIN/python" - "$MLFLOW_PORT" <<'PY'
+# asked where it listens (MLFLOW_HOST, a cluster's private address; 0.0.0.0 answers on the loopback too)
+healthy() { "$VENV_BIN/python" - "$MLFLOW_PORT" "${_mlflow_client_host:-127.0.0.1}" <<'PY'
 import sys, urllib.request
 try:
-    urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2); sys.exit(0)
+    urllib.request.urlopen(f"http://{sys.argv[2]}:{sys.argv[1]}/health", timeout=2); sys.exit(0)
 except Exception:
     sys.exit(1)
 PY

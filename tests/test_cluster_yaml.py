@@ -210,6 +210,17 @@ def test_openmp_threads_wait_passively_on_every_node_and_in_every_job(prepared, 
     assert out.stdout.strip() == "PASSIVE"
 
 
+@pytest.mark.parametrize("host, client", [(None, "127.0.0.1"), ("10.1.2.3", "10.1.2.3"), ("0.0.0.0", "127.0.0.1")])
+def test_jobs_ask_the_tracking_server_where_it_listens(tmp_path, host, client):
+    """A head that serves MLflow on its private address (MLFLOW_HOST, docs/CLUSTER.md) is asked there by its
+    own jobs and by the start script's health check: the loopback would find nothing."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_HOST")}
+    env.update(CT3DFLOW_STATE=str(tmp_path), MLFLOW_PORT="5999", **({"MLFLOW_HOST": host} if host else {}))
+    out = subprocess.run(["bash", "-c", f"source {ROOT / 'platform' / 'env.sh'} && echo $MLFLOW_TRACKING_URI"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"http://{client}:5999"
+
+
 def test_runtime_env_is_valid_for_ray(runtime_env):
     from ray.runtime_env import RuntimeEnv
 
