@@ -15,8 +15,14 @@
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:$RAY_DASHBOARD_PORT}"
-# clients ask where the server listens (MLFLOW_HOST: a cluster's private address; 0.0.0.0 answers on the loopback)
-_mlflow_client_host="$MLFLOW_HOST"; [ "$_mlflow_client_host" = 0.0.0.0 ] && _mlflow_client_host=127.0.0.1
+# clients ask where the server listens (MLFLOW_HOST: a cluster's private address; a server on every address
+# answers on the loopback; an IPv6 address goes in brackets in a URL)
+case "$MLFLOW_HOST" in
+  0.0.0.0) _mlflow_client_host=127.0.0.1 ;;
+  ::) _mlflow_client_host="[::1]" ;;
+  *:*) _mlflow_client_host="[$MLFLOW_HOST]" ;;
+  *) _mlflow_client_host="$MLFLOW_HOST" ;;
+esac
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-http://$_mlflow_client_host:$MLFLOW_PORT}"
 VENV_BIN="${VENV_BIN:-$CT3DFLOW_HOME/.venv/bin}"
 # job entrypoints ("python jobs/…") must find the project's interpreter

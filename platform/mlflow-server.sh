@@ -8,7 +8,7 @@ source "$(dirname "$0")/env.sh"
 PIDFILE="$CT3DFLOW_STATE/mlflow.pid"
 mkdir -p "$MLFLOW_DIR/artifacts"
 # asked where it listens (MLFLOW_HOST, a cluster's private address; 0.0.0.0 answers on the loopback too)
-healthy() { "$VENV_BIN/python" - "$MLFLOW_PORT" "${_mlflow_client_host:-127.0.0.1}" <<'PY'
+healthy() { "$VENV_BIN/python" - "$MLFLOW_PORT" "$_mlflow_client_host" <<'PY'
 import sys, urllib.request
 try:
     urllib.request.urlopen(f"http://{sys.argv[2]}:{sys.argv[1]}/health", timeout=2); sys.exit(0)
@@ -18,7 +18,7 @@ PY
 }
 case "${1:-}" in
   start)
-    if healthy; then echo "MLflow already serving at $MLFLOW_TRACKING_URI"; exit 0; fi
+    if healthy; then echo "MLflow already serving at http://$_mlflow_client_host:$MLFLOW_PORT"; exit 0; fi
     # `mlflow server` creates and migrates the SQLite schema itself before it starts its one uvicorn worker
     # MLflow 3's job runner (a dozen huey consumers, ~240 MB each) serves GenAI features we do not use
     MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
@@ -27,7 +27,7 @@ case "${1:-}" in
       >"$CT3DFLOW_STATE/mlflow.log" 2>&1 &
     echo $! > "$PIDFILE"
     for _ in $(seq 180); do
-      healthy && { echo "MLflow up: $MLFLOW_TRACKING_URI (UI in a browser at that address)"; exit 0; }
+      healthy && { echo "MLflow up: http://$_mlflow_client_host:$MLFLOW_PORT (UI in a browser at that address)"; exit 0; }
       kill -0 "$(cat "$PIDFILE")" 2>/dev/null || { tail -20 "$CT3DFLOW_STATE/mlflow.log"; exit 1; }
       sleep 1
     done
@@ -41,6 +41,6 @@ case "${1:-}" in
       kill -KILL -- "-$pid" 2>/dev/null || true; rm -f "$PIDFILE"
     fi
     echo "MLflow stopped" ;;
-  status) healthy && echo "MLflow serving at $MLFLOW_TRACKING_URI" || { echo "MLflow not running"; exit 1; } ;;
+  status) healthy && echo "MLflow serving at http://$_mlflow_client_host:$MLFLOW_PORT" || { echo "MLflow not running"; exit 1; } ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac

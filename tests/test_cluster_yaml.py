@@ -210,10 +210,12 @@ def test_openmp_threads_wait_passively_on_every_node_and_in_every_job(prepared, 
     assert out.stdout.strip() == "PASSIVE"
 
 
-@pytest.mark.parametrize("host, client", [(None, "127.0.0.1"), ("10.1.2.3", "10.1.2.3"), ("0.0.0.0", "127.0.0.1")])
+@pytest.mark.parametrize("host, client", [(None, "127.0.0.1"), ("10.1.2.3", "10.1.2.3"), ("0.0.0.0", "127.0.0.1"),
+                                          ("fd00::5", "[fd00::5]"), ("::", "[::1]")])
 def test_jobs_ask_the_tracking_server_where_it_listens(tmp_path, host, client):
-    """A head that serves MLflow on its private address (MLFLOW_HOST, docs/CLUSTER.md) is asked there by its
-    own jobs and by the start script's health check: the loopback would find nothing."""
+    """A head that serves MLflow on its private address (MLFLOW_HOST, docs/CLUSTER.md) is asked there by the
+    clients env.sh sets up (MLFLOW_TRACKING_URI): the loopback would find nothing. (mlflow-server.sh's health
+    check asks the same host; the suite starts its real server with that script, on the loopback.)"""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_HOST")}
     env.update(CT3DFLOW_STATE=str(tmp_path), MLFLOW_PORT="5999", **({"MLFLOW_HOST": host} if host else {}))
     out = subprocess.run(["bash", "-c", f"source {ROOT / 'platform' / 'env.sh'} && echo $MLFLOW_TRACKING_URI"],

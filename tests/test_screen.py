@@ -262,6 +262,30 @@ def test_killed_actor_is_replaced_and_a_stopped_night_resumes(nightly):
     assert len(re.findall(r"skipped \(already scored\)", nightly["logs"])) == len(ok_before)
 
 
+def test_the_nightly_script_screens_the_archive_given_or_else_the_configs_pacs(tmp_path):
+    """platform/nightly-screen.sh (cron, systemd): an archive, as argument or CT3DFLOW_ARCHIVE, is handed to the
+    job, where it wins over the config's source.url; without one the config's PACS is screened, and a config
+    without a PACS is a usage error."""
+    sh = str(ROOT / "platform" / "nightly-screen.sh")
+    pacs = tmp_path / "screen-pacs.yaml"
+    pacs.write_text(yaml.safe_dump({"source": {"url": "https://pacs.example.org/dicom-web"}}), encoding="utf-8")
+    base = {k: v for k, v in os.environ.items() if k not in ("CT3DFLOW_ARCHIVE", "CT3DFLOW_SCREEN_CONFIG")}
+    base.update(CT3DFLOW_STATE=str(tmp_path / "state"), CT3DFLOW_DRY_RUN="1", CT3DFLOW_SUBMISSION_ID="screen-t")
+
+    def run(*args, **env):
+        return subprocess.run(["bash", sh, *args], env={**base, **env}, capture_output=True, text=True, timeout=60)
+
+    r = run("/data/archive", "--model", "models:/m/3")
+    assert r.returncode == 0 and "--config configs/screen.yaml --archive /data/archive --run-name screen-t " \
+        "--model models:/m/3" in r.stdout, r.stdout + r.stderr
+    r = run("--model", "models:/m/3", CT3DFLOW_ARCHIVE="/data/tonight")
+    assert r.returncode == 0 and "--archive /data/tonight --run-name screen-t --model models:/m/3" in r.stdout
+    r = run(CT3DFLOW_SCREEN_CONFIG=str(pacs))
+    assert r.returncode == 0 and f"--config {pacs} --run-name" in r.stdout and "--archive" not in r.stdout
+    r = run()  # configs/screen.yaml names no PACS
+    assert r.returncode == 2 and "usage" in r.stderr and "source.url" in r.stderr
+
+
 def test_nightly_scripts_are_valid(tmp_path):
     sh = ROOT / "platform" / "nightly-screen.sh"
     assert subprocess.run(["bash", "-n", str(sh)]).returncode == 0

@@ -66,6 +66,9 @@ def screen_job(cfg, archive, model: str | None = None, run_name: str | None = No
     else:
         archive = resolve_path(archive)
         where = str(archive)
+        if (cfg.source or {}).get("url"):  # the command line wins; say so, since a PACS night would be missed
+            log(f"WARNING: the config names a PACS (source.url {cfg.source['url']}), and --archive {archive} was "
+                "given: screening the archive given, not the PACS")
     tracking_uri = tracking.configure(cfg)
     spec = model or f"models:/{cfg.mlflow.get('registered_model') or 'ct3dflow-glow3d'}@champion"
     ref, loaded = resolve_model(spec, tracking_uri)
