@@ -98,6 +98,11 @@ class JobConfig:
     def cache_path(self) -> Path:
         return resolve_path(self.data.get("cache_dir")) or self.work_path / "cache"
 
+    @property
+    def storage_path(self) -> Path:
+        """Ray Train's and Ray Tune's storage (``ray.storage_path``; default ``<work_dir>/ray_results``)."""
+        return resolve_path(self.ray.get("storage_path")) or self.work_path / "ray_results"
+
     # -- core settings objects -----------------------------------------------------------------
     def preprocess_config(self):
         from .preprocess import PreprocessConfig

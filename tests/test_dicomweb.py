@@ -30,3 +30,15 @@ def test_the_command_lines_pacs_url_wins_over_the_configs(pacs_config):
     assert DicomWebSource.from_config(None, pacs_config.source).url == "https://config-pacs.example.org/dicom-web"
     with pytest.raises(ValueError, match="http"):
         DicomWebSource.from_config(None, {})
+
+
+def test_a_relative_credentials_file_is_read_from_the_work_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("CT3DFLOW_WORK", str(tmp_path))
+    monkeypatch.chdir("/")
+    creds = tmp_path / "secrets" / "pacs.json"
+    creds.parent.mkdir()
+    creds.write_text('{"username": "svc", "password": "pw"}', encoding="utf-8")
+    creds.chmod(0o600)
+    src = DicomWebSource.from_config("dicomweb+http://127.0.0.1:8042/dicom-web",
+                                     {"credentials_file": "secrets/pacs.json"})
+    assert (src.username, src.password) == ("svc", "pw")

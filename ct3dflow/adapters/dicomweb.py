@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import resolve_path
+
 PREFIX = "dicomweb+"
 STUDY_UID, SERIES_UID, SOP_UID = "0020000D", "0020000E", "00080018"
 MODALITY, N_SERIES_INSTANCES, STUDY_DATE = "00080060", "00201209", "00080020"
@@ -83,7 +85,7 @@ class DicomWebSource:
                              "job arguments are shown in logs and the Ray dashboard")
         user = pw = None
         if source.get("credentials_file"):
-            p = Path(os.path.expandvars(os.path.expanduser(source["credentials_file"])))
+            p = resolve_path(source["credentials_file"])  # relative: against $CT3DFLOW_WORK, as every job path
             if not p.is_file():
                 raise FileNotFoundError(f"PACS credentials file {p} not found (source.credentials_file)")
             if p.stat().st_mode & 0o077:

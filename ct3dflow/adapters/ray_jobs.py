@@ -91,7 +91,7 @@ def train_job(cfg, summary: pd.DataFrame | None = None) -> dict:
     val_ids = ok_study_ids(summary, rows, "val") or train_ids[-1:]
     if not train_ids:
         raise ValueError("no usable training study: the manifest needs healthy rows with split 'train'")
-    storage = Path(cfg.ray.get("storage_path") or cfg.work_path / "ray_results")
+    storage = cfg.storage_path
     run_dir = storage / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     world = int(cfg.ray.get("num_workers", 1))
@@ -289,7 +289,7 @@ def tune_job(cfg, model_uri: str | None = None) -> dict:
     _log(f"tuning the {kind.name}-map operating point of {loaded.name} v{loaded.version} "
          f"({loaded_model_kind(loaded)}) on the validation split only")
     studies, results, rows = validation_studies(cfg, loaded, kind)
-    storage = Path(cfg.ray.get("storage_path") or cfg.work_path / "ray_results")
+    storage = cfg.storage_path
     name = f"tune-{loaded.name}-v{loaded.version}-{time.strftime('%Y%m%d-%H%M%S')}"
     op, trials, tune_dir = run_search(kind, studies, cfg.tune, storage, name)
     best = trials.iloc[0]
