@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="operating_point.json to write")
     s.add_argument("--sigma", type=float, nargs="+", help="σ grid in voxels (default: the map kind's)")
     s.add_argument("--tau", type=float, nargs="+",
-                   help="τ grid: |z| for the voxel map (default 2 … 6); healthy sd of the patch map (−4 … −0.5)")
+                   help="τ grid: |z| for the voxel kinds (default 2 … 6); healthy sd of the patch map (−4 … −0.5)")
     s.add_argument("--v-min", type=float, nargs="+", help="v_min grid in cm³")
     s.add_argument("--density-weight", type=float, nargs="+",
                    help="anatomy-density map: grid of the density's weight (0: the flow's map alone)")

@@ -16,7 +16,7 @@ def _args(p):
                         "the config's source.url")
     p.add_argument("--model", default=None,
                    help="models:/NAME@champion (default: the config's registered model), models:/NAME/VERSION, "
-                        "or a Glow3D .pt file")
+                        "runs:/…, or a saved model .pt file (a Glow3D, or the AE with a patch-map operating point)")
     p.add_argument("--run-name", default=None, help="MLflow run name (nightly-screen.sh: the submission id)")
 
 

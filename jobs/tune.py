@@ -1,7 +1,8 @@
 """`ray job submit --working-dir . -- python jobs/tune.py --config configs/demo.yaml [--model models:/NAME@champion]`
 
 Scores the validation split once with the registered model (default: `mlflow.registered_model`'s
-champion), searches σ, τ, v_min with Ray Tune (T from the validation ROC in every trial) and stores the
+champion), searches its map kind's parameters with Ray Tune (σ, τ, v_min; for anatomy-density also the density
+and blob weights; T from the validation ROC in every trial) and stores the
 best operating point on the model version and in the `ct3dflow-comparison` MLflow experiment. The test
 split is never read.
 """
