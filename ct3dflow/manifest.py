@@ -60,11 +60,14 @@ def _fmt(path) -> str:
 
 
 def _normalise_label(s: pd.Series) -> pd.Series:
-    """Labels as nullable Int64 when every value is 0, 1 or empty; else unchanged (validate says which)."""
+    """Labels as nullable Int64 when every value is 0, 1 or empty. Otherwise each good value still becomes 0 or 1
+    (an object column) and a bad one stays as written, for :func:`validate_manifest` to name: one bad label is
+    that row's error, never the other rows'."""
     num = pd.to_numeric(s.where(~s.map(_is_missing)), errors="coerce")
     bad = (~s.map(_is_missing)) & (num.isna() | ~num.isin([0, 1]))
     if bad.any():
-        return s
+        return pd.Series([v if b else (None if pd.isna(n) else int(n)) for v, n, b in zip(s, num, bad, strict=True)],
+                         index=s.index, dtype=object)
     return num.astype("Int64")
 
 

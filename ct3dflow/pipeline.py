@@ -62,8 +62,8 @@ def manifest_rows(manifest_path) -> list[dict]:
     """Manifest rows as dicts, with per-row problems (duplicate id, missing path) in ``manifest_error``."""
     df = read_manifest(manifest_path)
     df["manifest_error"] = ""
-    for idx, msg in validate_manifest(df):
-        df.loc[idx, "manifest_error"] = msg
+    for idx, msg in validate_manifest(df):  # every problem of a row, not only its last
+        df.loc[idx, "manifest_error"] = "; ".join(m for m in (df.loc[idx, "manifest_error"], msg) if m)
     rows = df.to_dict("records")
     for r in rows:
         for k, v in r.items():
@@ -99,11 +99,13 @@ def cached_patches(cache_dir, study_ids: list[str], n: int, size: int, min_lung_
 
 def ok_study_ids(summary: pd.DataFrame, manifest: list[dict], split: str, healthy_only: bool = True
                  ) -> list[str]:
-    """Studies of ``split`` that preprocessed ok (and are not labelled abnormal), in manifest order."""
+    """Studies of ``split`` that preprocessed ok (and are not labelled abnormal), in manifest order. A row with a
+    manifest error (a duplicate id, a bad label) is left out even where another row of its id preprocessed ok."""
     ok = set(summary.loc[summary["status"] == "ok", "study_id"])
     out = []
     for r in manifest:
-        abnormal = r.get("label") is not None and int(r["label"]) == 1
-        if r.get("split") == split and r["study_id"] in ok and not (healthy_only and abnormal):
+        if r.get("manifest_error") or r.get("split") != split or r["study_id"] not in ok:
+            continue
+        if not (healthy_only and r.get("label") is not None and int(r["label"]) == 1):
             out.append(r["study_id"])
     return out

@@ -76,6 +76,33 @@ def test_invalid_split_and_label(archive):
     assert "invalid label" in errors[2]
 
 
+def test_one_bad_label_is_that_rows_error_and_the_others_still_train(archive):
+    """A manifest with one unusable label (a CSV, where labels arrive as text): the other rows keep their 0/1
+    labels, the bad row and a duplicate id's second row are error rows, and neither reaches the training set."""
+    from ct3dflow.pipeline import manifest_rows, ok_study_ids
+
+    root, df = archive
+    df["split"] = ["train", "train", "train", "train"]
+    df["label"] = ["0.0", "yes", "1", "0"]
+    df = pd.concat([df, df.iloc[[0]].assign(label="1")], ignore_index=True)  # "a" again, labelled abnormal
+    rows = manifest_rows(write_manifest(df, root / "m.csv"))
+    assert [r["label"] for r in rows] == [0, "yes", 1, 0, 1]
+    assert [bool(r["manifest_error"]) for r in rows] == [False, True, False, False, True]
+    assert "invalid label 'yes'" in rows[1]["manifest_error"]
+    summary = pd.DataFrame({"study_id": ["a", "b", "c", "d", "a"], "status": ["ok", "error", "ok", "ok", "error"]})
+    assert ok_study_ids(summary, rows, "train") == ["a", "d"]  # c is abnormal; a once
+    assert ok_study_ids(summary, rows, "train", healthy_only=False) == ["a", "c", "d"]
+
+
+def test_every_problem_of_a_row_is_kept(archive):
+    from ct3dflow.pipeline import manifest_rows
+
+    root, df = archive
+    df.loc[1, ["path", "split", "label"]] = ["data/missing.nii.gz", "training", 7]
+    err = manifest_rows(write_manifest(df, root / "m.csv"))[1]["manifest_error"]
+    assert "path not found" in err and "invalid split 'training'" in err and "invalid label" in err
+
+
 def test_missing_required_column(tmp_path):
     pd.DataFrame({"id": ["a"], "path": ["x"]}).to_csv(tmp_path / "m.csv", index=False)
     with pytest.raises(CTInputError, match="no column 'study_id'.*expected columns: study_id, path"):

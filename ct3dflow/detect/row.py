@@ -100,7 +100,8 @@ def load_scored_studies(kind: MapKind, rows: list[dict], results: pd.DataFrame, 
     out = []
     for r in rows:
         sid = r["study_id"]
-        if sid not in ok.index or r.get("label") is None:
+        # a duplicate id's second row would take the first row's score under its own label
+        if sid not in ok.index or r.get("label") is None or r.get("manifest_error"):
             continue
         s = cache.load(sid, mmap=True)
         pathology = r.get("pathology")
