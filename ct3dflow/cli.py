@@ -6,11 +6,14 @@ The Ray jobs in ``jobs/`` run the same functions on a cluster; these subcommands
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .errors import CTInputError
 
 
 def _progress(iterable, total=None, desc=None):
@@ -66,7 +69,8 @@ def cmd_train_local(a) -> int:
 
     cfg = load_config(a.config, parse_overrides(a.set))
     tcfg = cfg.train_config()
-    summary = pd.read_parquet(Path(a.cache) / "summary.parquet")
+    summary = _read_table(Path(a.cache) / "summary.parquet",
+                          f"fill the cache first: ct3dflow preprocess --manifest {a.manifest} --cache {a.cache}")
     rows = manifest_rows(a.manifest)
     train_ids = ok_study_ids(summary, rows, "train")
     val_ids = ok_study_ids(summary, rows, "val") or train_ids[-1:]
@@ -118,6 +122,8 @@ def cmd_score_local(a) -> int:
                          f"{type(model).__name__}, not a Glow3D; score it with --map patch")
     pre = load_config(a.config).preprocess_config() if a.config else PreprocessConfig()
     rows = [r for r in manifest_rows(a.manifest) if not a.split or r.get("split") in a.split]
+    if a.split and not rows:
+        raise CTInputError(f"no row of {a.manifest} has split {' or '.join(a.split)}; use train, val or test")
     scoring = {"stride": a.stride, "part": a.part, "batch_size": a.batch_size}
     plan = ScoringPlan.make(kind.name, scoring, int(model.config()["patch_size"]), op, str(a.model),
                             f"file-{Path(a.model).name}", pre.to_dict(), a.cache, a.out)
@@ -135,7 +141,12 @@ def cmd_score_local(a) -> int:
 def _split_rows(manifest, split):
     from .pipeline import manifest_rows
 
-    return [r for r in manifest_rows(manifest) if r.get("split") == split]
+    rows = manifest_rows(manifest)
+    out = [r for r in rows if r.get("split") == split]
+    if not out:
+        have = sorted({str(r.get("split")) for r in rows if r.get("split")})
+        raise CTInputError(f"no row of {manifest} has split {split!r}; its splits: {', '.join(have) or 'none'}")
+    return out
 
 
 def _kind_of_results(results: pd.DataFrame):
@@ -152,7 +163,7 @@ def cmd_tune_local(a) -> int:
     from .detect.row import load_scored_studies
     from .detect.search import grid_search, threshold_rule
 
-    results = pd.read_parquet(a.results)
+    results = _read_table(a.results, "give the results.parquet that score-local wrote for the val split")
     kind = _kind_of_results(results)
     studies = load_scored_studies(kind, _split_rows(a.manifest, "val"), results, a.cache)
     given = {k: v for k, v in {"sigma_vox": a.sigma, "tau_z": a.tau, "v_min_cm3": a.v_min,
@@ -180,7 +191,8 @@ def cmd_evaluate(a) -> int:
 
     op = OperatingPoint.load(a.operating_point)
     kind = get_kind(op.map)
-    studies = load_scored_studies(kind, _split_rows(a.manifest, a.split), pd.read_parquet(a.results), a.cache)
+    results = _read_table(a.results, f"give the results.parquet that score-local wrote for the {a.split} split")
+    studies = load_scored_studies(kind, _split_rows(a.manifest, a.split), results, a.cache)
     ev = evaluate(kind, op, studies)
     if a.out:
         write_json(ev, a.out)
@@ -287,10 +299,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _read_table(path, what: str) -> pd.DataFrame:
+    """A Parquet file the chain wrote before (``what``: which, and the command that writes it)."""
+    try:
+        return pd.read_parquet(path)
+    except FileNotFoundError:
+        raise CTInputError(f"{path} not found: {what}") from None
+    except Exception as exc:  # noqa: BLE001 - pyarrow's errors name the bytes, not the file
+        raise CTInputError(f"{path} is not a Parquet table ({type(exc).__name__}: {exc}): {what}") from None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     np.seterr(all="ignore")
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:  # CTInputError is a ValueError
+        if os.environ.get("CT3DFLOW_DEBUG"):
+            raise
+        print(f"ct3dflow {args.cmd}: error: {exc}\n(CT3DFLOW_DEBUG=1 shows where)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

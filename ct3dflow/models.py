@@ -14,7 +14,9 @@ from .flow import Glow3D
 
 
 def model_kind(path: str | os.PathLike) -> str:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    from .flow.persist import read_model_file
+
+    payload = read_model_file(path)
     return str(payload.get("format", "")) if isinstance(payload, dict) else ""
 
 

@@ -213,6 +213,31 @@ def test_score_local_refuses_a_patch_point_for_the_voxel_map(chain):
 
 
 # ----------------------------------------------------------------------------------------- learning
+def test_input_mistakes_are_one_line_errors_that_say_what_to_do(chain, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CT3DFLOW_DEBUG", raising=False)
+    d, m = chain["dir"], str(chain["manifest"])
+    cases = [  # (argv, what the message must say)
+        (["train-local", "--config", str(CONFIG), "--manifest", m, "--cache", str(tmp_path / "empty"),
+          "--out", str(tmp_path / "o")],
+         "summary.parquet not found: fill the cache first: ct3dflow preprocess"),
+        (["tune-local", "--manifest", m, "--cache", str(chain["cache"]), "--results", str(CONFIG),
+          "--out", str(tmp_path / "op.json")], "is not a Parquet table"),
+        (["evaluate", "--manifest", m, "--cache", str(chain["cache"]),
+          "--results", str(d / "scored" / "results.parquet"), "--operating-point", str(d / "operating_point.json"),
+          "--split", "validation"],
+         "has split 'validation'; its splits: test, train, val"),
+        (["score-local", "--model", str(d / "operating_point.json"), "--manifest", m, "--cache", str(chain["cache"]),
+          "--out", str(tmp_path / "s")], "is not a ct3dflow model file"),
+    ]
+    for argv, says in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and f"ct3dflow {argv[0]}: error:" in err, err
+    monkeypatch.setenv("CT3DFLOW_DEBUG", "1")  # where it happened, for a bug report
+    with pytest.raises(ValueError, match="is not a Parquet table"):
+        main(cases[1][0])
+
+
 def test_tiny_flow_learns_healthy_phantom_patches(chain):
     """80 steps (≈ 8 s on one idle core) on healthy phantom patches of the cache lower the bits/dim of
     held-out healthy patches (other studies) clearly below those of the ActNorm-initialised flow (by 1.7–1.9

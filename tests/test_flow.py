@@ -177,6 +177,24 @@ def test_save_load_identical_and_no_reinit(tmp_path):
     assert torch.equal(loaded.log_prob(data), model.log_prob(data))
 
 
+def test_a_file_that_is_not_a_model_is_named_and_never_unpickled(tmp_path):
+    from ct3dflow.models import load_patch_scorer
+
+    (tmp_path / "op.json").write_text('{"map": "voxel"}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"op.json is not a ct3dflow model file \(the model.pt of") as e:
+        load_patch_scorer(tmp_path / "op.json")
+    assert "weights_only=False" not in str(e.value)  # torch's own advice would run the file's code
+    with pytest.raises(FileNotFoundError, match="model file .*nope.pt not found"):
+        load_patch_scorer(tmp_path / "nope.pt")
+    model, _ = _tiny()
+    model.save(tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["config"]["bogus"] = 1  # a file of another version
+    torch.save(payload, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="configuration this version cannot build.*another version"):
+        Glow3D.load(tmp_path / "other.pt")
+
+
 def test_sample_shape_and_finite():
     model, _ = _tiny(train_steps=1)
     s = model.sample(3, temperature=0.7)
