@@ -121,6 +121,20 @@ class JobConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _sections(raw: dict, where: str) -> dict:
+    """Each section that is a mapping by default as a mapping: an empty one (``train:`` with nothing under it)
+    is an empty mapping; a value (``scoring: anatomy``) is an error that names the section."""
+    out = dict(raw)
+    for k, v in raw.items():
+        if isinstance(_DEFAULTS.get(k), dict):
+            if v is None:
+                out[k] = {}
+            elif not isinstance(v, dict):
+                raise ValueError(f"section {k} {where} must be a mapping (key: value lines under it), got {v!r}; "
+                                 f"e.g. {k}.KEY=VALUE on the command line")
+    return out
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> JobConfig:
     raw: dict = {}
     if path is not None:
@@ -128,12 +142,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         if not p.exists():
             raise FileNotFoundError(f"configuration file {p} not found: pass --config configs/demo.yaml "
                                     f"or a copy of it")
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"configuration file {p} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"configuration file {p} must be a mapping of sections (name:, train:, ray:, …), "
+                             f"not a {type(raw).__name__}; start from configs/demo.yaml")
         unknown = set(raw) - set(_DEFAULTS)
         if unknown:
             raise ValueError(f"unknown configuration section(s) {sorted(unknown)} in {p}; "
                              f"known: {sorted(_DEFAULTS)}")
-    merged = _merge(_merge(_DEFAULTS, raw), overrides or {})
+        raw = _sections(raw, f"in {p}")
+    merged = _merge(_merge(_DEFAULTS, raw), _sections(overrides or {}, "in --set"))
     cfg = JobConfig(**merged)
     validate(cfg)
     return cfg
@@ -146,13 +167,23 @@ def validate(cfg: JobConfig) -> None:
 
     cfg.train_config()
     cfg.preprocess_config()
+    from .detect.kind import PRECISIONS
+    from .detect.search import threshold_rule
+
     kind = cfg.scoring.get("map")
-    if kind is not None and kind not in MAP_KINDS:
+    if kind is not None and (not isinstance(kind, str) or kind not in MAP_KINDS):
         raise ValueError(f"setting scoring.map is {kind!r}; choose one of {sorted(MAP_KINDS)}")
+    precision = cfg.scoring.get("precision")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"setting scoring.precision is {precision!r}; choose one of {PRECISIONS}")
+    # the tune job's choices, checked before it scores the validation split rather than after
+    threshold_rule(cfg.tune.get("threshold_rule"), cfg.tune.get("target_specificity"))
     for section, key in (("scoring", "stride"), ("scoring", "batch_size"), ("ray", "patches_per_task"),
-                         ("ray", "shuffle_buffer")):
+                         ("ray", "shuffle_buffer"), ("ray", "num_workers"), ("tune", "reference_folds"),
+                         ("tune", "num_samples")):
         v = getattr(cfg, section).get(key)
-        if (v is not None or section == "ray") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        required = _DEFAULTS[section].get(key) is not None  # else None means "the kind's default"
+        if (v is not None or required) and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"setting {section}.{key} expects a positive integer, got {v!r}")
 
 
