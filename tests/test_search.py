@@ -155,6 +155,28 @@ def test_specificity_rule_buys_specificity_on_validation():
         threshold_rule("accuracy")
 
 
+def test_a_malformed_operating_point_names_what_is_wrong(tmp_path):
+    from ct3dflow.detect.operating_point import SCHEMA
+
+    good = {"schema": SCHEMA, "map": "voxel", "params": {"sigma_vox": 1, "tau_z": 3, "v_min_cm3": 0},
+            "threshold_cm3": 2.0, "reference": {}}
+    assert OperatingPoint.from_dict({**good, "threshold_rule": "youden"}).threshold_rule == {"rule": "youden"}
+    for bad, says in [({**good, "params": [1, 2]}, "field of the wrong shape"),
+                      ({**good, "threshold_cm3": "high"}, "value of the wrong type.*'high'"),
+                      ({**good, "threshold_rule": {"rule": "specificity"}}, "specificity rule needs its target"),
+                      ({**good, "threshold_rule": "f1"}, "unknown threshold rule 'f1'"),
+                      ({**good, "schema": "ct3dflow.operating_point/3"}, "newer ct3dflow"),
+                      ({"map": "voxel", "sigma_vox": 1.0, "threshold_cm3": 1.0, "reference": {}}, "lacks.*'tau_z'")]:
+        with pytest.raises(ValueError, match=says):
+            OperatingPoint.from_dict(bad)
+    (tmp_path / "op.yaml").write_text("map: voxel\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="op.yaml is not JSON"):
+        OperatingPoint.load(tmp_path / "op.yaml")
+    (tmp_path / "op.json").write_text(json.dumps({**good, "params": [1]}), encoding="utf-8")
+    with pytest.raises(ValueError, match="op.json: operating point has a field of the wrong shape"):
+        OperatingPoint.load(tmp_path / "op.json")
+
+
 def test_youden_rule_does_not_flag_everything_where_best_f1_does():
     """On a weak map with many abnormal studies the best F1 can be "flag every study"; Youden's J (sensitivity +
     specificity − 1, zero for flagging all) keeps a T that passes normals (the demo's rule)."""

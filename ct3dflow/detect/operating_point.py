@@ -76,16 +76,40 @@ class OperatingPoint:
 
     @classmethod
     def from_dict(cls, d: dict) -> OperatingPoint:
+        """The point a dict describes; a field of the wrong shape is an error that names it."""
+        again = "write the point again with `ct3dflow tune-local` or the tune job"
+        try:
+            return cls._from_dict(d)
+        except KeyError as exc:
+            raise ValueError(f"operating point lacks the field {exc}; {again}") from None
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(f"operating point has a field of the wrong shape ({exc}); {again}") from None
+        except ValueError as exc:
+            if str(exc).startswith(("operating point", "an operating point")):
+                raise
+            raise ValueError(f"operating point has a value of the wrong type ({exc}); {again}") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> OperatingPoint:
         if not isinstance(d, dict):
             raise ValueError(f"an operating point is a JSON object, got {type(d).__name__}")
-        if d.get("schema") == SCHEMA:
+        schema = d.get("schema")
+        if schema is not None and schema != SCHEMA:
+            raise ValueError(f"operating point schema {schema!r} is not one this version reads ({SCHEMA!r}); "
+                             "was it written by a newer ct3dflow? Tune it again with this version")
+        if schema == SCHEMA:
             missing = [k for k in ("map", "params", "threshold_cm3", "reference") if k not in d]
             if missing:
                 raise ValueError(f"operating point lacks {missing}; write it with `ct3dflow tune-local` or the tune "
                                  "job")
-            rule = dict(d.get("threshold_rule") or {"rule": "best_f1"})
+            rule = d.get("threshold_rule") or {"rule": "best_f1"}
+            rule = {"rule": rule} if isinstance(rule, str) else dict(rule)
             if rule.get("rule") not in THRESHOLD_RULES:
-                raise ValueError(f"unknown threshold rule {rule.get('rule')!r}; known: {THRESHOLD_RULES}")
+                raise ValueError(f"operating point: unknown threshold rule {rule.get('rule')!r}; known: "
+                                 f"{THRESHOLD_RULES}")
+            if rule["rule"] == "specificity" and not isinstance(rule.get("target"), int | float):
+                raise ValueError("operating point: the specificity rule needs its target, e.g. "
+                                 '"threshold_rule": {"rule": "specificity", "target": 0.9}')
             return cls(str(d["map"]), {k: float(v) for k, v in d["params"].items()}, float(d["threshold_cm3"]),
                        d["reference"], dict(d.get("scoring") or {}), rule, dict(d.get("validation") or {}))
         if d.get("map") == "voxel":  # session 3's voxel-map files
@@ -108,7 +132,15 @@ class OperatingPoint:
         p = Path(path_or_dict)
         if not p.is_file():
             raise FileNotFoundError(f"operating point {p} not found: write one with `ct3dflow tune-local`")
-        return cls.from_dict(json.loads(p.read_text(encoding="utf-8")))
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"operating point {p} is not JSON ({exc}): give the operating_point.json that "
+                             "`ct3dflow tune-local` or the tune job wrote") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as exc:
+            raise ValueError(f"{p}: {exc}") from None
 
     def save(self, path) -> Path:
         p = Path(path)
