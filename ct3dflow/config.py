@@ -55,6 +55,23 @@ _DEFAULTS: dict = {
 }
 
 
+# the keys each section's readers know (train and preprocess: their settings objects check their own); a key
+# not here is a typo the job would ignore, so it fails at load (tests/test_config.py holds this list to the code)
+KNOWN_KEYS = {
+    "data": {"manifest", "cache_dir", "results_dir"},
+    "ray": {"num_workers", "use_gpu", "backend", "cpus_per_worker", "max_failures", "log_every", "torch_threads",
+            "storage_path", "preprocess_concurrency", "sampling_concurrency", "patches_per_task", "shuffle_buffer",
+            "preprocess_workers", "preprocess_cpus", "scoring_actors", "scoring_cpus", "scoring_threads",
+            "studies_per_batch", "actor_max_restarts", "actor_max_task_retries"},
+    "scoring": {"map", "stride", "batch_size", "precision", "part", "phases", "merge", "patch_size",
+                "density_percentile", "density_margin", "density_below_hu", "blobs", "bite"},
+    "tune": {"num_samples", "threshold_cm3", "threshold_rule", "target_specificity", "reference_folds", "n_boot",
+             "seed", "max_concurrent_trials", "cpus_per_trial"},  # and one search space per map kind
+    "mlflow": {"tracking_uri", "experiment", "registered_model", "comparison_experiment", "system_metrics"},
+    "source": {"url", "credentials_file", "username_env", "password_env", "lookback_days", "timeout_s"},
+}
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
@@ -167,8 +184,17 @@ def validate(cfg: JobConfig) -> None:
 
     cfg.train_config()
     cfg.preprocess_config()
+    import difflib
+
     from .detect.kind import PRECISIONS
     from .detect.search import threshold_rule
+
+    for section, known in KNOWN_KEYS.items():
+        known = known | (set(MAP_KINDS) if section == "tune" else set())
+        for key in sorted(set(getattr(cfg, section)) - known):
+            near = difflib.get_close_matches(key, known, n=1)
+            raise ValueError(f"unknown setting {section}.{key}" + (f": did you mean {section}.{near[0]}?" if near else
+                             f"; known: {', '.join(sorted(known))}"))
 
     kind = cfg.scoring.get("map")
     if kind is not None and (not isinstance(kind, str) or kind not in MAP_KINDS):

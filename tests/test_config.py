@@ -43,3 +43,39 @@ def test_config_mistakes_fail_at_load_naming_the_file_or_the_setting(tmp_path):
     (tmp_path / "ok.yaml").write_text("train:\nray:\ntune:\n", encoding="utf-8")
     cfg = load_config(tmp_path / "ok.yaml")
     assert cfg.ray["num_workers"] == 1 and cfg.tune["reference_folds"] == 4
+
+
+def test_a_typo_in_a_setting_fails_with_the_setting_it_meant(tmp_path):
+    import pytest
+
+    from ct3dflow.config import parse_overrides
+
+    for pair, says in [("ray.num_worker=4", "unknown setting ray.num_worker: did you mean ray.num_workers?"),
+                       ("scoring.strde=6", "did you mean scoring.stride?"),
+                       ("data.manfest=x.parquet", "did you mean data.manifest?"),
+                       ("tune.anatomy-densty.tau_z=1", "did you mean tune.anatomy-density?")]:
+        with pytest.raises(ValueError, match=says.replace("?", r"\?").replace(".", r"\.")):
+            load_config(None, parse_overrides([pair]))
+    load_config(None, parse_overrides(["tune.anatomy-density.tau_z={grid: [3, 4]}", "ray.scoring_actors=2"]))
+
+
+def test_the_known_settings_cover_every_setting_the_code_reads():
+    """KNOWN_KEYS against the code: every key read from a section (``cfg.ray.get("…")``, ``ray_cfg["…"]``,
+    ``scoring.get("…")``, Ray Train's ``r.get("…")`` …) is known, so no working setting is refused."""
+    import re
+    from pathlib import Path
+
+    from ct3dflow.config import KNOWN_KEYS
+
+    root = Path(__file__).resolve().parents[1]
+    pat = re.compile(r'\b(ray|scoring|tune|data|mlflow|source)(?:_cfg)?(?:\.get\(|\[)"(\w+)"')
+    read: dict[str, set] = {}
+    for f in [*(root / "ct3dflow").rglob("*.py"), *(root / "jobs").glob("*.py")]:
+        text = f.read_text(encoding="utf-8")
+        for section, key in pat.findall(text):
+            read.setdefault(section, set()).add(key)
+        if f.name == "ray_train.py":  # r = job_cfg.ray
+            read["ray"] |= set(re.findall(r'\br(?:\.get\(|\[)"(\w+)"', text))
+    assert {"num_workers", "use_gpu", "scoring_actors"} <= read["ray"] and "stride" in read["scoring"]  # it reads
+    for section, keys in read.items():
+        assert keys <= KNOWN_KEYS[section], (section, sorted(keys - KNOWN_KEYS[section]))
