@@ -180,15 +180,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
 def validate(cfg: JobConfig) -> None:
     """Fail at once, naming the setting, rather than deep inside a job: the core settings objects check
     their own types; the scoring map must be a known kind."""
-    from .detect import MAP_KINDS
-
-    cfg.train_config()
-    cfg.preprocess_config()
     import difflib
 
+    from .detect import MAP_KINDS
     from .detect.kind import PRECISIONS
     from .detect.search import threshold_rule
 
+    cfg.train_config()
+    cfg.preprocess_config()
     for section, known in KNOWN_KEYS.items():
         known = known | (set(MAP_KINDS) if section == "tune" else set())
         for key in sorted(set(getattr(cfg, section)) - known):
