@@ -107,7 +107,6 @@ def cmd_score_local(a) -> int:
     from .detect import OperatingPoint, get_kind
     from .detect.batch import ScoringPlan, entries_of_rows, score_locally
     from .models import load_patch_scorer
-    from .pipeline import manifest_rows
     from .preprocess import PreprocessConfig
 
     torch.set_num_threads(a.threads)
@@ -121,9 +120,7 @@ def cmd_score_local(a) -> int:
         raise SystemExit(f"the {kind.name} map decomposes a flow's log-likelihood: {a.model} is a "
                          f"{type(model).__name__}, not a Glow3D; score it with --map patch")
     pre = load_config(a.config).preprocess_config() if a.config else PreprocessConfig()
-    rows = [r for r in manifest_rows(a.manifest) if not a.split or r.get("split") in a.split]
-    if a.split and not rows:
-        raise CTInputError(f"no row of {a.manifest} has split {' or '.join(a.split)}; use train, val or test")
+    rows = _split_rows(a.manifest, a.split)
     scoring = {"stride": a.stride, "part": a.part, "batch_size": a.batch_size}
     plan = ScoringPlan.make(kind.name, scoring, int(model.config()["patch_size"]), op, str(a.model),
                             f"file-{Path(a.model).name}", pre.to_dict(), a.cache, a.out)
@@ -138,14 +135,18 @@ def cmd_score_local(a) -> int:
 
 
 # ------------------------------------------------------------------------------------- tune/evaluate
-def _split_rows(manifest, split):
+def _split_rows(manifest, splits):
+    """The manifest's rows of ``splits`` (all rows where none are given); no row of them is an input mistake."""
     from .pipeline import manifest_rows
 
     rows = manifest_rows(manifest)
-    out = [r for r in rows if r.get("split") == split]
+    if not splits:
+        return rows
+    out = [r for r in rows if r.get("split") in splits]
     if not out:
         have = sorted({str(r.get("split")) for r in rows if r.get("split")})
-        raise CTInputError(f"no row of {manifest} has split {split!r}; its splits: {', '.join(have) or 'none'}")
+        raise CTInputError(f"no row of {manifest} has split {' or '.join(map(repr, splits))}; its splits: "
+                           f"{', '.join(have) or 'none'}")
     return out
 
 
@@ -165,7 +166,7 @@ def cmd_tune_local(a) -> int:
 
     results = _read_table(a.results, "give the results.parquet that score-local wrote for the val split")
     kind = _kind_of_results(results)
-    studies = load_scored_studies(kind, _split_rows(a.manifest, "val"), results, a.cache)
+    studies = load_scored_studies(kind, _split_rows(a.manifest, ["val"]), results, a.cache)
     given = {k: v for k, v in {"sigma_vox": a.sigma, "tau_z": a.tau, "v_min_cm3": a.v_min,
                                "density_weight": a.density_weight, "blob_weight": a.blob_weight}.items() if v}
     for key in ("density_weight", "blob_weight"):
@@ -192,7 +193,7 @@ def cmd_evaluate(a) -> int:
     op = OperatingPoint.load(a.operating_point)
     kind = get_kind(op.map)
     results = _read_table(a.results, f"give the results.parquet that score-local wrote for the {a.split} split")
-    studies = load_scored_studies(kind, _split_rows(a.manifest, a.split), results, a.cache)
+    studies = load_scored_studies(kind, _split_rows(a.manifest, [a.split]), results, a.cache)
     ev = evaluate(kind, op, studies)
     if a.out:
         write_json(ev, a.out)

@@ -183,7 +183,7 @@ def validate(cfg: JobConfig) -> None:
     import difflib
 
     from .detect import MAP_KINDS
-    from .detect.kind import PRECISIONS
+    from .detect.kind import check_precision
     from .detect.search import threshold_rule
 
     cfg.train_config()
@@ -198,9 +198,8 @@ def validate(cfg: JobConfig) -> None:
     kind = cfg.scoring.get("map")
     if kind is not None and (not isinstance(kind, str) or kind not in MAP_KINDS):
         raise ValueError(f"setting scoring.map is {kind!r}; choose one of {sorted(MAP_KINDS)}")
-    precision = cfg.scoring.get("precision")
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"setting scoring.precision is {precision!r}; choose one of {PRECISIONS}")
+    if cfg.scoring.get("precision") is not None:
+        check_precision(cfg.scoring["precision"])
     # the tune job's choices, checked before it scores the validation split rather than after
     threshold_rule(cfg.tune.get("threshold_rule"), cfg.tune.get("target_specificity"))
     for section, key in (("scoring", "stride"), ("scoring", "batch_size"), ("ray", "patches_per_task"),

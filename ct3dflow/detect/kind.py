@@ -36,9 +36,15 @@ PRECISIONS = ("fp32", "bf16", "auto")
 DEFAULT_PRECISION = "auto"
 
 
-def use_bf16(precision: str, device="cpu") -> bool:
+def check_precision(precision: str) -> str:
+    """``scoring.precision`` as given, or the error that names the choices (a config's check and scoring's)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"scoring.precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ValueError(f"setting scoring.precision is {precision!r}; choose one of {PRECISIONS}")
+    return precision
+
+
+def use_bf16(precision: str, device="cpu") -> bool:
+    check_precision(precision)
     from ..flow.dtypes import bf16_available  # torch is imported lazily in this module
 
     return precision == "bf16" or (precision == "auto" and bf16_available(device))
